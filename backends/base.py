@@ -1,0 +1,91 @@
+"""The contract between the agent and a backend, and the external interface it runs on.
+
+Lifecycle, driven by the agent:
+  1. `prepare()`    before the lease: check the host, create devices whose identity goes into
+                    the lease record (vxlan's VTEP MAC); returns the record to publish.
+  2. `configure(l)` once a lease is held (and again if it ever changes): addresses, MTU.
+  3. `reconcile(l, peers)` on every peer change and every period: make the kernel match the
+                    plan for these peers, touching only what the backend owns.
+  4. `close()`      on shutdown: release sockets; kernel state stays (zero-downtime restart),
+                    except what cannot outlive the agent (the udp TUN device).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from flanneld.config import NetworkConfig
+from flanneld.lease import Lease, LeaseAttrs
+
+
+class BackendError(RuntimeError):
+    """The backend cannot run on this host as configured; the message says why and the fix."""
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The underlay NIC: its name, index, own address, the address advertised, its MTU."""
+
+    name: str
+    index: int
+    iface_addr: IPv4Address
+    ext_addr: IPv4Address
+    mtu: int
+
+
+@dataclass
+class ReconcileResult:
+    """What one reconcile pass did, by entry kind ("route", "arp", "fdb")."""
+
+    added: dict[str, int] = field(default_factory=dict)
+    removed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def count(self, table: dict[str, int], kind: str, n: int = 1) -> None:
+        if n:
+            table[kind] = table.get(kind, 0) + n
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """Everything a backend is built from."""
+
+    ext: ExternalInterface
+    config: NetworkConfig
+    state_dir: Path
+    options: Mapping[str, Any] = field(default_factory=dict)  # the config's Backend object
+
+
+class Backend(ABC):
+    type_name: str = ""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+
+    @property
+    @abstractmethod
+    def mtu(self) -> int:
+        """The MTU containers must use (FLANNEL_MTU)."""
+
+    @abstractmethod
+    async def prepare(self) -> LeaseAttrs: ...
+
+    async def configure(self, lease: Lease) -> None:  # noqa: B027 - optional hook
+        """Set up what depends on the lease; default: nothing."""
+
+    @abstractmethod
+    async def reconcile(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease]
+    ) -> ReconcileResult: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; kernel state stays unless it cannot outlive the agent."""

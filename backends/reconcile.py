@@ -1,0 +1,124 @@
+"""Kernel entries the backends own, and the diff of desired against actual entries.
+
+Pure: no I/O. `backends.netlink` turns a `Diff` into netlink calls.
+
+Theory of operation: every entry is a frozen dataclass with a `kind` ("route", "arp", "fdb")
+and a `key`, its identity in the kernel (a route is identified by its destination, an ARP
+entry by device and IP, an FDB entry by device and MAC). Two entries with the same kind and
+key but different fields are one kernel object whose value must change: an upsert (netlink
+`replace`). An actual entry whose key is not desired is removed. The diff assumes at most one
+actual entry per key, which holds for everything written with `replace`.
+
+Order matters for vxlan: a route via the VXLAN device must be added only after its ARP and FDB
+entries exist (or the kernel ARPs for the gateway), and removed before them. `RANK` orders
+kinds: upserts run by ascending rank, removals by descending rank, and `apply` runs all
+removals before all upserts (they never share a key, so nothing is removed that an upsert
+needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import ClassVar, Protocol
+
+RANK: dict[str, int] = {"arp": 0, "fdb": 1, "route": 2}
+
+
+class Entry(Protocol):
+    kind: ClassVar[str]
+
+    @property
+    def key(self) -> Hashable: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """`dst via gateway dev oif [onlink]` in the main table; no gateway only when dumped."""
+
+    kind: ClassVar[str] = "route"
+    dst: IPv4Network
+    gateway: IPv4Address | None
+    oif: int
+    onlink: bool = False
+
+    @property
+    def key(self) -> IPv4Network:
+        return self.dst
+
+    def __str__(self) -> str:
+        via = f" via {self.gateway}" if self.gateway else ""
+        return f"route {self.dst}{via} dev #{self.oif}{' onlink' if self.onlink else ''}"
+
+
+@dataclass(frozen=True)
+class Neigh:
+    """A permanent ARP entry `dst lladdr dev ifindex`; the MAC is kept in lower case."""
+
+    kind: ClassVar[str] = "arp"
+    ifindex: int
+    dst: IPv4Address
+    lladdr: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lladdr", self.lladdr.lower())
+
+    @property
+    def key(self) -> tuple[int, IPv4Address]:
+        return (self.ifindex, self.dst)
+
+    def __str__(self) -> str:
+        return f"arp {self.dst} lladdr {self.lladdr} dev #{self.ifindex}"
+
+
+@dataclass(frozen=True)
+class Fdb:
+    """An FDB entry `lladdr dst ip dev ifindex`; the MAC is kept in lower case."""
+
+    kind: ClassVar[str] = "fdb"
+    ifindex: int
+    lladdr: str
+    dst: IPv4Address
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lladdr", self.lladdr.lower())
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.ifindex, self.lladdr)
+
+    def __str__(self) -> str:
+        return f"fdb {self.lladdr} dst {self.dst} dev #{self.ifindex}"
+
+
+def _order(entries: Iterable[Entry], descending: bool) -> list[Entry]:
+    # Within a rank all keys have one type, so (rank, key) always compares.
+    sign = -1 if descending else 1
+    return sorted(entries, key=lambda e: (sign * RANK[e.kind], e.key))
+
+
+@dataclass(frozen=True)
+class Diff:
+    upsert: frozenset[Entry]
+    remove: frozenset[Entry]
+
+    def __bool__(self) -> bool:
+        return bool(self.upsert or self.remove)
+
+    def ordered_upserts(self) -> list[Entry]:
+        """Upserts by ascending `RANK` (ARP, FDB, then routes), by key within a kind."""
+        return _order(self.upsert, descending=False)
+
+    def ordered_removes(self) -> list[Entry]:
+        """Removals by descending `RANK` (routes, FDB, then ARP), by key within a kind."""
+        return _order(self.remove, descending=True)
+
+
+def diff(desired: Iterable[Entry], actual: Iterable[Entry]) -> Diff:
+    """What to change so that `actual` becomes `desired`, matching entries by (kind, key)."""
+    want = {(e.kind, e.key): e for e in desired}
+    have = {(e.kind, e.key): e for e in actual}
+    upsert = frozenset(e for k, e in want.items() if have.get(k) != e)
+    remove = frozenset(e for k, e in have.items() if k not in want)
+    return Diff(upsert, remove)

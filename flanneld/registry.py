@@ -1,0 +1,344 @@
+"""etcd I/O: the network config, the subnet leases and the watch on them.
+
+A thin layer over `aetcd` (etcd v3 API): endpoint fail-over across `--etcd-endpoints`, TLS
+and user/password auth, and conversion of key/values into `Lease` objects. No policy here:
+retries, back-off and decisions live in the lease manager and the peer watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import grpc
+from aetcd import exceptions as etcd_exc
+from aetcd import rpc
+
+from .lease import Lease, LeaseAttrs, RecordError
+from .subnets import parse_subnet_key, subnet_key
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RPC_TIMEOUT = 5  # seconds; etcd answers in milliseconds, a hang means the member is gone
+_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2000,
+    "grpc.keepalive_time_ms": 10000,
+    "grpc.keepalive_timeout_ms": 5000,
+}
+
+
+class EtcdUnavailable(RuntimeError):
+    """No endpoint answered; the message lists them."""
+
+
+class EtcdConfigError(RuntimeError):
+    """An endpoint or credential option is wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    secure: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        u = urlsplit(url if "://" in url else f"http://{url}")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise EtcdConfigError(
+                f"--etcd-endpoints: {url!r} is not an http(s)://host:port URL; "
+                "write it like http://127.0.0.1:2379"
+            )
+        try:
+            port = u.port or 2379
+        except ValueError:
+            raise EtcdConfigError(f"--etcd-endpoints: {url!r} has an invalid port") from None
+        return cls(u.hostname, port, u.scheme == "https")
+
+    def __str__(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cafile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str, flag: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise EtcdConfigError(f"{flag}: cannot read {path} ({e.strerror}); fix the path") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.cafile, "--etcd-cafile"),
+            private_key=read(self.keyfile, "--etcd-keyfile"),
+            certificate_chain=read(self.certfile, "--etcd-certfile"),
+        )
+
+
+class _Client(aetcd.Client):
+    """aetcd's client with an optional TLS channel (aetcd itself only opens plain ones)."""
+
+    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials | None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None or self._connected.is_set():
+            return await super().connect()
+        real = rpc.insecure_channel
+        creds = self._credentials
+        # aetcd builds its channel inline; swap the factory for the duration of the call.
+        aetcd.client.rpc.insecure_channel = lambda target, options=None: rpc.secure_channel(
+            target, creds, options=options
+        )
+        try:
+            return await super().connect()
+        finally:
+            aetcd.client.rpc.insecure_channel = real
+
+
+_TRANSIENT = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.InternalError,
+    etcd_exc.WatchTimeoutError,
+    asyncio.TimeoutError,
+)
+
+
+def _lease_from_kv(prefix: bytes, kv: Any) -> Lease:
+    """Build a Lease from an etcd key/value; RecordError if the key or value is malformed."""
+    name = kv.key[len(prefix):].decode(errors="replace")
+    subnet = parse_subnet_key(name)
+    if subnet is None:
+        raise RecordError(f"key {name!r} is not a subnet key like 10.244.3.0-24")
+    return Lease(subnet, LeaseAttrs.decode(kv.value), kv.lease, kv.mod_revision)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    leases: dict[IPv4Network, Lease]
+    bad: dict[str, str]  # key -> why it was skipped
+    revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    key: str
+    subnet: IPv4Network | None
+    lease: Lease | None  # None for a delete, or for a put whose record is malformed
+    error: str = ""  # why a put was not understood
+    revision: int = 0
+
+
+class EtcdRegistry:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str = "/coreos.com/network",
+        tls: TLSFiles | None = None,
+        username: str = "",
+        password: str = "",
+    ) -> None:
+        if not endpoints:
+            raise EtcdConfigError("--etcd-endpoints is empty; give at least one http(s)://host:port")
+        self.endpoints = [Endpoint.parse(e.strip()) for e in endpoints if e.strip()]
+        tls = tls or TLSFiles()
+        if bool(tls.certfile) != bool(tls.keyfile):
+            raise EtcdConfigError(
+                "--etcd-certfile and --etcd-keyfile must be given together; set both or neither"
+            )
+        if bool(username) != bool(password):
+            raise EtcdConfigError(
+                "--etcd-username and --etcd-password must be given together; set both or neither"
+            )
+        use_tls = any(e.secure for e in self.endpoints) or bool(tls.certfile or tls.cafile)
+        self._credentials = tls.credentials() if use_tls else None
+        self._auth = (username or None, password or None)
+        self.prefix = prefix.rstrip("/")
+        self.subnets_prefix = f"{self.prefix}/subnets/".encode()
+        self.config_key = f"{self.prefix}/config".encode()
+        self._current = 0
+        self._client: _Client | None = None
+
+    # -- connection and fail-over ---------------------------------------------------------
+    def _new_client(self) -> _Client:
+        ep = self.endpoints[self._current]
+        return _Client(
+            host=ep.host,
+            port=ep.port,
+            username=self._auth[0],
+            password=self._auth[1],
+            timeout=RPC_TIMEOUT,
+            options=_CHANNEL_OPTIONS,
+            credentials=self._credentials,
+        )
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._current]
+
+    async def fail_over(self) -> None:
+        """Drop the current connection and move to the next endpoint (the same one if alone)."""
+        old, self._client = self._client, None
+        if old is not None:
+            try:
+                await old.close()
+            except Exception:  # noqa: BLE001 - a dead channel may fail to close; it is gone anyway
+                pass
+        self._current = (self._current + 1) % len(self.endpoints)
+
+    async def call(self, op: Callable[[aetcd.Client], Any]) -> Any:
+        """Run `op(client)`, moving to the next endpoint on a connection error.
+
+        Each endpoint is tried once; if none answers, EtcdUnavailable is raised.
+        """
+        last: BaseException | None = None
+        for _ in range(len(self.endpoints)):
+            if self._client is None:
+                self._client = self._new_client()
+            try:
+                return await op(self._client)
+            except etcd_exc.UnauthenticatedError as e:
+                raise EtcdConfigError(
+                    f"etcd at {self.endpoint} refused the credentials ({e}); "
+                    "check --etcd-username/--etcd-password"
+                ) from None
+            except _TRANSIENT as e:
+                last = e
+                if len(self.endpoints) > 1:
+                    log.warning("etcd endpoint %s failed (%s); trying the next one", self.endpoint, e)
+                await self.fail_over()
+        raise EtcdUnavailable(
+            f"no etcd endpoint answered ({', '.join(map(str, self.endpoints))}): {last}"
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await asyncio.wait_for(client.close(), 1)
+            except Exception:  # noqa: BLE001 - closing on shutdown: nothing to recover
+                pass
+
+    # -- config -----------------------------------------------------------------------------
+    async def get_config(self) -> bytes | None:
+        got = await self.call(lambda c: c.get(self.config_key))
+        return None if got is None else got.value
+
+    async def put_config(self, raw: bytes) -> None:
+        await self.call(lambda c: c.put(self.config_key, raw))
+
+    # -- leases -----------------------------------------------------------------------------
+    def key(self, subnet: IPv4Network) -> bytes:
+        return self.subnets_prefix + subnet_key(subnet).encode()
+
+    async def snapshot(self) -> Snapshot:
+        rng = await self.call(lambda c: c.get_prefix(self.subnets_prefix))
+        leases: dict[IPv4Network, Lease] = {}
+        bad: dict[str, str] = {}
+        for kv in rng:
+            try:
+                lease = _lease_from_kv(self.subnets_prefix, kv)
+            except RecordError as e:
+                bad[kv.key.decode(errors="replace")] = str(e)
+                continue
+            leases[lease.subnet] = lease
+        return Snapshot(leases, bad, rng.header.revision)
+
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        got = await self.call(lambda c: c.get(self.key(subnet)))
+        if got is None:
+            return None
+        return _lease_from_kv(self.subnets_prefix, got)
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        """Claim a free subnet: put the key with a new etcd lease only if the key is absent.
+
+        Returns None when someone else holds the key (a lost race); the granted etcd lease is
+        revoked then, so nothing leaks.
+        """
+        key, value = self.key(subnet), attrs.encode()
+
+        async def op(c: aetcd.Client) -> Lease | None:
+            grant = await c.lease(ttl)
+            ok, resp = await c.transaction(
+                compare=[c.transactions.version(key) == 0],
+                success=[c.transactions.put(key, value, lease=grant)],
+                failure=[],
+            )
+            if not ok:
+                await c.revoke_lease(grant.id)
+                return None
+            return Lease(subnet, attrs, grant.id, resp[0].response_put.header.revision)
+
+        return await self.call(op)
+
+    async def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
+        """Rewrite a held lease's record, keeping its etcd lease (or reservation) as it is."""
+        key, value = self.key(lease.subnet), attrs.encode()
+
+        async def op(c: aetcd.Client) -> Lease:
+            kw = {"lease": lease.etcd_lease} if lease.etcd_lease else {}
+            resp = await c.put(key, value, **kw)
+            return Lease(lease.subnet, attrs, lease.etcd_lease, resp.header.revision)
+
+        return await self.call(op)
+
+    async def keepalive(self, etcd_lease: int) -> int:
+        """Refresh an etcd lease; returns its new TTL in seconds (<= 0: the lease is gone)."""
+        reply = await self.call(lambda c: c.refresh_lease(etcd_lease))
+        return 0 if reply is None else int(reply.TTL)
+
+    async def time_to_live(self, etcd_lease: int) -> int:
+        info = await self.call(lambda c: c.get_lease_info(etcd_lease, keys=False))
+        return int(info.TTL)
+
+    async def delete_lease(self, subnet: IPv4Network) -> bool:
+        return bool(await self.call(lambda c: c.delete(self.key(subnet))))
+
+    # -- watch ------------------------------------------------------------------------------
+    async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Events under `<prefix>/subnets/` from `start_revision` on.
+
+        Raises `aetcd.exceptions.RevisionCompactedError` when that revision is compacted, and
+        a connection error (or EtcdUnavailable) when the stream breaks: the caller re-lists.
+        """
+        w = await self.call(
+            lambda c: c.watch_prefix(self.subnets_prefix, start_revision=start_revision)
+        )
+        try:
+            async for ev in w:
+                kv = ev.kv
+                key = kv.key[len(self.subnets_prefix):].decode(errors="replace")
+                subnet = parse_subnet_key(key)
+                if ev.kind == "DELETE":
+                    yield WatchEvent(key, subnet, None, revision=kv.mod_revision)
+                    continue
+                try:
+                    lease = _lease_from_kv(self.subnets_prefix, kv)
+                except RecordError as e:
+                    yield WatchEvent(key, subnet, None, str(e), kv.mod_revision)
+                    continue
+                yield WatchEvent(key, subnet, lease, revision=kv.mod_revision)
+        finally:
+            try:
+                await asyncio.wait_for(w.cancel(), 1)
+            except Exception:  # noqa: BLE001 - the stream may already be gone
+                pass
