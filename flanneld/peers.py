@@ -42,7 +42,8 @@ class PeerTable:
             self._warn_bad(key, why)
         changes: list[Change] = []
         for subnet, old in list(self.leases.items()):
-            if subnet not in snap.leases and not self._kept_bad(subnet, snap):
+            # a known subnet whose record turned malformed keeps its last good record
+            if subnet not in snap.leases and subnet_key(subnet) not in snap.bad:
                 changes.append(Change("removed", subnet, old))
                 del self.leases[subnet]
         for subnet, new in snap.leases.items():
@@ -53,11 +54,6 @@ class PeerTable:
                 changes.append(Change("changed", subnet, new))
             self.leases[subnet] = new
         return changes
-
-    def _kept_bad(self, subnet: IPv4Network, snap: Snapshot) -> bool:
-        """A known subnet whose record turned malformed keeps its last good record."""
-        suffix = subnet_key(subnet)
-        return any(key.endswith("/" + suffix) for key in snap.bad)
 
     def apply(self, ev: WatchEvent) -> list[Change]:
         if ev.subnet is None:

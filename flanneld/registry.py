@@ -134,7 +134,7 @@ def _lease_from_kv(prefix: bytes, kv: Any) -> Lease:
 @dataclass(frozen=True)
 class Snapshot:
     leases: dict[IPv4Network, Lease]
-    bad: dict[str, str]  # key -> why it was skipped
+    bad: dict[str, str]  # key under subnets/ -> why it was skipped
     revision: int
 
 
@@ -257,7 +257,7 @@ class EtcdRegistry:
             try:
                 lease = _lease_from_kv(self.subnets_prefix, kv)
             except RecordError as e:
-                bad[kv.key.decode(errors="replace")] = str(e)
+                bad[kv.key[len(self.subnets_prefix):].decode(errors="replace")] = str(e)
                 continue
             leases[lease.subnet] = lease
         return Snapshot(leases, bad, rng.header.revision)

