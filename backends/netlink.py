@@ -1,5 +1,5 @@
 """Thin netlink I/O over pyroute2's `AsyncIPRoute`: dump the routes the agent owns, apply a
-`reconcile.Diff` entry by entry, and look up the underlay interface. No policy lives here.
+`reconcile.Diff` entry by entry. No policy lives here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
-from .base import BackendError, ReconcileResult
+from .base import ReconcileResult
 from .reconcile import Diff, Entry, Route
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def open_ipr(netns: str | None = None) -> AsyncIPRoute:
     """A netlink socket in this process's namespace, or in the named `netns`, which must exist.
 
     The agent runs inside the node's namespace and passes nothing; tests pass their namespace.
-    (pyroute2 would create a missing namespace by default; `flags=0` makes that an error.)
+    pyroute2 opens the socket on the first request, and by default would create a missing
+    namespace then; `flags=0` makes that request raise FileNotFoundError instead.
     """
     return AsyncIPRoute() if netns is None else AsyncIPRoute(netns=netns, flags=0)
 
@@ -127,70 +128,3 @@ async def apply(ipr: AsyncIPRoute, diff: Diff, result: ReconcileResult) -> Appli
         result.count(result.added, entry.kind)
         done.upserted.append(entry)
     return done
-
-
-@dataclass(frozen=True)
-class Link:
-    """An interface: its name, index, IPv4 address and MTU."""
-
-    name: str
-    index: int
-    addr: IPv4Address
-    mtu: int
-
-
-async def _ipv4_addrs(ipr: AsyncIPRoute, index: int | None = None) -> list[tuple[int, str]]:
-    match: dict[str, Any] = {"family": AF_INET}
-    if index is not None:
-        match["index"] = index
-    return [(m["index"], m.get("address")) async for m in await ipr.addr("dump", **match)]
-
-
-async def _link(ipr: AsyncIPRoute, index: int, addr: IPv4Address | None) -> Link:
-    msg = (await ipr.link("get", index=index))[0]
-    name = msg.get("ifname")
-    if addr is None:
-        addrs = await _ipv4_addrs(ipr, index)
-        if not addrs:
-            raise BackendError(
-                f"interface {name} has no IPv4 address; give --iface an interface with one"
-            )
-        addr = IPv4Address(addrs[0][1])
-    return Link(name, index, addr, msg.get("mtu"))
-
-
-async def lookup_link(ipr: AsyncIPRoute, name_or_ip: str) -> Link:
-    """The interface with this name (and its first IPv4 address), or the one holding this IP."""
-    try:
-        addr: IPv4Address | None = IPv4Address(name_or_ip)
-    except ValueError:
-        addr = None
-    if addr is None:
-        found = await ipr.link_lookup(ifname=name_or_ip)
-        if not found:
-            raise BackendError(f"interface {name_or_ip!r} not found; check --iface")
-        return await _link(ipr, found[0], None)
-    for index, a in await _ipv4_addrs(ipr):
-        if a == str(addr):
-            return await _link(ipr, index, addr)
-    raise BackendError(f"no interface has the address {addr}; check --iface")
-
-
-async def default_route_link(ipr: AsyncIPRoute) -> Link:
-    """The interface of the IPv4 default route of the main table (lowest metric first)."""
-    best: tuple[int, int] | None = None
-    async for msg in await ipr.route("dump", family=AF_INET, table=MAIN_TABLE):
-        oif = msg.get("oif")
-        if msg["dst_len"] == 0 and oif:
-            candidate = (msg.get("priority") or 0, oif)
-            best = candidate if best is None else min(best, candidate)
-    if best is None:
-        raise BackendError("no IPv4 default route to pick the interface from; set --iface")
-    return await _link(ipr, best[1], None)
-
-
-async def find_interface(ipr: AsyncIPRoute, name_or_ip: str | None) -> Link:
-    """The underlay interface for `--iface` (a name or an address), or the default route's."""
-    if name_or_ip is None:
-        return await default_route_link(ipr)
-    return await lookup_link(ipr, name_or_ip)

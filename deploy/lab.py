@@ -145,6 +145,7 @@ class Lab:
         self.workdir = Path()  # a fresh temporary directory from __enter__ on
         self._namespaces: list[str] = []  # created by us, in creation order
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._streams: dict[int, Path] = {}
         self._etcd: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Lab:
@@ -331,6 +332,37 @@ class Lab:
         )
         return res.returncode == 0
 
+    def ping_stream(
+        self, src_ns: str, dst_ip: str, seconds: float, interval: float = 0.05
+    ) -> subprocess.Popen[bytes]:
+        """Start pinging `dst_ip` every `interval` s for about `seconds` s in the background;
+        `stream_result()` tells how many echoes were sent and answered."""
+        count = max(1, int(seconds / interval))
+        log = self.workdir / f"{src_ns}.stream-{dst_ip}-{time.monotonic_ns()}.log"
+        script = str(Path(__file__).resolve())
+        proc = self.spawn(
+            src_ns,
+            sys.executable,
+            "-I",
+            script,
+            "echo",
+            dst_ip,
+            str(count),
+            "1",
+            str(interval),
+            log=log,
+        )
+        self._streams[proc.pid] = log
+        return proc
+
+    def stream_result(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, int]:
+        """Wait for a `ping_stream` to end; (sent, answered)."""
+        proc.wait(timeout)
+        m = re.search(r"sent (\d+) answered (\d+)", self._streams.pop(proc.pid).read_text())
+        if m is None:
+            raise LabError(f"ping stream from pid {proc.pid} printed no result")
+        return int(m.group(1)), int(m.group(2))
+
     def ping_matrix(self) -> dict[tuple[str, str], bool]:
         """Ping every container from every container on another node, in parallel."""
         pairs = [
@@ -364,11 +396,14 @@ class Lab:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _icmp_echo(dst: str, count: int, timeout: float) -> int:
-    """Send `count` ICMP echoes to `dst` one after another; return how many were answered."""
+def _icmp_echo(dst: str, count: int, timeout: float, interval: float = 0.0) -> int:
+    """Send `count` ICMP echoes to `dst` one after another, `interval` s apart; return how many
+    were answered."""
     ident, answered = os.getpid() & 0xFFFF, 0
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
         for seq in range(count):
+            if seq and interval:
+                time.sleep(interval)
             body = struct.pack("!HH", ident, seq) + b"lab-ping"
             total = sum(struct.unpack("!8H", b"\x08\x00\x00\x00" + body))  # echo request
             total = (total & 0xFFFF) + (total >> 16)
@@ -407,10 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     echo.add_argument("dst")
     echo.add_argument("count", type=int)
     echo.add_argument("timeout", type=float)
+    echo.add_argument("interval", type=float, nargs="?", default=0.0)
     args = parser.parse_args(argv)
 
     if args.command == "echo":
-        return 0 if _icmp_echo(args.dst, args.count, args.timeout) == args.count else 1
+        answered = _icmp_echo(args.dst, args.count, args.timeout, args.interval)
+        print(f"sent {args.count} answered {answered}", flush=True)
+        return 0 if answered == args.count else 1
     if args.command == "cleanup":
         for ns in cleanup(args.prefix):
             print(f"deleted {ns}")

@@ -59,7 +59,8 @@ def choose_subnet(
                 break
     if not free:
         raise OutOfSubnets(
-            f"out of subnets: all of {config.subnet_min}..{config.subnet_max} (/{config.subnet_len}) "
-            "are leased; widen SubnetMin/SubnetMax or Network, or delete stale leases"
+            f"out of subnets: all of {config.subnet_min}..{config.subnet_max} "
+            f"(/{config.subnet_len}) are leased; widen SubnetMin/SubnetMax or Network, "
+            "or delete stale leases"
         )
     return Choice((rng or random).choice(free), stale=stale)

@@ -56,14 +56,20 @@ def _uint(obj: dict[str, Any], key: str) -> int:
     if v is None:
         return 0
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _bad(key, f"must be a non-negative integer (got {json.dumps(v)})", f"set {key} to a number such as 24")
+        raise _bad(
+            key,
+            f"must be a non-negative integer (got {json.dumps(v)})",
+            f"set {key} to a number such as 24",
+        )
     return v
 
 
 def _bool(obj: dict[str, Any], key: str, default: bool) -> bool:
     v = ci_get(obj, key, default)
     if not isinstance(v, bool):
-        raise _bad(key, f"must be true or false (got {json.dumps(v)})", f"set {key} to true or false")
+        raise _bad(
+            key, f"must be true or false (got {json.dumps(v)})", f"set {key} to true or false"
+        )
     return v
 
 
@@ -76,7 +82,9 @@ def _ipv4(obj: dict[str, Any], key: str) -> IPv4Address | None:
     except ValueError:
         addr = None
     if not isinstance(addr, IPv4Address):
-        raise _bad(key, f"is not an IPv4 address (got {json.dumps(v)})", f'set {key} like "10.244.1.0"')
+        raise _bad(
+            key, f"is not an IPv4 address (got {json.dumps(v)})", f'set {key} like "10.244.1.0"'
+        )
     return addr
 
 
@@ -85,30 +93,56 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"network config is not valid JSON ({e}); fix the JSON document") from None
+        raise ConfigError(
+            f"network config is not valid JSON ({e}); fix the JSON document"
+        ) from None
     if not isinstance(obj, dict):
-        raise ConfigError('network config must be a JSON object such as {"Network": "10.244.0.0/16"}')
+        raise ConfigError(
+            'network config must be a JSON object such as {"Network": "10.244.0.0/16"}'
+        )
 
     if not _bool(obj, "EnableIPv4", True):
-        raise _bad("EnableIPv4", "is false, but this agent runs IPv4 overlays only", "remove EnableIPv4 or set it to true")
+        raise _bad(
+            "EnableIPv4",
+            "is false, but this agent runs IPv4 overlays only",
+            "remove EnableIPv4 or set it to true",
+        )
     if _bool(obj, "EnableIPv6", False):
-        raise _bad("EnableIPv6", "is true, but this agent runs IPv4 overlays only", "remove EnableIPv6 or set it to false")
+        raise _bad(
+            "EnableIPv6",
+            "is true, but this agent runs IPv4 overlays only",
+            "remove EnableIPv6 or set it to false",
+        )
 
     net_s = ci_get(obj, "Network")
     if not net_s:
-        raise _bad("Network", "is missing", 'please define a correct Network parameter, e.g. "Network": "10.244.0.0/16"')
+        raise _bad(
+            "Network",
+            "is missing",
+            'please define a correct Network parameter, e.g. "Network": "10.244.0.0/16"',
+        )
     try:
-        network = ip_network(net_s, strict=False) if isinstance(net_s, str) and "/" in net_s else None
+        network = (
+            ip_network(net_s, strict=False) if isinstance(net_s, str) and "/" in net_s else None
+        )
     except ValueError:
         network = None
     if not isinstance(network, IPv4Network):
-        raise _bad("Network", f"is an invalid IPv4 CIDR format (got {json.dumps(net_s)})", 'write it like "10.244.0.0/16"')
+        raise _bad(
+            "Network",
+            f"is an invalid IPv4 CIDR format (got {json.dumps(net_s)})",
+            'write it like "10.244.0.0/16"',
+        )
 
     subnet_len = _uint(obj, "SubnetLen")
     plen = network.prefixlen
     if subnet_len == 0:
         if plen > 28:
-            raise _bad("Network", f"/{plen} is too small. Minimum useful network prefix is /28", "use a larger Network")
+            raise _bad(
+                "Network",
+                f"/{plen} is too small. Minimum useful network prefix is /28",
+                "use a larger Network",
+            )
         subnet_len = 24 if plen <= 22 else plen + 2
     elif subnet_len > 30:
         raise _bad("SubnetLen", f"must be less than /31 (got {subnet_len})", "use 30 or less")
@@ -124,11 +158,23 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
     subnet_max = _ipv4(obj, "SubnetMax") or IPv4Address(int(network.broadcast_address) + 1 - size)
     for key, addr in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
         if addr not in network:
-            raise _bad(key, f"{addr} is not in the range of the Network {network}", "pick an address inside Network")
+            raise _bad(
+                key,
+                f"{addr} is not in the range of the Network {network}",
+                "pick an address inside Network",
+            )
         if int(addr) % size:
-            raise _bad(key, f"{addr} is not on a SubnetLen boundary (/{subnet_len})", "align it to the subnet size")
+            raise _bad(
+                key,
+                f"{addr} is not on a SubnetLen boundary (/{subnet_len})",
+                "align it to the subnet size",
+            )
     if subnet_min > subnet_max:
-        raise _bad("SubnetMin", f"{subnet_min} is above SubnetMax {subnet_max}", "swap them or widen the range")
+        raise _bad(
+            "SubnetMin",
+            f"{subnet_min} is above SubnetMax {subnet_max}",
+            "swap them or widen the range",
+        )
 
     backend = ci_get(obj, "Backend")
     if backend is None:
@@ -139,7 +185,11 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
     else:
         bt = ci_get(backend, "Type", "")
         if not isinstance(bt, str) or not bt:
-            raise _bad("Backend.Type", f"is missing or not a string (got {json.dumps(bt)})", 'set it, e.g. "Type": "vxlan"')
+            raise _bad(
+                "Backend.Type",
+                f"is missing or not a string (got {json.dumps(bt)})",
+                'set it, e.g. "Type": "vxlan"',
+            )
         backend_type = bt.lower()
 
     return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, backend)

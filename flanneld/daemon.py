@@ -62,7 +62,8 @@ class Agent:
                 if raw is None:
                     raise ConfigError(
                         f"network config not found at {self.registry.config_key.decode()}; "
-                        'create it, e.g. etcdctl put <prefix>/config \'{"Network": "10.244.0.0/16"}\''
+                        "create it, e.g. etcdctl put <prefix>/config "
+                        '\'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}\''
                     )
                 config = parse_config(raw)
                 backends.get_backend(config.backend_type)
@@ -79,8 +80,16 @@ class Agent:
     async def pick_interface(self):  # noqa: ANN201
         async with AsyncIPRoute() as ipr:
             links, default_oif = await discover(ipr)
-        ext = select(links, self.opts.iface, self.opts.iface_regex, default_oif, self.opts.public_ip)
-        log.info("using interface %s (%s), public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+        ext = select(
+            links, self.opts.iface, self.opts.iface_regex, default_oif, self.opts.public_ip
+        )
+        log.info(
+            "using interface %s (%s), public IP %s, MTU %d",
+            ext.name,
+            ext.iface_addr,
+            ext.ext_addr,
+            ext.mtu,
+        )
         return ext
 
     async def acquire(self, lm: LeaseManager) -> Lease:
@@ -110,8 +119,14 @@ class Agent:
     async def start(self) -> None:
         opts = self.opts
         self.config = config = await self.wait_for_config()
-        log.info("network %s, subnets /%d in %s..%s, backend %s", config.network, config.subnet_len,
-                 config.subnet_min, config.subnet_max, config.backend_type)
+        log.info(
+            "network %s, subnets /%d in %s..%s, backend %s",
+            config.network,
+            config.subnet_len,
+            config.subnet_min,
+            config.subnet_max,
+            config.backend_type,
+        )
         try:
             ext = await self.pick_interface()
         except InterfaceError as e:
@@ -123,9 +138,12 @@ class Agent:
         except BackendError as e:
             raise FatalError(str(e)) from None
         self.leases = LeaseManager(
-            self.registry, attrs, config,
+            self.registry,
+            attrs,
+            config,
             previous=subnetenv.previous_subnet(opts.subnet_file),
-            ttl=LEASE_TTL, renew_margin=opts.subnet_lease_renew_margin * 60,
+            ttl=LEASE_TTL,
+            renew_margin=opts.subnet_lease_renew_margin * 60,
             on_lease=self._on_lease,
         )
         lease = await self.acquire(self.leases)
@@ -173,7 +191,9 @@ class Agent:
     def write_subnet_env(self) -> None:
         assert self.config and self.backend and self.leases and self.leases.lease
         lease = self.leases.lease
-        text = subnetenv.render(self.config.network, lease.subnet, self.backend.mtu, self.opts.ip_masq)
+        text = subnetenv.render(
+            self.config.network, lease.subnet, self.backend.mtu, self.opts.ip_masq
+        )
         try:
             subnetenv.write(self.opts.subnet_file, text)
         except OSError as e:
@@ -181,16 +201,25 @@ class Agent:
             return
         if not self.ready:
             self.ready = True
-            log.info("ready: wrote %s (subnet %s, MTU %d)", self.opts.subnet_file, lease.subnet, self.backend.mtu)
-            sdnotify.notify("READY=1", f"STATUS=subnet {lease.subnet}, backend {self.backend.type_name}")
+            log.info(
+                "ready: wrote %s (subnet %s, MTU %d)",
+                self.opts.subnet_file,
+                lease.subnet,
+                self.backend.mtu,
+            )
+            sdnotify.notify(
+                "READY=1", f"STATUS=subnet {lease.subnet}, backend {self.backend.type_name}"
+            )
 
 
 async def run(opts: Options) -> int:
     try:
         registry = EtcdRegistry(
-            opts.etcd_endpoints.split(","), opts.etcd_prefix,
+            opts.etcd_endpoints.split(","),
+            opts.etcd_prefix,
             TLSFiles(opts.etcd_cafile, opts.etcd_certfile, opts.etcd_keyfile),
-            opts.etcd_username, opts.etcd_password,
+            opts.etcd_username,
+            opts.etcd_password,
         )
     except EtcdConfigError as e:
         log.error("%s", e)
@@ -201,8 +230,12 @@ async def run(opts: Options) -> int:
         try:
             await health.start()
         except OSError as e:
-            log.error("cannot listen on %s:%d (%s); fix --healthz-ip/--healthz-port",
-                      opts.healthz_ip, opts.healthz_port, e.strerror)
+            log.error(
+                "cannot listen on %s:%d (%s); fix --healthz-ip/--healthz-port",
+                opts.healthz_ip,
+                opts.healthz_port,
+                e.strerror,
+            )
             return 2
 
     loop = asyncio.get_running_loop()
@@ -224,8 +257,10 @@ async def run(opts: Options) -> int:
             log.error("agent failed", exc_info=exc)
             code = 1
     else:
-        log.info("stopping: kernel state and lease %s stay in place",
-                 agent.leases.lease.subnet if agent.leases and agent.leases.lease else "-")
+        log.info(
+            "stopping: kernel state and lease %s stay in place",
+            agent.leases.lease.subnet if agent.leases and agent.leases.lease else "-",
+        )
         sdnotify.notify("STOPPING=1")
         main.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -27,7 +27,9 @@ class HealthServer:
         if path == "/healthz":
             return 200, "flanneld is running\n"
         if path == "/readyz":
-            return (200, "flanneld is ready\n") if self.ready() else (503, "flanneld is not ready\n")
+            return (
+                (200, "flanneld is ready\n") if self.ready() else (503, "flanneld is not ready\n")
+            )
         return 404, "not found\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -40,7 +42,8 @@ class HealthServer:
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                + data
             )
             await writer.drain()
         except (TimeoutError, ConnectionError):

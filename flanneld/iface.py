@@ -64,9 +64,13 @@ def select(
             try:
                 pat = re.compile(rx)
             except re.error as e:
-                raise InterfaceError(f"--iface-regex {rx!r} is not a valid regex ({e}); fix it") from None
+                raise InterfaceError(
+                    f"--iface-regex {rx!r} is not a valid regex ({e}); fix it"
+                ) from None
             hit = next(((lk, a) for lk in links for a in lk.addrs if pat.search(str(a))), None)
-            hit = hit or next(((lk, lk.addrs[0]) for lk in links if lk.addrs and pat.search(lk.name)), None)
+            hit = hit or next(
+                ((lk, lk.addrs[0]) for lk in links if lk.addrs and pat.search(lk.name)), None
+            )
             if hit:
                 chosen = hit
                 break
@@ -97,9 +101,9 @@ async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - Asyn
         Link(m.get("ifname"), m["index"], m.get("mtu") or 0, tuple(addrs.get(m["index"], ())))
         async for m in await ipr.link("dump")
     ]
-    default_oif = None
+    best: tuple[int, int] | None = None  # (metric, oif): the lowest metric wins
     async for r in await ipr.route("dump", family=socket.AF_INET, table=254):
         if r["dst_len"] == 0 and r.get("oif"):
-            default_oif = r.get("oif")
-            break
-    return links, default_oif
+            cand = (r.get("priority") or 0, r.get("oif"))
+            best = cand if best is None else min(best, cand)
+    return links, best[1] if best else None

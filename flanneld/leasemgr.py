@@ -66,7 +66,9 @@ class LeaseManager:
                     return self._took(lease, "reusing")
                 continue
             for stale in choice.stale:
-                log.info("deleting this node's lease %s: it no longer fits the config", stale.subnet)
+                log.info(
+                    "deleting this node's lease %s: it no longer fits the config", stale.subnet
+                )
                 await self.registry.delete_lease(stale.subnet)
             lease = await self.registry.create_lease(choice.subnet, self.attrs, self.ttl)
             if lease is not None:
@@ -106,8 +108,11 @@ class LeaseManager:
             if ch.subnet != self.lease.subnet:
                 continue
             if ch.kind == "removed" or ch.lease.attrs.public_ip != self.attrs.public_ip:
-                log.warning("lease %s was %s in etcd; taking a lease again", ch.subnet,
-                            "deleted" if ch.kind == "removed" else "taken over")
+                log.warning(
+                    "lease %s was %s in etcd; taking a lease again",
+                    ch.subnet,
+                    "deleted" if ch.kind == "removed" else "taken over",
+                )
                 self._lost.set()
             elif ch.lease.etcd_lease != self.lease.etcd_lease:
                 self.lease = ch.lease
@@ -138,7 +143,9 @@ class LeaseManager:
                 self.renew_failures += 1
                 left = (self.expires_at or 0) - time.monotonic()
                 retry = min(60.0, max(1.0, left / 10))
-                log.warning("renewing lease %s failed (%s); retrying in %.0f s", self.lease.subnet, e, retry)
+                log.warning(
+                    "renewing lease %s failed (%s); retrying in %.0f s", self.lease.subnet, e, retry
+                )
                 await self._wait_lost(retry)
                 continue
             if ttl <= 0:

@@ -8,6 +8,7 @@ retries, back-off and decisions live in the lease manager and the peer watcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ class TLSFiles:
             try:
                 return Path(path).read_bytes()
             except OSError as e:
-                raise EtcdConfigError(f"{flag}: cannot read {path} ({e.strerror}); fix the path") from None
+                raise EtcdConfigError(
+                    f"{flag}: cannot read {path} ({e.strerror}); fix the path"
+                ) from None
 
         return grpc.ssl_channel_credentials(
             root_certificates=read(self.cafile, "--etcd-cafile"),
@@ -124,7 +127,7 @@ _TRANSIENT = (
 
 def _lease_from_kv(prefix: bytes, kv: Any) -> Lease:
     """Build a Lease from an etcd key/value; RecordError if the key or value is malformed."""
-    name = kv.key[len(prefix):].decode(errors="replace")
+    name = kv.key[len(prefix) :].decode(errors="replace")
     subnet = parse_subnet_key(name)
     if subnet is None:
         raise RecordError(f"key {name!r} is not a subnet key like 10.244.3.0-24")
@@ -157,7 +160,9 @@ class EtcdRegistry:
         password: str = "",
     ) -> None:
         if not endpoints:
-            raise EtcdConfigError("--etcd-endpoints is empty; give at least one http(s)://host:port")
+            raise EtcdConfigError(
+                "--etcd-endpoints is empty; give at least one http(s)://host:port"
+            )
         self.endpoints = [Endpoint.parse(e.strip()) for e in endpoints if e.strip()]
         tls = tls or TLSFiles()
         if bool(tls.certfile) != bool(tls.keyfile):
@@ -198,10 +203,8 @@ class EtcdRegistry:
         """Drop the current connection and move to the next endpoint (the same one if alone)."""
         old, self._client = self._client, None
         if old is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead channel may fail to close: gone anyway
                 await old.close()
-            except Exception:  # noqa: BLE001 - a dead channel may fail to close; it is gone anyway
-                pass
         self._current = (self._current + 1) % len(self.endpoints)
 
     async def call(self, op: Callable[[aetcd.Client], Any]) -> Any:
@@ -223,7 +226,9 @@ class EtcdRegistry:
             except _TRANSIENT as e:
                 last = e
                 if len(self.endpoints) > 1:
-                    log.warning("etcd endpoint %s failed (%s); trying the next one", self.endpoint, e)
+                    log.warning(
+                        "etcd endpoint %s failed (%s); trying the next one", self.endpoint, e
+                    )
                 await self.fail_over()
         raise EtcdUnavailable(
             f"no etcd endpoint answered ({', '.join(map(str, self.endpoints))}): {last}"
@@ -232,10 +237,8 @@ class EtcdRegistry:
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            try:
+            with contextlib.suppress(Exception):  # closing on shutdown: nothing to recover
                 await asyncio.wait_for(client.close(), 1)
-            except Exception:  # noqa: BLE001 - closing on shutdown: nothing to recover
-                pass
 
     # -- config -----------------------------------------------------------------------------
     async def get_config(self) -> bytes | None:
@@ -257,7 +260,7 @@ class EtcdRegistry:
             try:
                 lease = _lease_from_kv(self.subnets_prefix, kv)
             except RecordError as e:
-                bad[kv.key[len(self.subnets_prefix):].decode(errors="replace")] = str(e)
+                bad[kv.key[len(self.subnets_prefix) :].decode(errors="replace")] = str(e)
                 continue
             leases[lease.subnet] = lease
         return Snapshot(leases, bad, rng.header.revision)
@@ -326,7 +329,7 @@ class EtcdRegistry:
         try:
             async for ev in w:
                 kv = ev.kv
-                key = kv.key[len(self.subnets_prefix):].decode(errors="replace")
+                key = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
                 subnet = parse_subnet_key(key)
                 if ev.kind == "DELETE":
                     yield WatchEvent(key, subnet, None, revision=kv.mod_revision)
@@ -338,7 +341,5 @@ class EtcdRegistry:
                     continue
                 yield WatchEvent(key, subnet, lease, revision=kv.mod_revision)
         finally:
-            try:
+            with contextlib.suppress(Exception):  # the stream may already be gone
                 await asyncio.wait_for(w.cancel(), 1)
-            except Exception:  # noqa: BLE001 - the stream may already be gone
-                pass

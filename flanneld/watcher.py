@@ -1,8 +1,8 @@
 """Follows `<prefix>/subnets/`: snapshot, then watch from the snapshot's revision + 1.
 
-On a broken stream it reconnects with back-off and re-lists; when the watch falls behind a
-compaction it re-lists too. A re-list reports every difference to the table it had. Changes go to one
-callback; the table itself is `PeerTable` (pure).
+On a broken stream it reconnects with back-off and re-lists; when the watch falls behind
+a compaction it re-lists too. A re-list reports every difference to the table it had.
+Changes go to one callback; the table itself is `PeerTable` (pure).
 """
 
 from __future__ import annotations

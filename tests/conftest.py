@@ -31,11 +31,20 @@ class EtcdServer:
         self.port, peer = _free_port(), _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.args = [
-            _etcd_tool("etcd"), "--data-dir", f"{self.dir}/data", "--unsafe-no-fsync",
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+            _etcd_tool("etcd"),
+            "--data-dir",
+            f"{self.dir}/data",
+            "--unsafe-no-fsync",
+            "--listen-client-urls",
+            self.endpoint,
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{peer}",
         ]
         self.proc: subprocess.Popen | None = None
 
@@ -64,7 +73,10 @@ class EtcdServer:
     def etcdctl(self, *args: str) -> str:
         out = subprocess.run(
             [_etcd_tool("etcdctl"), f"--endpoints={self.endpoint}", *args],
-            capture_output=True, text=True, timeout=15, check=True,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=True,
         )
         return out.stdout
 

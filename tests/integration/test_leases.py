@@ -158,7 +158,9 @@ async def test_watch_across_compaction_reports_all_differences(reg, etcd_server)
     lease_b = await reg.get_lease(b)
     await reg.update_lease(lease_b, attrs(IPv4Address("192.0.2.32")))
     await reg.create_lease(c, attrs(IPv4Address("192.0.2.23")), 60)
-    rev = json.loads(etcd_server.etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]["header"]["revision"]
+    rev = json.loads(etcd_server.etcdctl("endpoint", "status", "-w", "json"))[0]["Status"][
+        "header"
+    ]["revision"]
     etcd_server.etcdctl("compaction", str(rev))
     with pytest.raises(RevisionCompactedError):
         await w.follow()

@@ -42,7 +42,9 @@ def test_previous_subnet_used_when_free():
 
 @pytest.mark.parametrize("prev", ["10.5.1.0/24", "10.5.250.0/24", "10.5.9.0/25"])
 def test_previous_subnet_ignored_when_taken_or_unfit(prev):
-    c = choose_subnet(CFG, [lease("10.5.1.0/24")], ME, previous=IPv4Network(prev), rng=random.Random(3))
+    c = choose_subnet(
+        CFG, [lease("10.5.1.0/24")], ME, previous=IPv4Network(prev), rng=random.Random(3)
+    )
     assert c.subnet != IPv4Network(prev)
     assert c.subnet != IPv4Network("10.5.1.0/24")
 
@@ -56,8 +58,9 @@ def test_random_among_first_free_candidates():
 
 
 def test_overlapping_foreign_lease_blocks_subnets():
-    c = choose_subnet(parse_config('{"Network":"10.5.0.0/16","SubnetMax":"10.5.2.0"}'),
-                      [lease("10.5.0.0/23")], ME)
+    c = choose_subnet(
+        parse_config('{"Network":"10.5.0.0/16","SubnetMax":"10.5.2.0"}'), [lease("10.5.0.0/23")], ME
+    )
     # 10.5.0.0/23 covers .0 and .1; only 10.5.2.0/24 is left
     assert c.subnet == IPv4Network("10.5.2.0/24")
 

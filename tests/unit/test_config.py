@@ -9,13 +9,41 @@ from flanneld.config import ConfigError, parse_config
     "raw, network, subnet_len, smin, smax, backend",
     [
         ('{"Network":"10.3.0.0/16"}', "10.3.0.0/16", 24, "10.3.1.0", "10.3.255.0", "udp"),
-        ('{"network":"10.3.0.0/16","backend":{"type":"VXLAN"}}', "10.3.0.0/16", 24, "10.3.1.0", "10.3.255.0", "vxlan"),
+        (
+            '{"network":"10.3.0.0/16","backend":{"type":"VXLAN"}}',
+            "10.3.0.0/16",
+            24,
+            "10.3.1.0",
+            "10.3.255.0",
+            "vxlan",
+        ),
         ('{"Network":"10.3.0.0/24"}', "10.3.0.0/24", 26, "10.3.0.64", "10.3.0.192", "udp"),
         ('{"Network":"10.3.0.0/28"}', "10.3.0.0/28", 30, "10.3.0.4", "10.3.0.12", "udp"),
-        ('{"Network":"10.3.7.9/16","SubnetLen":20}', "10.3.0.0/16", 20, "10.3.16.0", "10.3.240.0", "udp"),
-        ('{"Network":"10.3.0.0/16","SubnetMin":"10.3.5.0","SubnetMax":"10.3.9.0",'
-         '"Backend":{"Type":"host-gw"}}', "10.3.0.0/16", 24, "10.3.5.0", "10.3.9.0", "host-gw"),
-        ('{"Network":"10.3.0.0/16","SubnetLen":0}', "10.3.0.0/16", 24, "10.3.1.0", "10.3.255.0", "udp"),
+        (
+            '{"Network":"10.3.7.9/16","SubnetLen":20}',
+            "10.3.0.0/16",
+            20,
+            "10.3.16.0",
+            "10.3.240.0",
+            "udp",
+        ),
+        (
+            '{"Network":"10.3.0.0/16","SubnetMin":"10.3.5.0","SubnetMax":"10.3.9.0",'
+            '"Backend":{"Type":"host-gw"}}',
+            "10.3.0.0/16",
+            24,
+            "10.3.5.0",
+            "10.3.9.0",
+            "host-gw",
+        ),
+        (
+            '{"Network":"10.3.0.0/16","SubnetLen":0}',
+            "10.3.0.0/16",
+            24,
+            "10.3.1.0",
+            "10.3.255.0",
+            "udp",
+        ),
     ],
 )
 def test_defaults_and_overrides(raw, network, subnet_len, smin, smax, backend):
@@ -50,8 +78,10 @@ def test_backend_options_kept():
         ('{"Network":"10.3.0.0/16","SubnetMin":"10.4.0.0"}', ["SubnetMin", "not in the range"]),
         ('{"Network":"10.3.0.0/16","SubnetMax":"10.3.0.7"}', ["SubnetMax", "boundary"]),
         ('{"Network":"10.3.0.0/16","SubnetMin":"fc00::"}', ["SubnetMin", "IPv4 address"]),
-        ('{"Network":"10.3.0.0/16","SubnetMin":"10.3.9.0","SubnetMax":"10.3.5.0"}',
-         ["SubnetMin", "above SubnetMax"]),
+        (
+            '{"Network":"10.3.0.0/16","SubnetMin":"10.3.9.0","SubnetMax":"10.3.5.0"}',
+            ["SubnetMin", "above SubnetMax"],
+        ),
         ('{"Network":"10.3.0.0/16","Backend":{}}', ["Backend.Type"]),
         ('{"Network":"10.3.0.0/16","Backend":"vxlan"}', ["Backend", "object"]),
         ('{"Network":"10.3.0.0/16","EnableIPv6":true}', ["EnableIPv6"]),

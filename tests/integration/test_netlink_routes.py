@@ -1,0 +1,223 @@
+"""host-gw reconcile and the netlink helpers against a real kernel, in a throw-away namespace.
+
+Each test gets its own namespace `fltest-<random>` with a veth pair `ul0`/`ul0p` inside it and
+192.0.2.10/24 on `ul0`; the namespace is deleted afterwards, also when the test fails.
+"""
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from backends import netlink
+from backends.base import BackendContext, ExternalInterface
+from backends.hostgw import HostGwBackend
+from backends.reconcile import Route
+from flanneld.config import parse_config
+from flanneld.iface import InterfaceError, discover, select
+from flanneld.lease import Lease, LeaseAttrs
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None,
+        reason="needs root and iproute2 to create a network namespace",
+    ),
+]
+
+LOCAL = Lease(IPv4Network("10.244.1.0/24"), LeaseAttrs(IPv4Address("192.0.2.10"), "host-gw"))
+
+
+def ip(ns: str, *args: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", ns, *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def ifindex(ns: str, name: str) -> int:
+    return json.loads(ip(ns, "-j", "link", "show", "dev", name))[0]["ifindex"]
+
+
+def kernel_routes(ns: str) -> dict[str, dict]:
+    """The main table as iproute2 sees it, by destination."""
+    return {r["dst"]: r for r in json.loads(ip(ns, "-j", "route", "show", "table", "main"))}
+
+
+def peers(*pairs: tuple[str, str]) -> dict[IPv4Network, Lease]:
+    leases = [Lease(IPv4Network(n), LeaseAttrs(IPv4Address(a), "host-gw")) for n, a in pairs]
+    return {lease.subnet: lease for lease in leases}
+
+
+P2 = ("10.244.2.0/24", "192.0.2.11")
+P3 = ("10.244.3.0/24", "192.0.2.12")
+
+
+@pytest.fixture
+def ns():
+    name = f"fltest-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        ip(name, "link", "add", "name", "ul0", "type", "veth", "peer", "name", "ul0p")
+        ip(name, "addr", "add", "192.0.2.10/24", "dev", "ul0")
+        ip(name, "link", "set", "dev", "ul0", "up")
+        ip(name, "link", "set", "dev", "ul0p", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+async def backend(ns, tmp_path: Path):
+    ext = ExternalInterface(
+        "ul0", ifindex(ns, "ul0"), IPv4Address("192.0.2.10"), IPv4Address("192.0.2.10"), 1500
+    )
+    config = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
+    b = HostGwBackend(BackendContext(ext, config, tmp_path), netns=ns)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_routes_installed_with_our_protocol(ns, backend) -> None:
+    result = await backend.reconcile(LOCAL, peers(P2, P3))
+    assert result.added == {"route": 2} and not result.removed and not result.failed
+    routes = kernel_routes(ns)
+    for dst, gw in (P2, P3):
+        assert routes[dst]["gateway"] == gw
+        assert routes[dst]["dev"] == "ul0"
+        assert routes[dst]["protocol"] == str(netlink.ROUTE_PROTOCOL)
+        assert routes[dst]["flags"] == []
+    assert not (await backend.reconcile(LOCAL, peers(P2, P3))).changed
+
+
+async def test_hand_deleted_route_comes_back(ns, backend, caplog) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    ip(ns, "route", "del", "10.244.2.0/24")
+    assert "10.244.2.0/24" not in kernel_routes(ns)
+    with caplog.at_level(logging.INFO, logger="backends.hostgw"):
+        result = await backend.reconcile(LOCAL, peers(P2, P3))
+    assert result.added == {"route": 1} and not result.removed
+    assert kernel_routes(ns)["10.244.2.0/24"]["gateway"] == "192.0.2.11"
+    assert "route restored: 10.244.2.0/24 via 192.0.2.11" in caplog.text
+
+
+async def test_removed_peer_loses_its_route(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    result = await backend.reconcile(LOCAL, peers(P2))
+    assert result.removed == {"route": 1} and not result.added
+    routes = kernel_routes(ns)
+    assert "10.244.3.0/24" not in routes and "10.244.2.0/24" in routes
+
+
+async def test_stale_route_of_ours_is_removed(ns, backend) -> None:
+    # Left by an earlier run for a peer that vanished while the agent was down.
+    ip(ns, "route", "add", "10.244.7.0/24", "via", "192.0.2.17", "dev", "ul0", "proto", "155")
+    result = await backend.reconcile(LOCAL, peers(P2))
+    assert result.removed == {"route": 1} and result.added == {"route": 1}
+    assert "10.244.7.0/24" not in kernel_routes(ns)
+
+
+async def test_foreign_route_is_left_alone(ns, backend) -> None:
+    ip(ns, "route", "add", "10.244.8.0/24", "via", "192.0.2.18", "dev", "ul0", "proto", "static")
+    await backend.reconcile(LOCAL, peers(P2))
+    result = await backend.reconcile(LOCAL, {})
+    assert result.removed == {"route": 1}
+    foreign = kernel_routes(ns)["10.244.8.0/24"]
+    assert foreign["protocol"] == "static" and foreign["gateway"] == "192.0.2.18"
+
+
+async def test_gateway_change_replaces_in_place(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2))
+    result = await backend.reconcile(LOCAL, peers(("10.244.2.0/24", "192.0.2.21")))
+    assert result.added == {"route": 1} and not result.removed
+    listed = json.loads(ip(ns, "-j", "route", "show", "table", "main", "10.244.2.0/24"))
+    assert [r["gateway"] for r in listed] == ["192.0.2.21"]
+
+
+async def test_route_of_ours_on_another_device_is_moved_or_removed(ns, backend) -> None:
+    for dst in ("10.244.2.0/24", "10.244.9.0/24"):
+        ip(ns, "route", "add", dst, "via", "192.0.2.11", "dev", "ul0p", "onlink", "proto", "155")
+    result = await backend.reconcile(LOCAL, peers(P2))
+    assert result.added == {"route": 1} and result.removed == {"route": 1}
+    routes = kernel_routes(ns)
+    assert routes["10.244.2.0/24"]["dev"] == "ul0" and routes["10.244.2.0/24"]["flags"] == []
+    assert "10.244.9.0/24" not in routes
+
+
+async def test_one_bad_peer_does_not_stop_the_others(ns, backend, caplog) -> None:
+    bad = ("10.244.4.0/24", "192.0.2.255")  # the broadcast address: the kernel says EINVAL
+    with caplog.at_level(logging.WARNING):
+        result = await backend.reconcile(LOCAL, peers(P2, bad, P3))
+    assert result.added == {"route": 2} and result.failed == {"route": 1}
+    assert {"10.244.2.0/24", "10.244.3.0/24"} <= kernel_routes(ns).keys()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "10.244.4.0/24 via 192.0.2.255" in warning and "Invalid argument" in warning
+
+
+async def test_skip_warning_logged_once(ns, backend, caplog) -> None:
+    vx = Lease(IPv4Network("10.244.5.0/24"), LeaseAttrs(IPv4Address("192.0.2.15"), "vxlan"))
+    mixed = {**peers(P2), vx.subnet: vx}
+    with caplog.at_level(logging.WARNING, logger="backends.hostgw"):
+        await backend.reconcile(LOCAL, mixed)
+        await backend.reconcile(LOCAL, mixed)
+    assert sum("10.244.5.0/24" in r.getMessage() for r in caplog.records) == 1
+    assert "10.244.5.0/24" not in kernel_routes(ns)
+
+
+async def test_dump_routes_filters_protocol_and_device(ns) -> None:
+    ip(ns, "route", "add", "10.244.2.0/24", "via", "192.0.2.11", "dev", "ul0", "proto", "155")
+    ip(ns, "route", "add", "10.244.3.0/24", "via", "192.0.2.12", "dev", "ul0p", "onlink",
+       "proto", "155")  # fmt: skip
+    ip(ns, "route", "add", "10.244.8.0/24", "via", "192.0.2.18", "dev", "ul0")
+    ul0, ul0p = ifindex(ns, "ul0"), ifindex(ns, "ul0p")
+    async with netlink.open_ipr(ns) as ipr:
+        everywhere = await netlink.dump_routes(ipr)
+        on_ul0 = await netlink.dump_routes(ipr, oif=ul0)
+    r2 = Route(IPv4Network(P2[0]), IPv4Address(P2[1]), ul0)
+    r3 = Route(IPv4Network(P3[0]), IPv4Address(P3[1]), ul0p, onlink=True)
+    assert everywhere == {r2, r3}
+    assert on_ul0 == {r2}
+
+
+async def test_discover_and_select_interface(ns) -> None:
+    async with netlink.open_ipr(ns) as ipr:
+        links, default_oif = await discover(ipr)
+        assert default_oif is None
+        with pytest.raises(InterfaceError, match="default route"):
+            select(links, [], [], default_oif)
+        ip(ns, "route", "add", "default", "via", "192.0.2.1", "dev", "ul0")
+        links, default_oif = await discover(ipr)
+    ext = select(links, [], [], default_oif)
+    assert (ext.name, ext.index, str(ext.iface_addr), ext.mtu) == (
+        "ul0",
+        ifindex(ns, "ul0"),
+        "192.0.2.10",
+        1500,
+    )
+    assert select(links, ["192.0.2.10"], [], None).name == "ul0"
+    with pytest.raises(InterfaceError, match="ul0p"):
+        select(links, ["ul0p"], [], None)  # up, but no IPv4 address
+
+
+async def test_open_ipr_never_creates_a_namespace() -> None:
+    missing = f"fltest-{secrets.token_hex(4)}"
+    try:
+        ipr = netlink.open_ipr(missing)
+        with pytest.raises(FileNotFoundError):  # the socket is opened on first use
+            await netlink.dump_routes(ipr)
+        ipr.close()
+        assert (
+            missing
+            not in subprocess.run(
+                ["ip", "netns", "list"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", missing], capture_output=True, check=False)
