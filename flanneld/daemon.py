@@ -111,10 +111,24 @@ class Agent:
         if self.leases is not None:
             self.leases.notice(changes)
         self._trigger.set()
+        self.notify_status()
 
     def _on_lease(self, lease: Lease) -> None:
         self._lease_changed = True
         self._trigger.set()
+        self.notify_status()
+
+    def notify_status(self) -> None:
+        """One STATUS= line for systemd: the lease, the backend and how many peers."""
+        lease = self.leases.lease if self.leases else None
+        if lease is None or self.backend is None:
+            return
+        n = (
+            len(self.watcher.table.leases) - (lease.subnet in self.watcher.table.leases)
+            if self.watcher
+            else 0
+        )
+        sdnotify.notify(f"STATUS=lease {lease.subnet}, backend {self.backend.type_name}, {n} peers")
 
     async def start(self) -> None:
         opts = self.opts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -18,7 +19,9 @@ def cluster():
     need_lab()
     with Lab(nodes=3, containers=1) as lab:
         lab.start_etcd()
-        c = Cluster(lab, CONFIG, ("--reconcile-interval=2",))
+        c = Cluster(
+            lab, CONFIG, ("--reconcile-interval=2", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
+        )
         c.start_all()
         yield c
 
@@ -42,6 +45,12 @@ def test_every_container_reaches_every_other_node(cluster):
     sub3 = env3["FLANNEL_SUBNET"].replace(".1/", ".0/")
     assert routes[sub2]["gateway"] == n2.ip and routes[sub3]["gateway"] == n3.ip
     assert routes[sub2]["dev"] == "eth0"
+
+
+def test_readyz_answers_inside_the_node(cluster):
+    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8471/readyz').read())"
+    out = cluster.lab.run(cluster.lab.nodes[0].ns, sys.executable, "-c", probe).stdout
+    assert "flanneld is ready" in out
 
 
 def test_hand_deleted_route_is_restored_by_next_reconcile(cluster):
