@@ -1,5 +1,5 @@
-"""Thin netlink I/O over pyroute2's `AsyncIPRoute`: dump the routes the agent owns, apply a
-`reconcile.Diff` entry by entry. No policy lives here.
+"""Thin netlink I/O over pyroute2's `AsyncIPRoute`: dump the routes, ARP and FDB entries the
+agent owns, apply a `reconcile.Diff` entry by entry. No policy lives here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from socket import AF_INET
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
 from .base import ReconcileResult
-from .reconcile import Diff, Entry, Route
+from .reconcile import Diff, Entry, Fdb, Neigh, Route
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,34 @@ async def dump_routes(ipr: AsyncIPRoute, oif: int | None = None) -> set[Route]:
     return routes
 
 
+async def dump_neighs(ipr: AsyncIPRoute, ifindex: int) -> set[Neigh]:
+    """The permanent IPv4 ARP entries on one device."""
+    entries = set()
+    async for msg in await ipr.neigh("dump", family=AF_INET, ifindex=ifindex):
+        lladdr = msg.get("lladdr")
+        if msg["state"] & NUD_PERMANENT and lladdr:
+            entries.add(Neigh(ifindex, IPv4Address(msg.get("dst")), lladdr))
+    return entries
+
+
+def is_unicast(mac: str) -> bool:
+    """A MAC `aa:bb:…` names one station: neither all zeros nor a group address."""
+    return mac != "00:00:00:00:00:00" and not int(mac[:2], 16) & 1
+
+
+async def dump_fdb(ipr: AsyncIPRoute, ifindex: int) -> set[Fdb]:
+    """The permanent FDB entries of one VXLAN device that send a unicast MAC to an IPv4 remote.
+
+    The all-zeros and multicast entries (flooding) are someone else's and never listed.
+    """
+    entries = set()
+    async for msg in await ipr.fdb("dump", ifindex=ifindex):
+        lladdr, dst = msg.get("lladdr"), msg.get("dst")
+        if msg["state"] & NUD_PERMANENT and lladdr and is_unicast(lladdr) and dst and "." in dst:
+            entries.add(Fdb(ifindex, lladdr, IPv4Address(dst)))
+    return entries
+
+
 def _route_args(route: Route) -> dict[str, Any]:
     args: dict[str, Any] = {"dst": str(route.dst), "table": MAIN_TABLE, "proto": ROUTE_PROTOCOL}
     if route.gateway is not None:
@@ -82,10 +111,46 @@ async def _route_del(ipr: AsyncIPRoute, route: Route) -> None:
     await ipr.route("del", **_route_args(route))
 
 
+async def _neigh_replace(ipr: AsyncIPRoute, neigh: Neigh) -> None:
+    await ipr.neigh(
+        "replace",
+        family=AF_INET,
+        ifindex=neigh.ifindex,
+        dst=str(neigh.dst),
+        lladdr=neigh.lladdr,
+        state=NUD_PERMANENT,
+    )
+
+
+async def _neigh_del(ipr: AsyncIPRoute, neigh: Neigh) -> None:
+    await ipr.neigh("del", family=AF_INET, ifindex=neigh.ifindex, dst=str(neigh.dst))
+
+
+async def _fdb_replace(ipr: AsyncIPRoute, fdb: Fdb) -> None:
+    # Without explicit state and flags the kernel refuses a replace (EOPNOTSUPP). A replace
+    # moves an existing entry for this MAC to the new remote.
+    await ipr.fdb(
+        "replace",
+        ifindex=fdb.ifindex,
+        lladdr=fdb.lladdr,
+        dst=str(fdb.dst),
+        state=NUD_PERMANENT,
+        flags=NTF_SELF,
+    )
+
+
+async def _fdb_del(ipr: AsyncIPRoute, fdb: Fdb) -> None:
+    await ipr.fdb("del", ifindex=fdb.ifindex, lladdr=fdb.lladdr, dst=str(fdb.dst))
+
+
 _Op = Callable[[AsyncIPRoute, Any], Awaitable[None]]
 
-# (upsert, remove) per entry kind; vxlan adds "arp" and "fdb".
-_OPS: dict[str, tuple[_Op, _Op]] = {"route": (_route_replace, _route_del)}
+# (upsert, remove) per entry kind.
+_OPS: dict[str, tuple[_Op, _Op]] = {
+    "route": (_route_replace, _route_del),
+    "arp": (_neigh_replace, _neigh_del),
+    "fdb": (_fdb_replace, _fdb_del),
+}
 
 
 @dataclass

@@ -1,0 +1,421 @@
+"""The vxlan backend: a kernel VXLAN device `flannel.<VNI>` with a stable VTEP MAC, and per peer
+a permanent ARP entry, an FDB entry and an onlink route through it (with DirectRouting, a plain
+route to a peer on the same L2 segment). The pure `plan` gives the entries; `reconcile` applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from socket import AF_INET
+from typing import Any
+
+from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
+
+from flanneld.config import ci_get
+from flanneld.lease import Lease, LeaseAttrs
+
+from . import netlink, register
+from .base import Backend, BackendContext, BackendError, ReconcileResult
+from .reconcile import Fdb, Neigh, Route, diff
+
+log = logging.getLogger(__name__)
+
+TYPE = "vxlan"
+DEFAULT_PORT = 8472  # the kernel's default, which the reference's Port 0 means
+ENCAP_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+MAX_VNI = 9_999_999  # "flannel." + 7 digits fills the kernel's 15-character interface name
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+Entry = Route | Neigh | Fdb
+
+
+@dataclass(frozen=True)
+class VxlanOptions:
+    """The Backend object of the network config, validated; `mtu` None: the underlay's."""
+
+    vni: int = 1
+    port: int = DEFAULT_PORT
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
+    mtu: int | None = None
+
+    @property
+    def device(self) -> str:
+        return f"flannel.{self.vni}"
+
+
+def _invalid(key: str, value: Any, problem: str, fix: str) -> BackendError:
+    return BackendError(f"network config: Backend.{key} {problem} (got {json.dumps(value)}); {fix}")
+
+
+def _int(options: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = ci_get(options, key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+    ):
+        raise _invalid(
+            key, value, f"must be an integer from {low} to {high}", "fix the value or remove it"
+        )
+    return value
+
+
+def _bool(options: dict[str, Any], key: str) -> bool:
+    value = ci_get(options, key, False)
+    if not isinstance(value, bool):
+        raise _invalid(key, value, "must be true or false", "set it to true or false")
+    return value
+
+
+def parse_options(options: Mapping[str, Any]) -> VxlanOptions:
+    """Read VNI, Port, GBP, Learning, DirectRouting and MTU (keys in any case) with defaults.
+
+    Port 0 and MTU 0 mean the defaults, as in the reference.
+    """
+    obj = dict(options)
+    vni = _int(obj, "VNI", 0, MAX_VNI)
+    return VxlanOptions(
+        vni=1 if vni is None else vni,
+        port=_int(obj, "Port", 0, 65535) or DEFAULT_PORT,
+        gbp=_bool(obj, "GBP"),
+        learning=_bool(obj, "Learning"),
+        direct_routing=_bool(obj, "DirectRouting"),
+        mtu=_int(obj, "MTU", 0, 65535) or None,
+    )
+
+
+def vtep_mac(public_ip: IPv4Address, vni: int) -> str:
+    """The node's VTEP MAC: derived from its identity, so it survives restarts and device
+    re-creation; locally administered and unicast, as the reference's random ones are."""
+    digest = hashlib.sha256(f"flannel-vtep/{public_ip}/{vni}".encode()).digest()
+    octets = [(digest[0] & 0xFC) | 0x02, *digest[1:6]]
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def peer_mac(lease: Lease) -> str | None:
+    """The VtepMAC a lease's BackendData announces, in lower case; None when it has no valid one."""
+    data = lease.attrs.backend_data
+    mac = ci_get(data, "VtepMAC") if isinstance(data, dict) else None
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
+        return None
+    mac = mac.lower()
+    return mac if netlink.is_unicast(mac) else None
+
+
+def plan(
+    local: Lease,
+    peers: Mapping[IPv4Network, Lease],
+    vx_index: int,
+    direct: Set[IPv4Address] | None,
+    ext_index: int,
+) -> tuple[set[Entry], list[str]]:
+    """The entries to program for `peers`, and one warning per peer skipped.
+
+    A peer gets a permanent ARP entry (its subnet's network address → VtepMAC), an FDB entry
+    (VtepMAC → PublicIP) and an onlink route via that address on the VXLAN device; a peer whose
+    PublicIP is in `direct` (DirectRouting on, peer on-link) gets only a route via its PublicIP
+    on the external interface. Skipped: our own subnet or PublicIP, another backend type, a
+    missing or invalid VtepMAC, a VtepMAC already taken (ours, or a peer's with a lower subnet).
+    """
+    entries: set[Entry] = set()
+    warnings: list[str] = []
+    owners: dict[str, str] = {}
+    own_mac = peer_mac(local)
+    if own_mac:
+        owners[own_mac] = "ours"
+    for subnet, peer in sorted(peers.items()):
+        public_ip = peer.attrs.public_ip
+        mac = peer_mac(peer)
+        skip = f"skipping peer lease {subnet} (PublicIP {public_ip}): "
+        if subnet == local.subnet:
+            warnings.append(skip + "it is our subnet")
+        elif public_ip == local.attrs.public_ip:
+            warnings.append(
+                skip + "its PublicIP is ours; two nodes must not share a public address"
+            )
+        elif peer.attrs.backend_type.lower() != TYPE:
+            warnings.append(
+                skip + f"its BackendType is {peer.attrs.backend_type!r}, not {TYPE!r}; "
+                "run one backend type per network"
+            )
+        elif mac is None:
+            data = json.dumps(peer.attrs.backend_data)
+            warnings.append(
+                skip + f"its BackendData {data} has no valid unicast VtepMAC; "
+                "restart the agent on that node to rewrite its lease"
+            )
+        elif direct and public_ip in direct:
+            entries.add(Route(subnet, public_ip, ext_index))
+        elif mac in owners:
+            warnings.append(
+                skip + f"its VtepMAC {mac} is also {owners[mac]}; every node needs its own MAC"
+            )
+        else:
+            owners[mac] = f"that of {subnet}"
+            gateway = subnet.network_address
+            entries.add(Neigh(vx_index, gateway, mac))
+            entries.add(Fdb(vx_index, mac, public_ip))
+            entries.add(Route(subnet, gateway, vx_index, onlink=True))
+    return entries, warnings
+
+
+def mismatches(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
+    """The attributes of an existing device that differ from the wanted ones, as "key have
+    (want x)"; empty when the device can be reused."""
+    return [
+        f"{key} {have.get(key)} (want {value})"
+        for key, value in want.items()
+        if have.get(key) != value
+    ]
+
+
+def _device_attrs(link: Any) -> dict[str, Any]:
+    """What `mismatches` compares, read from a link message."""
+    data = link.get(("linkinfo", "data"))
+    attrs: dict[str, Any] = {"kind": link.get(("linkinfo", "kind"))}
+    if attrs["kind"] == "vxlan" and data is not None:
+        attrs.update(
+            vxlan_id=data.get("vxlan_id"),
+            vxlan_local=data.get("vxlan_local"),
+            vxlan_link=data.get("vxlan_link"),
+            vxlan_port=data.get("vxlan_port"),
+            vxlan_learning=bool(data.get("vxlan_learning")),
+            vxlan_gbp=bool(data.get("vxlan_gbp")),
+            vxlan_group=data.get("vxlan_group"),
+        )
+    return attrs
+
+
+_CREATE_HINTS = {
+    errno.EEXIST: "another VXLAN device may use the same VNI and port; delete it or change VNI",
+    errno.EOPNOTSUPP: "the kernel lacks VXLAN support; load it with `modprobe vxlan`",
+    errno.EPERM: "run the agent as root or with CAP_NET_ADMIN",
+}
+
+
+@register(TYPE)
+class VxlanBackend(Backend):
+    """`netns` targets a named namespace (tests); the agent runs inside its own and omits it."""
+
+    def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
+        super().__init__(ctx)
+        self._netns = netns
+        self._ipr: AsyncIPRoute | None = None
+        self._lock = asyncio.Lock()
+        self._opts = VxlanOptions()  # replaced by the validated options in prepare()
+        self.mac = ""
+        self.index = 0  # the device's ifindex
+        self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
+        self._desired: set[Entry] = set()  # the last plan: a missing member was deleted by hand
+
+    @property
+    def mtu(self) -> int:
+        return (self._opts.mtu or self.ctx.ext.mtu) - ENCAP_OVERHEAD
+
+    def _socket(self) -> AsyncIPRoute:
+        if self._ipr is None:
+            self._ipr = netlink.open_ipr(self._netns)
+        return self._ipr
+
+    async def prepare(self) -> LeaseAttrs:
+        self._opts = parse_options(self.ctx.options)
+        if self.mtu < 68:
+            base = "Backend.MTU" if self._opts.mtu else f"the MTU of {self.ctx.ext.name}"
+            raise BackendError(
+                f"{base} ({self.mtu + ENCAP_OVERHEAD}) leaves less than 68 bytes after "
+                f"{ENCAP_OVERHEAD} bytes of VXLAN overhead; set Backend.MTU to at least 118"
+            )
+        self.mac = vtep_mac(self.ctx.ext.ext_addr, self._opts.vni)
+        async with self._lock:
+            try:
+                if await self._ensure_device(self._socket()):
+                    log.info("created device %s (%s)", self._opts.device, self._identity())
+            except NetlinkError as err:
+                await self.close()
+                hint = _CREATE_HINTS.get(err.code, "see the kernel log")
+                raise BackendError(
+                    f"cannot set up VXLAN device {self._opts.device} "
+                    f"({os.strerror(err.code)}); {hint}"
+                ) from None
+        return LeaseAttrs(self.ctx.ext.ext_addr, TYPE, {"VNI": self._opts.vni, "VtepMAC": self.mac})
+
+    def _identity(self) -> str:
+        return f"VNI {self._opts.vni}, MAC {self.mac}, MTU {self.mtu}"
+
+    def _wanted(self) -> dict[str, Any]:
+        o, ext = self._opts, self.ctx.ext
+        return {
+            "kind": "vxlan",
+            "vxlan_id": o.vni,
+            "vxlan_local": str(ext.iface_addr),
+            "vxlan_link": ext.index,
+            "vxlan_port": o.port,
+            "vxlan_learning": o.learning,
+            "vxlan_gbp": o.gbp,
+            "vxlan_group": None,
+        }
+
+    async def _ensure_device(self, ipr: AsyncIPRoute) -> bool:
+        """Reuse a compatible device (fixing its MAC and MTU in place), else (re-)create it;
+        True when it was created."""
+        name, want = self._opts.device, self._wanted()
+        try:
+            [link] = await ipr.link("get", ifname=name)
+        except NetlinkError as err:
+            if err.code != errno.ENODEV:
+                raise
+            link = None
+        if link is not None:
+            differ = mismatches(_device_attrs(link), want)
+            if not differ:
+                self.index = link["index"]
+                await self._fix_in_place(ipr, link)
+                return False
+            log.warning("device %s has %s: deleting and re-creating it", name, ", ".join(differ))
+            await ipr.link("del", index=link["index"])
+        extra = {"vxlan_gbp": True} if self._opts.gbp else {}
+        await ipr.link(
+            "add",
+            ifname=name,
+            kind="vxlan",
+            address=self.mac,
+            mtu=self.mtu,
+            vxlan_id=want["vxlan_id"],
+            vxlan_local=want["vxlan_local"],
+            vxlan_link=want["vxlan_link"],
+            vxlan_port=want["vxlan_port"],
+            vxlan_learning=int(self._opts.learning),
+            **extra,
+        )
+        [link] = await ipr.link("get", ifname=name)
+        self.index = link["index"]
+        return True
+
+    async def _fix_in_place(self, ipr: AsyncIPRoute, link: Any) -> None:
+        name = self._opts.device
+        if link.get("address") != self.mac:
+            await ipr.link("set", index=self.index, address=self.mac)
+            log.warning("device %s: MAC set to %s (was %s)", name, self.mac, link.get("address"))
+        if link.get("mtu") != self.mtu:
+            await ipr.link("set", index=self.index, mtu=self.mtu)
+            log.info("device %s: MTU set to %d (was %s)", name, self.mtu, link.get("mtu"))
+
+    async def _configure_device(self, ipr: AsyncIPRoute, lease: Lease) -> None:
+        """`<subnet network address>/32` the only flannel address on the device, device up."""
+        name, network = self._opts.device, self.ctx.config.network
+        want = IPv4Interface(f"{lease.subnet.network_address}/32")
+        have = set()
+        async for msg in await ipr.addr("dump", family=AF_INET, index=self.index):
+            have.add(IPv4Interface((msg.get("address"), msg["prefixlen"])))
+        for addr in sorted(have - {want}):
+            if addr.ip in network:
+                await ipr.addr(
+                    "del", index=self.index, address=str(addr.ip), prefixlen=addr.network.prefixlen
+                )
+                log.info("device %s: removed old address %s", name, addr)
+        if want not in have:
+            await ipr.addr("add", index=self.index, address=str(want.ip), prefixlen=32)
+            log.info("device %s: address %s", name, want)
+        [link] = await ipr.link("get", index=self.index)
+        if not link["flags"] & IFF_UP:
+            await ipr.link("set", index=self.index, state="up")
+            log.info("device %s is up", name)
+
+    async def _heal_device(self, ipr: AsyncIPRoute, lease: Lease) -> None:
+        """The device present, compatible, addressed and up, whatever happened to it."""
+        if await self._ensure_device(ipr):
+            log.warning(
+                "device %s re-created (%s); replaying every peer",
+                self._opts.device,
+                self._identity(),
+            )
+        await self._configure_device(ipr, lease)
+
+    async def configure(self, lease: Lease) -> None:
+        async with self._lock:
+            try:
+                await self._heal_device(self._socket(), lease)
+            except Exception:
+                await self.close()
+                raise
+
+    async def _on_link(self, ipr: AsyncIPRoute, addrs: Set[IPv4Address]) -> set[IPv4Address]:
+        """The addresses the kernel reaches without a gateway through the external interface."""
+        direct = set()
+        for addr in addrs:
+            try:
+                routes = await ipr.route("get", dst=str(addr))
+            except NetlinkError:
+                continue  # unreachable: not direct
+            if (
+                len(routes) == 1
+                and routes[0].get("gateway") is None
+                and routes[0].get("oif") == self.ctx.ext.index
+            ):
+                direct.add(addr)
+        return direct
+
+    async def reconcile(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> ReconcileResult:
+        ext = self.ctx.ext
+        async with self._lock:
+            ipr = self._socket()
+            try:
+                await self._heal_device(ipr, lease)
+                direct = None
+                if self._opts.direct_routing:
+                    candidates = {p.attrs.public_ip for p in peers.values()}
+                    direct = await self._on_link(ipr, candidates - {lease.attrs.public_ip})
+                desired, warnings = plan(lease, peers, self.index, direct, ext.index)
+                actual: set[Entry] = set()
+                actual |= await netlink.dump_neighs(ipr, self.index)
+                actual |= await netlink.dump_fdb(ipr, self.index)
+                actual |= await netlink.dump_routes(ipr)  # ours on any device: others are stale
+                result = ReconcileResult()
+                done = await netlink.apply(ipr, diff(desired, actual), result)
+            except Exception:
+                await self.close()  # a broken socket: the next pass opens a fresh one
+                raise
+        for warning in warnings:
+            if warning not in self._warned:
+                log.warning("%s", warning)
+        self._warned = set(warnings)
+        before = {(e.kind, e.key): e for e in actual}
+        for entry in done.removed:
+            log.info("%s removed: %s", entry.kind, self._describe(entry))
+        for entry in done.upserted:
+            old = before.get((entry.kind, entry.key))
+            if old is not None:
+                was = f" (was {self._describe(old)})"
+                log.info("%s changed: %s%s", entry.kind, self._describe(entry), was)
+            else:
+                verb = "restored" if entry in self._desired else "added"
+                log.info("%s %s: %s", entry.kind, verb, self._describe(entry))
+        self._desired = desired
+        return result
+
+    def _describe(self, entry: Entry) -> str:
+        """An entry as iproute2 would print it, with device names."""
+        names = {self.index: self._opts.device, self.ctx.ext.index: self.ctx.ext.name}
+        if isinstance(entry, Route):
+            via = f" via {entry.gateway}" if entry.gateway else ""
+            dev = names.get(entry.oif, f"#{entry.oif}")
+            return f"{entry.dst}{via} dev {dev}{' onlink' if entry.onlink else ''}"
+        dev = names.get(entry.ifindex, f"#{entry.ifindex}")
+        if isinstance(entry, Neigh):
+            return f"{entry.dst} lladdr {entry.lladdr} dev {dev}"
+        return f"{entry.lladdr} dst {entry.dst} dev {dev}"
+
+    async def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None

@@ -1,0 +1,298 @@
+"""vxlan against a real kernel, in a throw-away namespace: the device (create, reuse, replace,
+re-create with the same MAC), its address, and the ARP/FDB/route entries per peer.
+
+Each test gets its own namespace `fltest-<random>` with a veth pair `ul0`/`ul0p` inside it and
+192.0.2.10/24 on `ul0`; the namespace is deleted afterwards, also when the test fails.
+"""
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from backends import netlink
+from backends.base import BackendContext, BackendError, ExternalInterface
+from backends.reconcile import Fdb, Neigh
+from backends.vxlan import VxlanBackend, vtep_mac
+from flanneld.config import parse_config
+from flanneld.lease import Lease, LeaseAttrs
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("bridge") is None,
+        reason="needs root and iproute2 to create a network namespace",
+    ),
+]
+
+DEV = "flannel.1"
+PUBLIC_IP = IPv4Address("192.0.2.10")
+MAC = vtep_mac(PUBLIC_IP, 1)
+LOCAL = Lease(
+    IPv4Network("10.244.1.0/24"), LeaseAttrs(PUBLIC_IP, "vxlan", {"VNI": 1, "VtepMAC": MAC})
+)
+M2, M3 = "0a:00:00:00:00:02", "0a:00:00:00:00:03"
+
+
+def run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=10).stdout
+
+
+def ip(ns: str, *args: str) -> str:
+    return run("ip", "-n", ns, *args)
+
+
+def link(ns: str, name: str = DEV) -> dict:
+    return json.loads(ip(ns, "-d", "-j", "link", "show", "dev", name))[0]
+
+
+def fdb(ns: str) -> dict[str, str]:
+    """The FDB of the device as `bridge` sees it: MAC → dst, permanent entries only."""
+    entries = json.loads(run("bridge", "-n", ns, "-j", "fdb", "show", "dev", DEV))
+    return {e["mac"]: e.get("dst") for e in entries if "permanent" in e.get("state", "")}
+
+
+def arp(ns: str) -> dict[str, str]:
+    entries = json.loads(ip(ns, "-j", "neigh", "show", "dev", DEV))
+    return {e["dst"]: e["lladdr"] for e in entries if "PERMANENT" in e.get("state", [])}
+
+
+def routes(ns: str) -> dict[str, dict]:
+    return {r["dst"]: r for r in json.loads(ip(ns, "-j", "route", "show", "table", "main"))}
+
+
+def peer(net: str, public_ip: str, mac: str) -> Lease:
+    return Lease(
+        IPv4Network(net), LeaseAttrs(IPv4Address(public_ip), "vxlan", {"VNI": 1, "VtepMAC": mac})
+    )
+
+
+def peers(*leases: Lease) -> dict[IPv4Network, Lease]:
+    return {lease.subnet: lease for lease in leases}
+
+
+P2 = peer("10.244.2.0/24", "192.0.2.11", M2)
+P3 = peer("10.244.3.0/24", "198.18.0.13", M3)
+
+
+@pytest.fixture
+def ns():
+    name = f"fltest-{secrets.token_hex(4)}"
+    run("ip", "netns", "add", name)
+    try:
+        ip(name, "link", "add", "name", "ul0", "type", "veth", "peer", "name", "ul0p")
+        ip(name, "addr", "add", "192.0.2.10/24", "dev", "ul0")
+        ip(name, "link", "set", "dev", "ul0", "up")
+        ip(name, "link", "set", "dev", "ul0p", "up")
+        ip(name, "route", "add", "default", "via", "192.0.2.1", "dev", "ul0")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+def make(ns: str, tmp_path: Path, **options: object) -> VxlanBackend:
+    ext = ExternalInterface("ul0", link(ns, "ul0")["ifindex"], PUBLIC_IP, PUBLIC_IP, 1500)
+    config = parse_config(
+        json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", **options}})
+    )
+    return VxlanBackend(BackendContext(ext, config, tmp_path, config.backend), netns=ns)
+
+
+@pytest.fixture
+async def backend(ns, tmp_path: Path):
+    b = make(ns, tmp_path)
+    try:
+        await b.prepare()
+        await b.configure(LOCAL)
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_prepare_creates_the_device_the_reference_way(ns, tmp_path) -> None:
+    b = make(ns, tmp_path)
+    try:
+        attrs = await b.prepare()
+    finally:
+        await b.close()
+    assert attrs == LeaseAttrs(PUBLIC_IP, "vxlan", {"VNI": 1, "VtepMAC": MAC})
+    dev = link(ns)
+    info = dev["linkinfo"]["info_data"]
+    assert dev["address"] == MAC and dev["mtu"] == 1450 == b.mtu
+    assert (info["id"], info["local"], info["link"], info["port"]) == (1, "192.0.2.10", "ul0", 8472)
+    assert info["learning"] is False and "gbp" not in info
+
+
+async def test_configure_sets_the_address_and_brings_it_up(ns, backend) -> None:
+    ip(ns, "addr", "add", "10.244.9.0/32", "dev", DEV)  # an old lease's address: removed
+    ip(ns, "addr", "add", "172.16.0.1/32", "dev", DEV)  # not the flannel network: kept
+    await backend.configure(LOCAL)
+    dev = json.loads(ip(ns, "-j", "addr", "show", "dev", DEV))[0]
+    addrs = {(a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet"}
+    assert addrs == {("10.244.1.0", 32), ("172.16.0.1", 32)}
+    assert "UP" in dev["flags"]
+
+
+async def test_compatible_device_is_reused_untouched(ns, backend, tmp_path) -> None:
+    index = link(ns)["ifindex"]
+    await backend.reconcile(LOCAL, peers(P2))
+    again = make(ns, tmp_path)
+    try:
+        assert (await again.prepare()).backend_data["VtepMAC"] == MAC
+        await again.configure(LOCAL)
+        result = await again.reconcile(LOCAL, peers(P2))
+    finally:
+        await again.close()
+    assert link(ns)["ifindex"] == index and not result.changed
+
+
+async def test_compatible_device_with_another_mac_is_kept_and_gets_ours(ns, tmp_path) -> None:
+    # As the reference flanneld leaves it: compatible, but with a random MAC and no MTU set.
+    ip(ns, "link", "add", DEV, "address", "0a:aa:aa:aa:aa:aa", "type", "vxlan", "id", "1",
+       "local", "192.0.2.10", "dev", "ul0", "dstport", "8472", "nolearning")  # fmt: skip
+    ip(ns, "link", "set", "dev", DEV, "mtu", "1400", "up")
+    index = link(ns)["ifindex"]
+    b = make(ns, tmp_path)
+    try:
+        await b.prepare()
+    finally:
+        await b.close()
+    dev = link(ns)
+    assert (dev["ifindex"], dev["address"], dev["mtu"]) == (index, MAC, 1450)
+    assert "UP" in dev["flags"]
+
+
+async def test_incompatible_device_is_replaced_with_the_same_mac(ns, tmp_path) -> None:
+    ip(ns, "link", "add", DEV, "type", "vxlan", "id", "1", "local", "192.0.2.10",
+       "dev", "ul0", "dstport", "4789")  # fmt: skip
+    index = link(ns)["ifindex"]
+    b = make(ns, tmp_path)
+    try:
+        await b.prepare()
+    finally:
+        await b.close()
+    dev = link(ns)
+    assert dev["ifindex"] != index and dev["address"] == MAC
+    assert dev["linkinfo"]["info_data"]["port"] == 8472
+
+
+async def test_options_reach_the_device(ns, tmp_path) -> None:
+    b = make(ns, tmp_path, VNI=7, Port=4789, GBP=True, Learning=True, MTU=1400)
+    try:
+        attrs = await b.prepare()
+    finally:
+        await b.close()
+    dev = link(ns, "flannel.7")
+    info = dev["linkinfo"]["info_data"]
+    assert attrs.backend_data == {"VNI": 7, "VtepMAC": vtep_mac(PUBLIC_IP, 7)}
+    assert (info["id"], info["port"], info["learning"], info["gbp"]) == (7, 4789, True, True)
+    assert dev["mtu"] == 1350 == b.mtu
+
+
+async def test_peers_get_arp_fdb_and_onlink_route(ns, backend) -> None:
+    result = await backend.reconcile(LOCAL, peers(P2, P3))
+    assert result.added == {"arp": 2, "fdb": 2, "route": 2} and not result.failed
+    assert fdb(ns) == {M2: "192.0.2.11", M3: "198.18.0.13"}
+    assert arp(ns) == {"10.244.2.0": M2, "10.244.3.0": M3}
+    r = routes(ns)["10.244.2.0/24"]
+    assert (r["gateway"], r["dev"], r["flags"]) == ("10.244.2.0", DEV, ["onlink"])
+    assert r["protocol"] == str(netlink.ROUTE_PROTOCOL)
+    assert not (await backend.reconcile(LOCAL, peers(P2, P3))).changed
+
+
+async def test_hand_deleted_entries_are_restored(ns, backend, caplog) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    run("bridge", "-n", ns, "fdb", "del", M2, "dev", DEV, "dst", "192.0.2.11")
+    ip(ns, "neigh", "del", "10.244.3.0", "dev", DEV)
+    ip(ns, "route", "del", "10.244.3.0/24")
+    with caplog.at_level(logging.INFO, logger="backends.vxlan"):
+        result = await backend.reconcile(LOCAL, peers(P2, P3))
+    assert result.added == {"arp": 1, "fdb": 1, "route": 1} and not result.removed
+    assert fdb(ns) == {M2: "192.0.2.11", M3: "198.18.0.13"}
+    assert arp(ns)["10.244.3.0"] == M3 and "10.244.3.0/24" in routes(ns)
+    assert f"fdb restored: {M2} dst 192.0.2.11 dev {DEV}" in caplog.text
+
+
+async def test_removed_peer_and_stale_entries_are_cleaned(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    # Left by an earlier run for a peer that vanished while the agent was down.
+    run("bridge", "-n", ns, "fdb", "append", "0a:00:00:00:00:07", "dev", DEV, "dst", "192.0.2.17")
+    # Flooding entry of someone else: never ours to touch.
+    run("bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "192.0.2.99")
+    result = await backend.reconcile(LOCAL, peers(P2))
+    assert result.removed == {"arp": 1, "fdb": 2, "route": 1} and not result.added
+    assert fdb(ns) == {M2: "192.0.2.11", "00:00:00:00:00:00": "192.0.2.99"}
+    assert arp(ns) == {"10.244.2.0": M2} and "10.244.3.0/24" not in routes(ns)
+
+
+async def test_mac_change_replaces_arp_and_drops_the_old_fdb_entry(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2))
+    moved = peer("10.244.2.0/24", "192.0.2.11", "0a:00:00:00:00:22")
+    result = await backend.reconcile(LOCAL, peers(moved))
+    assert result.removed == {"fdb": 1} and result.added == {"arp": 1, "fdb": 1}
+    assert fdb(ns) == {"0a:00:00:00:00:22": "192.0.2.11"}
+    assert arp(ns) == {"10.244.2.0": "0a:00:00:00:00:22"}
+
+
+async def test_public_ip_change_moves_the_fdb_entry_in_place(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2))
+    moved = peer("10.244.2.0/24", "192.0.2.21", M2)  # a reference peer keeps its MAC
+    result = await backend.reconcile(LOCAL, peers(moved))
+    assert result.added == {"fdb": 1} and not result.removed
+    listed = json.loads(run("bridge", "-n", ns, "-j", "fdb", "show", "dev", DEV))
+    assert [(e["mac"], e["dst"]) for e in listed] == [(M2, "192.0.2.21")]
+
+
+async def test_deleted_device_is_recreated_with_same_mac_and_replayed(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    ip(ns, "link", "del", DEV)
+    assert "10.244.2.0/24" not in routes(ns)
+    result = await backend.reconcile(LOCAL, peers(P2, P3))
+    assert result.added == {"arp": 2, "fdb": 2, "route": 2}
+    dev = json.loads(ip(ns, "-j", "addr", "show", "dev", DEV))[0]
+    assert dev["address"] == MAC and "UP" in dev["flags"]
+    assert [a["local"] for a in dev["addr_info"] if a["family"] == "inet"] == ["10.244.1.0"]
+    assert fdb(ns) == {M2: "192.0.2.11", M3: "198.18.0.13"}
+    assert routes(ns)["10.244.3.0/24"]["dev"] == DEV
+
+
+async def test_direct_routing_for_on_link_peers_only(ns, tmp_path) -> None:
+    b = make(ns, tmp_path, DirectRouting=True)
+    try:
+        await b.prepare()
+        await b.configure(LOCAL)
+        await b.reconcile(LOCAL, peers(P2, P3))
+    finally:
+        await b.close()
+    r = routes(ns)
+    assert (r["10.244.2.0/24"]["gateway"], r["10.244.2.0/24"]["dev"]) == ("192.0.2.11", "ul0")
+    assert r["10.244.2.0/24"]["flags"] == []
+    assert (r["10.244.3.0/24"]["gateway"], r["10.244.3.0/24"]["dev"]) == ("10.244.3.0", DEV)
+    assert fdb(ns) == {M3: "198.18.0.13"} and arp(ns) == {"10.244.3.0": M3}
+
+
+async def test_dumps_list_only_permanent_unicast_entries(ns, backend) -> None:
+    index = link(ns)["ifindex"]
+    run("bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "192.0.2.99")
+    run("bridge", "-n", ns, "fdb", "add", M2, "dev", DEV, "dst", "192.0.2.11")
+    run("bridge", "-n", ns, "fdb", "add", M3, "dev", DEV, "dst", "192.0.2.12", "dynamic")
+    ip(ns, "neigh", "add", "10.244.2.0", "lladdr", M2, "dev", DEV, "nud", "permanent")
+    ip(ns, "neigh", "add", "10.244.4.0", "lladdr", M3, "dev", DEV, "nud", "stale")
+    async with netlink.open_ipr(ns) as ipr:
+        assert await netlink.dump_fdb(ipr, index) == {Fdb(index, M2, IPv4Address("192.0.2.11"))}
+        assert await netlink.dump_neighs(ipr, index) == {
+            Neigh(index, IPv4Address("10.244.2.0"), M2)
+        }
+
+
+async def test_bad_option_is_refused_before_touching_the_kernel(ns, tmp_path) -> None:
+    b = make(ns, tmp_path, VNI="1")
+    with pytest.raises(BackendError, match="Backend.VNI"):
+        await b.prepare()
+    assert DEV not in ip(ns, "link", "show")
