@@ -146,8 +146,8 @@ class Agent:
         except InterfaceError as e:
             raise FatalError(str(e)) from None
         ctx = BackendContext(ext, config, Path(opts.state_dir), config.backend)
-        self.backend = backends.get_backend(config.backend_type)(ctx)
         try:
+            self.backend = backends.get_backend(config.backend_type)(ctx)
             attrs = await self.backend.prepare()
         except BackendError as e:
             raise FatalError(str(e)) from None
