@@ -1,0 +1,136 @@
+"""The agent on every node of a lab: what the demo, the benchmark and the e2e tests share.
+
+`Cluster` writes the network config into the lab's etcd, starts `flanneld` in each node
+namespace (own subnet file, state dir and log), waits for its subnet.env and puts the node's
+containers on a cni0 bridge with FLANNEL_SUBNET, as the CNI plugin would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from flanneld import subnetenv
+
+from .lab import Lab, Node
+
+PREFIX = "/coreos.com/network"
+
+T = TypeVar("T")
+
+
+class AgentExited(RuntimeError):
+    """An agent ended while the cluster waited for it; the message holds its log's tail."""
+
+
+def wait_until(
+    pred: Callable[[], T], timeout: float, step: float = 0.1, what: str = "condition"
+) -> T:
+    """Call `pred` every `step` s until it returns something true, and return that; raise
+    TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+class Cluster:
+    def __init__(self, lab: Lab, config: dict, extra_args: tuple[str, ...] = ()) -> None:
+        self.lab = lab
+        self.config = config
+        self.extra_args = extra_args
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.put_config()
+
+    def put_config(self) -> None:
+        """Write `config` to `<prefix>/config` in the lab's etcd."""
+        self.lab.etcdctl("put", f"{PREFIX}/config", json.dumps(self.config))
+
+    def subnet_file(self, node: Node) -> Path:
+        return self.lab.workdir / node.name / "subnet.env"
+
+    def start(
+        self, node: Node, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start the agent on `node` with the cluster's flags plus `args`; `env` is added to
+        its environment."""
+        (self.lab.workdir / node.name).mkdir(exist_ok=True)
+        proc = self.lab.spawn(
+            node.ns,
+            sys.executable,
+            "-m",
+            "flanneld",
+            f"--etcd-endpoints={self.lab.etcd_endpoint}",
+            f"--subnet-file={self.subnet_file(node)}",
+            f"--state-dir={self.lab.workdir / node.name}",
+            f"--iface={node.iface}",
+            *self.extra_args,
+            *args,
+            log=self.lab.workdir / f"{node.name}.agent.log",
+            env=env,
+        )
+        self.procs[node.name] = proc
+        return proc
+
+    def stop(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 5) -> float:
+        """Stop a node's agent; returns how long it took to exit."""
+        proc = self.procs.pop(node.name)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout)
+        return time.monotonic() - t0
+
+    def env(self, node: Node) -> dict[str, str]:
+        path = self.subnet_file(node)
+        return subnetenv.parse(path.read_text()) if path.exists() else {}
+
+    def wait_ready(self, node: Node, timeout: float = 20) -> dict[str, str]:
+        """Wait for the node's subnet.env, attach its containers to cni0; the subnet.env."""
+        proc = self.procs[node.name]
+
+        def ready() -> dict[str, str]:
+            if proc.poll() is not None:
+                raise AgentExited(
+                    f"agent on {node.name} exited with status {proc.returncode}\n"
+                    f"--- its log ends:\n{self.log(node)[-2000:]}"
+                )
+            return self.env(node)
+
+        env = wait_until(ready, timeout, what=f"subnet.env of {node.name}")
+        self.lab.attach_containers(node, env["FLANNEL_SUBNET"], mtu=int(env["FLANNEL_MTU"]))
+        return env
+
+    def start_all(self, *args: str) -> None:
+        for node in self.lab.nodes:
+            self.start(node, *args)
+        for node in self.lab.nodes:
+            self.wait_ready(node)
+
+    def log(self, node: Node) -> str:
+        path = self.lab.workdir / f"{node.name}.agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def routes(self, node: Node) -> list[dict]:
+        out = self.lab.run(node.ns, "ip", "-j", "route", "show", "table", "main").stdout
+        return json.loads(out)
+
+    def wait_reachable(self, timeout: float) -> dict[tuple[str, str], bool]:
+        """Repeat the lab's ping matrix until every pair answers or `timeout` s passed; the
+        last matrix."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matrix = self.lab.ping_matrix()
+            if all(matrix.values()) or time.monotonic() > deadline:
+                return matrix
+            time.sleep(0.5)

@@ -1,0 +1,337 @@
+"""The one-command demo lab (run it through `deploy/demo.sh`, which installs what is missing).
+
+It builds the network-namespace lab (deploy.lab) with etcd on the switch, N nodes and their
+containers, runs the agent with the chosen backend on every node (deploy.cluster), proves
+connectivity with a ping matrix and prints a summary: nodes, subnets, backend, MTU and the
+reachability grid. Exit status 0 only when every container answers every other node's
+containers. Everything is torn down on exit, on Ctrl-C and on failure, unless --keep leaves
+the lab up (until Ctrl-C or `--down --prefix P` from another terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import backends
+
+from .cluster import AgentExited, Cluster
+from .lab import ETCD_ENDPOINT, Lab, LabError, Node, _etcd_tool, cleanup
+
+BACKENDS = ("host-gw", "vxlan", "udp")
+NETWORK = "10.244.0.0/16"
+READY_TIMEOUT = 30.0  # per node, from the agent's start to its subnet.env
+REACH_TIMEOUT = 15.0  # from the last subnet.env to an all-green ping matrix
+Matrix = dict[tuple[str, str], bool]
+_ANSI = re.compile(r"\033\[[0-9;]*m")
+
+
+def default_backend() -> str:
+    return "vxlan" if "vxlan" in backends.known_backends() else "host-gw"
+
+
+class Progress:
+    """Progress lines with the time since the start: `[  1.2s] message`."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.elapsed():5.1f}s] {message}", flush=True)
+
+
+# -- the summary (pure) ----------------------------------------------------------------------
+
+
+def _marks(encoding: str | None, color: bool) -> tuple[str, str, str]:
+    """(answered, unanswered, same node) marks that the terminal can print."""
+    try:
+        "✓✗·".encode(encoding or "ascii")
+        ok, bad, same = "✓", "✗", "·"
+    except (UnicodeEncodeError, LookupError):
+        ok, bad, same = "+", "x", "."
+    if color:
+        ok, bad = f"\033[32m{ok}\033[0m", f"\033[31m{bad}\033[0m"
+    return ok, bad, same
+
+
+def _width(cell: str) -> int:
+    return len(_ANSI.sub("", cell))
+
+
+def _table(rows: list[list[str]], indent: str = "  ", center: bool = False) -> list[str]:
+    """Rows as aligned columns (widths ignore colour codes); `center` centres all but the
+    first column."""
+    widths = [max(_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = []
+        for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
+            pad = w - _width(cell)
+            left = pad // 2 if center and i else 0
+            cells.append(" " * left + cell + " " * (pad - left))
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def render_summary(
+    nodes: list[Node],
+    envs: dict[str, dict[str, str]],
+    backend: str,
+    matrix: Matrix,
+    seconds: float,
+    *,
+    encoding: str | None = "utf-8",
+    color: bool = False,
+) -> str:
+    """The readable result: a node table, the ping grid (row pings column) and a verdict."""
+    ok, bad, same = _marks(encoding, color)
+    lines = [
+        f"flanneld-py demo lab: {len(nodes)} nodes, backend {backend}, network {NETWORK}",
+        "",
+    ]
+    rows = [["node", "namespace", "underlay", "subnet", "MTU", "containers"]]
+    for node in nodes:
+        env = envs.get(node.name, {})
+        rows.append(
+            [
+                node.name,
+                node.ns,
+                f"{node.iface} {node.ip}",
+                env.get("FLANNEL_SUBNET", "-"),
+                env.get("FLANNEL_MTU", "-"),
+                " ".join(c.ip for c in node.containers) or "-",
+            ]
+        )
+    lines += _table(rows)
+
+    containers = [(node, c) for node in nodes for c in node.containers]
+    labels = [f"{node.name}c{j}" for node in nodes for j in range(1, len(node.containers) + 1)]
+    if len(nodes) > 1 and containers:
+        lines += ["", "  ping matrix (row pings column, one ICMP echo each):"]
+        grid = [["", *labels]]
+        for (src_node, src), label in zip(containers, labels, strict=True):
+            cells = [
+                same if dst_node is src_node else ok if matrix.get((src.ns, dst.ip)) else bad
+                for dst_node, dst in containers
+            ]
+            grid.append([label, *cells])
+        lines += _table(grid, indent="    ", center=True)
+        lines.append(f"    {ok} answered   {bad} no answer   {same} same node, not pinged")
+    answered = sum(matrix.values())
+    if not matrix:
+        verdict = "nothing to ping: one node"
+    elif answered == len(matrix):
+        verdict = f"{answered}/{len(matrix)} pings answered: all green"
+    else:
+        verdict = f"{answered}/{len(matrix)} pings answered: {len(matrix) - answered} FAILED"
+    lines += ["", f"  {verdict} ({seconds:.1f} s)"]
+    return "\n".join(lines)
+
+
+# -- bringing the lab up and down --------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the lab is torn down."""
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _print_keep_help(lab: Lab) -> None:
+    first = lab.nodes[0]
+    etcdctl = f"{_etcd_tool('etcdctl')} --endpoints={ETCD_ENDPOINT}"
+    lines = [
+        "",
+        f"the lab {lab.prefix} stays up (agent and etcd logs in {lab.workdir}):",
+        f"  enter a node:       ip netns exec {first.ns} bash",
+    ]
+    if first.containers:
+        lines.append(f"  enter a container:  ip netns exec {first.containers[0].ns} bash")
+    lines += [
+        f"  the leases:         ip netns exec {lab.switch_ns} {etcdctl} get --prefix /coreos.com",
+        f"  tear it down:       Ctrl-C here, or deploy/demo.sh --down --prefix {lab.prefix}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def up(args: argparse.Namespace) -> int:
+    progress = Progress()
+    config = {"Network": NETWORK, "Backend": {"Type": args.backend}}
+    with Lab(args.nodes, args.containers, prefix=args.prefix) as lab:
+        progress(
+            f"lab {lab.prefix}: {args.nodes} node namespaces, {args.containers} container(s) "
+            f"each, a switch {lab.switch_ns}"
+        )
+        lab.start_etcd()
+        progress(f"etcd is up at {lab.etcd_endpoint}; network config: {NETWORK}, {args.backend}")
+        cluster = Cluster(lab, config)
+        for node in lab.nodes:
+            cluster.start(node)
+        progress(f"flanneld started on {', '.join(n.name for n in lab.nodes)}")
+        envs: dict[str, dict[str, str]] = {}
+        try:
+            for node in lab.nodes:
+                envs[node.name] = env = cluster.wait_ready(node, timeout=READY_TIMEOUT)
+                progress(
+                    f"{node.name} ready: subnet {env['FLANNEL_SUBNET']}, MTU {env['FLANNEL_MTU']}, "
+                    f"{len(node.containers)} container(s) on cni0"
+                )
+            pairs = len(lab.nodes) * (len(lab.nodes) - 1) * args.containers**2
+            progress(f"ping matrix: {pairs} container pairs across nodes")
+            matrix = cluster.wait_reachable(REACH_TIMEOUT)
+        except (AgentExited, TimeoutError, LabError) as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            for node in lab.nodes:
+                tail = "\n".join(cluster.log(node).splitlines()[-10:])
+                print(f"--- flanneld on {node.name}, last lines:\n{tail}", file=sys.stderr)
+            progress(f"tearing down the lab {lab.prefix}")
+            return 1
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        print(
+            "\n"
+            + render_summary(
+                lab.nodes,
+                envs,
+                args.backend,
+                matrix,
+                progress.elapsed(),
+                encoding=sys.stdout.encoding,
+                color=color,
+            ),
+            flush=True,
+        )
+        if args.keep:
+            (lab.workdir / "demo.pid").write_text(f"{os.getpid()}\n")
+            _print_keep_help(lab)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        progress(f"tearing down the lab {lab.prefix}")
+    return 0 if all(matrix.values()) else 1
+
+
+def _workdirs(prefix: str) -> list[Path]:
+    return sorted(Path(tempfile.gettempdir()).glob(f"{prefix}-lab-*"))
+
+
+def _is_demo(pid: int) -> bool:
+    """Whether `pid` is a running demo (a zombie's command line is empty)."""
+    try:
+        return b"deploy.demo" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def down(prefix: str) -> int:
+    """End a kept demo with `prefix` (its process tears its lab down), then delete whatever a
+    killed one left behind."""
+    for workdir in _workdirs(prefix):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((workdir / "demo.pid").read_text())
+            if _is_demo(pid):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while _is_demo(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                print(f"stopped the demo (pid {pid})")
+    for ns in cleanup(prefix):
+        print(f"deleted {ns}")
+    for workdir in _workdirs(prefix):
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"no namespace of {prefix} is left")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="deploy/demo.sh",
+        description="The agent on a lab of network namespaces: N nodes, containers, etcd, a "
+        "ping matrix. Run as root.",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help=f"the backend every node runs (default: {default_backend()})",
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=3, metavar="N", help="number of nodes, 1..20 (default 3)"
+    )
+    parser.add_argument(
+        "--containers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="containers per node, 1..8 (default 1)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the lab up until Ctrl-C (or --down)"
+    )
+    parser.add_argument("--down", action="store_true", help="tear down a kept lab (needs --prefix)")
+    parser.add_argument(
+        "--prefix",
+        help="name prefix of the lab's namespaces (default: random, printed at the start)",
+    )
+    args = parser.parse_args(argv)
+    if args.down and not args.prefix:
+        parser.error("--down needs the --prefix of the lab to tear down")
+    if args.prefix:
+        try:
+            Lab(prefix=args.prefix)  # only checks the name; nothing is built before `with`
+        except ValueError as e:
+            parser.error(str(e))
+    if not 1 <= args.nodes <= 20:
+        parser.error("--nodes must be between 1 and 20")
+    if not 1 <= args.containers <= 8:
+        parser.error("--containers must be between 1 and 8")
+    args.backend = args.backend or default_backend()
+    if args.backend not in backends.known_backends():
+        parser.error(
+            f"backend {args.backend} is not available in this build; "
+            f"choose one of: {', '.join(backends.known_backends())}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("deploy/demo.sh: run as root: the lab creates network namespaces", file=sys.stderr)
+        return 1
+    try:
+        if args.down:
+            return down(args.prefix)
+        with _signals_interrupt():
+            return up(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the lab is torn down", file=sys.stderr)
+        return 130
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

