@@ -95,7 +95,7 @@ class TLSFiles:
 
 
 class _Client(aetcd.Client):
-    """aetcd's client with an optional TLS channel (aetcd itself only opens plain ones)."""
+    """aetcd's client, with a TLS channel when credentials are given (aetcd opens plain ones)."""
 
     def __init__(self, *args: Any, credentials: grpc.ChannelCredentials | None, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -104,16 +104,27 @@ class _Client(aetcd.Client):
     async def connect(self) -> None:
         if self._credentials is None or self._connected.is_set():
             return await super().connect()
-        real = rpc.insecure_channel
-        creds = self._credentials
-        # aetcd builds its channel inline; swap the factory for the duration of the call.
-        aetcd.client.rpc.insecure_channel = lambda target, options=None: rpc.secure_channel(
-            target, creds, options=options
-        )
+        # aetcd's connect() with the channel made secure; everything else is as aetcd does it.
+        target = f"{self._host}:{self._port}"
+        self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
         try:
-            return await super().connect()
-        finally:
-            aetcd.client.rpc.insecure_channel = real
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                req = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                resp = await self.auth_stub.Authenticate(req, timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+        except rpc.AioRpcError as e:
+            await self.channel.close()
+            self._init_channel_attrs()
+            etcd_exc._handle_exception(e)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
 
 
 _TRANSIENT = (
@@ -121,7 +132,7 @@ _TRANSIENT = (
     etcd_exc.ConnectionTimeoutError,
     etcd_exc.InternalError,
     etcd_exc.WatchTimeoutError,
-    asyncio.TimeoutError,
+    etcd_exc.UnauthenticatedError,  # an expired auth token: a new connection authenticates again
 )
 
 
@@ -218,12 +229,10 @@ class EtcdRegistry:
                 self._client = self._new_client()
             try:
                 return await op(self._client)
-            except etcd_exc.UnauthenticatedError as e:
-                raise EtcdConfigError(
-                    f"etcd at {self.endpoint} refused the credentials ({e}); "
-                    "check --etcd-username/--etcd-password"
-                ) from None
-            except _TRANSIENT as e:
+            except (TimeoutError, etcd_exc.ClientError) as e:
+                self._refused(e)
+                if not isinstance(e, (*_TRANSIENT, TimeoutError)):
+                    raise
                 last = e
                 if len(self.endpoints) > 1:
                     log.warning(
@@ -233,6 +242,20 @@ class EtcdRegistry:
         raise EtcdUnavailable(
             f"no etcd endpoint answered ({', '.join(map(str, self.endpoints))}): {last}"
         )
+
+    def _refused(self, e: Exception) -> None:
+        """Raise EtcdConfigError for errors only the operator can fix: credentials, permissions."""
+        text = str(e)
+        if "authentication failed" in text or "user name is empty" in text:
+            raise EtcdConfigError(
+                f"etcd at {self.endpoint} refused user {self._auth[0]!r} ({text}); "
+                "check --etcd-username/--etcd-password"
+            ) from None
+        if "permission denied" in text:
+            raise EtcdConfigError(
+                f"etcd at {self.endpoint} denied user {self._auth[0]!r} access ({text}); "
+                f"grant it readwrite on the prefix {self.prefix}/"
+            ) from None
 
     async def close(self) -> None:
         if self._client is not None:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -26,10 +25,12 @@ def _free_port() -> int:
 
 
 class EtcdServer:
-    def __init__(self) -> None:
+    """One etcd member on loopback; `extra` adds flags, `scheme` https for TLS."""
+
+    def __init__(self, extra: tuple[str, ...] = (), scheme: str = "http") -> None:
         self.dir = tempfile.mkdtemp(prefix="flanneld-etcd-")
         self.port, peer = _free_port(), _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.port}"
         self.args = [
             _etcd_tool("etcd"),
             "--data-dir",
@@ -45,19 +46,20 @@ class EtcdServer:
             f"http://127.0.0.1:{peer}",
             "--initial-cluster",
             f"default=http://127.0.0.1:{peer}",
+            *extra,
         ]
+        self.ctl_args: list[str] = []  # extra etcdctl flags (TLS files, user)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         log = open(f"{self.dir}/etcd.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as r:
-                    if b"true" in r.read():
-                        return
-            except OSError:
+                self.etcdctl("endpoint", "health")
+                return
+            except subprocess.CalledProcessError:
                 time.sleep(0.1)
         raise RuntimeError(f"etcd did not become healthy; see {self.dir}/etcd.log")
 
@@ -72,7 +74,13 @@ class EtcdServer:
 
     def etcdctl(self, *args: str) -> str:
         out = subprocess.run(
-            [_etcd_tool("etcdctl"), f"--endpoints={self.endpoint}", *args],
+            [
+                _etcd_tool("etcdctl"),
+                f"--endpoints={self.endpoint}",
+                "--dial-timeout=1s",
+                *self.ctl_args,
+                *args,
+            ],
             capture_output=True,
             text=True,
             timeout=15,
