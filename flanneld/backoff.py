@@ -8,7 +8,7 @@ import random
 
 
 class Backoff:
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, first: float = 0.1, cap: float = 4.0) -> None:
         self.first, self.cap, self.delay = first, cap, first
 
     def reset(self) -> None:

@@ -163,7 +163,7 @@ class Agent:
         lease = await self.acquire(self.leases)
         self._lease_changed = False
         await self.backend.configure(lease)
-        self.watcher = PeerWatcher(self.registry, self._on_peers)
+        self.watcher = PeerWatcher(self.registry, self._on_peers, self.leases.renew_now)
 
     async def run(self) -> None:
         await self.start()

@@ -52,6 +52,7 @@ class LeaseManager:
         self.renewals = 0
         self.renew_failures = 0
         self._lost = asyncio.Event()
+        self._renew_now = asyncio.Event()
 
     async def acquire(self) -> Lease:
         """Take a lease; retry lost races. Raises OutOfSubnets when the range is full."""
@@ -117,17 +118,28 @@ class LeaseManager:
             elif ch.lease.etcd_lease != self.lease.etcd_lease:
                 self.lease = ch.lease
 
+    def renew_now(self) -> None:
+        """Renew at once (etcd is back after an outage: make sure the lease is still alive)."""
+        self._renew_now.set()
+
     def _renew_delay(self) -> float | None:
         if self.expires_at is None:
             return None
         return max(0.0, self.expires_at - self.renew_margin - time.monotonic())
 
     async def _wait_lost(self, timeout: float | None) -> bool:
+        """Sleep until renewal is due, the lease is lost (True) or a renewal is asked for."""
+        waits = [
+            asyncio.ensure_future(self._lost.wait()),
+            asyncio.ensure_future(self._renew_now.wait()),
+        ]
         try:
-            await asyncio.wait_for(self._lost.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self._renew_now.clear()
+        return self._lost.is_set()
 
     async def maintain(self) -> None:
         """Renew before expiry, retrying on failure; re-acquire when the lease is lost."""
@@ -135,6 +147,8 @@ class LeaseManager:
             if self.lease is None or await self._wait_lost(self._renew_delay()):
                 await self._reacquire()
                 continue
+            if self.lease.is_reservation:
+                continue  # nothing to renew: it has no TTL
             try:
                 ttl = await self.registry.keepalive(self.lease.etcd_lease)
             except asyncio.CancelledError:

@@ -21,9 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class PeerWatcher:
-    def __init__(self, registry: EtcdRegistry, on_change: Callable[[list[Change]], None]) -> None:
+    def __init__(
+        self,
+        registry: EtcdRegistry,
+        on_change: Callable[[list[Change]], None],
+        on_recover: Callable[[], None] | None = None,
+    ) -> None:
         self.registry = registry
         self.on_change = on_change
+        self.on_recover = on_recover  # called when etcd answers again after an outage
         self.table = PeerTable()
         self.revision: int | None = None  # last revision applied; None: re-list first
         self.synced = asyncio.Event()
@@ -53,6 +59,8 @@ class PeerWatcher:
             try:
                 if self.revision is None:
                     await self.resync()
+                    if outage.down and self.on_recover is not None:
+                        self.on_recover()
                     outage.ok()
                     backoff.reset()
                 await self.follow()

@@ -1,0 +1,100 @@
+"""Chaos in a 3-node lab with continuous pings between containers: etcd stopped for 60 s,
+an agent killed with SIGKILL and restarted, a node's lease deleted by hand. No ping may be lost
+for the outage and the restart, and every node converges afterwards."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.lab import Lab
+
+from .cluster import PREFIX, Cluster, need_lab, wait_until
+
+OUTAGE = 60
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
+
+
+def streams(lab: Lab, seconds: float) -> list:
+    n1, n2, n3 = lab.nodes
+    pairs = [(n1, n2), (n2, n3), (n3, n1)]
+    return [
+        lab.ping_stream(a.containers[0].ns, b.containers[0].ip, seconds, 0.05) for a, b in pairs
+    ]
+
+
+def lost(lab: Lab, procs: list) -> list[tuple[int, int]]:
+    results = [lab.stream_result(p, timeout=OUTAGE + 60) for p in procs]
+    return [(sent, sent - answered) for sent, answered in results if sent != answered]
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
+def test_chaos(backend):
+    need_lab()
+    with Lab(nodes=3, containers=1) as lab:
+        lab.start_etcd()
+        c = Cluster(
+            lab,
+            {"Network": "10.244.0.0/16", "Backend": {"Type": backend}},
+            ("--reconcile-interval=2",),
+        )
+        c.start_all()
+        c.assert_all_reachable()
+        n1, n2, n3 = lab.nodes
+
+        # 1. etcd stopped for 60 s: the datapath keeps working, no CPU spin, one log line each.
+        pings = streams(lab, OUTAGE + 8)
+        time.sleep(1)
+        cpu0 = {n.name: cpu_seconds(c.procs[n.name].pid) for n in lab.nodes}
+        lab.stop_etcd()
+        time.sleep(OUTAGE)
+        cpu = {n.name: cpu_seconds(c.procs[n.name].pid) - cpu0[n.name] for n in lab.nodes}
+        lab.start_etcd()
+        back = time.monotonic()
+        assert lost(lab, pings) == [], "pings lost during the etcd outage"
+        assert max(cpu.values()) < 0.05 * OUTAGE, f"agent CPU during the outage: {cpu}"
+        # within 5 s of etcd's return the watch is live again: a new peer lease shows up
+        fake = {"PublicIP": "192.0.2.99", "PublicIPv6": None, "BackendType": backend}
+        if backend == "vxlan":
+            fake["BackendData"] = {"VNI": 1, "VtepMAC": "0a:00:00:00:00:99"}
+        lab.etcdctl("put", f"{PREFIX}/subnets/10.244.250.0-24", json.dumps(fake))
+        wait_until(
+            lambda: "10.244.250.0/24" in {r["dst"] for r in c.routes(n1)},
+            5,
+            what="a lease written after the outage to be programmed",
+        )
+        assert time.monotonic() - back < 8
+        lab.etcdctl("del", f"{PREFIX}/subnets/10.244.250.0-24")
+        for node in lab.nodes:
+            log = c.log(node)
+            assert log.count("etcd watch failed") == 1, log[-3000:]
+            assert log.count("etcd watch recovered") == 1, log[-3000:]
+
+        # 2. an agent killed with SIGKILL and restarted: no ping lost, same subnet.
+        before = c.env(n2)["FLANNEL_SUBNET"]
+        pings = streams(lab, 6)
+        time.sleep(1)
+        c.stop(n2, sig=signal.SIGKILL)
+        c.start(n2)
+        assert c.wait_ready(n2)["FLANNEL_SUBNET"] == before
+        assert lost(lab, pings) == [], "pings lost across the SIGKILL restart"
+
+        # 3. a node's lease deleted by hand: the agent takes it again, everyone converges.
+        lab.etcdctl("del", f"{PREFIX}/subnets/{before.replace('.1/', '.0-')}")
+        wait_until(
+            lambda: lab.etcdctl(
+                "get", "--print-value-only", f"{PREFIX}/subnets/{before.replace('.1/', '.0-')}"
+            ),
+            10,
+            what="the deleted lease to be taken again",
+        )
+        c.assert_all_reachable(timeout=15)
+        assert c.env(n2)["FLANNEL_SUBNET"] == before
