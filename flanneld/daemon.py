@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_POLL = 1.0
 COALESCE = 0.05  # gather a burst of watch events into one reconcile
+
+
+def _counts(by_kind: dict[str, int]) -> str:
+    return ",".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "0"
 
 
 class FatalError(RuntimeError):
@@ -189,10 +194,24 @@ class Agent:
             log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
             await self.backend.configure(lease)
             self.write_subnet_env()
+        peers = self.peers(lease.subnet)
+        t0 = time.perf_counter()
         try:
-            await self.backend.reconcile(lease, self.peers(lease.subnet))
+            result = await self.backend.reconcile(lease, peers)
         except Exception:  # a kernel hiccup must not end the agent; the next period retries
             log.exception("reconcile failed; retrying in %.0f s", self.opts.reconcile_interval)
+            return
+        ms = (time.perf_counter() - t0) * 1000
+        level = logging.INFO if result.changed or result.failed else logging.DEBUG
+        log.log(
+            level,
+            "reconcile: %d peers, added %s, removed %s, failed %s in %.0f ms",
+            len(peers),
+            _counts(result.added),
+            _counts(result.removed),
+            _counts(result.failed),
+            ms,
+        )
 
     async def reconcile_loop(self) -> None:
         while True:
