@@ -423,6 +423,16 @@ def _icmp_echo(dst: str, count: int, timeout: float, interval: float = 0.0) -> i
     return answered
 
 
+def _reach(dst: str, timeout: float, interval: float) -> float | None:
+    """Send an ICMP echo every `interval` s until one is answered; the `time.monotonic()` of
+    that answer, or None after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _icmp_echo(dst, 1, interval):
+            return time.monotonic()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -443,8 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     echo.add_argument("count", type=int)
     echo.add_argument("timeout", type=float)
     echo.add_argument("interval", type=float, nargs="?", default=0.0)
+    reach = sub.add_parser("reach", help=argparse.SUPPRESS)  # the join prober of the benchmark
+    reach.add_argument("dst")
+    reach.add_argument("timeout", type=float)
+    reach.add_argument("interval", type=float)
     args = parser.parse_args(argv)
 
+    if args.command == "reach":
+        print(f"probing {args.dst}", flush=True)
+        answered_at = _reach(args.dst, args.timeout, args.interval)
+        print(f"answered at {answered_at}" if answered_at else "no answer", flush=True)
+        return 0 if answered_at else 1
     if args.command == "echo":
         answered = _icmp_echo(args.dst, args.count, args.timeout, args.interval)
         print(f"sent {args.count} answered {answered}", flush=True)

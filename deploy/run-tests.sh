@@ -8,10 +8,10 @@ source deploy/setup-env.sh
 
 # the lab needs ip and sysctl; the deployment tests check the unit with systemd-analyze, the
 # scripts with shellcheck and the Vagrantfile with `vagrant validate` (vagrant: 80 MB, 15 s
-# without its recommends)
-need_debian_packages python3:python3 ip:iproute2 sysctl:procps ping:iputils-ping \
-  systemd-analyze:systemd shellcheck:shellcheck vagrant:vagrant
-setup_venv -e '.[test]'
+# without its recommends); the benchmark's test runs iperf3 and draws with matplotlib
+need_debian_packages python3:python3 ip:iproute2 sysctl:procps ping:iputils-ping iperf3:iperf3 \
+  systemd-analyze:systemd shellcheck:shellcheck vagrant:vagrant iptables:iptables nft:nftables
+setup_venv -e '.[test,bench]'
 
 .venv/bin/ruff check flanneld backends deploy tests
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

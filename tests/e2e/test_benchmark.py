@@ -1,0 +1,83 @@
+"""The benchmark as a user runs it (`python -m deploy.benchmark`, what deploy/benchmark.sh ends
+in), in a tiny mode: one round of 1-second runs on host-gw against the underlay, and the
+control-plane scale with 50 synthetic peers. It must write a sane table, JSON and chart and
+leave no namespace behind."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.lab import cleanup
+
+from .cluster import need_lab
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def prefix():
+    need_lab()
+    if shutil.which("iperf3") is None:
+        pytest.skip("iperf3 is not installed (deploy/run-tests.sh installs Debian's iperf3)")
+    pytest.importorskip(
+        "matplotlib", reason="the bench extra is not installed: pip install .[bench]"
+    )
+    p = f"bt{secrets.token_hex(3)}"
+    yield p
+    for lab in range(1, 3):  # after a killed run only: the labs are p01 and p02
+        cleanup(f"{p}{lab:02d}")
+
+
+def namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
+    args = ["--rounds", "1", "--seconds", "1", "--rtts", "200", "--backends", "host-gw"]
+    res = subprocess.run(
+        [sys.executable, "-m", "deploy.benchmark", *args, "--scale", "50"]
+        + ["--out", str(tmp_path), "--prefix", prefix],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "[round 1/1] host-gw: iperf3 1 stream..." in out  # progress lines
+    assert "[round 1/1] host-gw: node 3 joins..." in out
+    assert "[scale] host-gw: 50 peers in the kernel after " in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
+    assert {"underlay*", "host-gw", "datapath", "backend"} <= set(rows)
+
+    doc = json.loads((tmp_path / "benchmark.json").read_text())
+    assert doc["machine"]["nproc"] >= 1 and doc["machine"]["kernel"]
+    assert doc["settings"]["rounds"] == 1 and doc["errors"] == []
+    underlay, hostgw = doc["summary"]["underlay"], doc["summary"]["host-gw"]
+    assert underlay["gbps_1"] > 0 and underlay["gbps_1_ratio"] == 1
+    assert hostgw["gbps_1"] > 0 and hostgw["gbps_4"] > 0
+    assert 0 < hostgw["gbps_1_ratio"] < 2 and 0 < hostgw["gbps_4_ratio"] < 2
+    assert 0 < hostgw["p50_us"] <= hostgw["p99_us"] < 100_000
+    assert 0 < hostgw["join_ms"] < 30_000 and 10 < hostgw["rss_mb"] < 500
+    assert 0 <= hostgw["cpu_src_pct_1"] < 200
+    assert [len(s["rtt_ns"]) for s in doc["samples"]] == [200, 200]
+
+    [scale] = doc["scale"]
+    assert scale["converged"] and scale["counts"] == scale["expected"] == {"route": 50}
+    assert 0 < scale["kernel_s"] < 60 and scale["removed_s"] is not None
+    assert scale["noop_ms"] is not None and 0 < scale["one_more_ms"] < 30_000
+    assert scale["rss_after_mb"] > 10
+
+    png = (tmp_path / "benchmark.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert namespaces(prefix) == []
