@@ -4,8 +4,10 @@ Lifecycle, driven by the agent:
   1. `prepare()`    before the lease: check the host, create devices whose identity goes into
                     the lease record (vxlan's VTEP MAC); returns the record to publish.
   2. `configure(l)` once a lease is held (and again if it ever changes): addresses, MTU.
-  3. `reconcile(l, peers)` on every peer change and every period: make the kernel match the
-                    plan for these peers, touching only what the backend owns.
+  3. `reconcile(l, peers, full)` on every peer change (full=False: no dump, the backend's
+                    own record of what it applied) and every period (full=True: a fresh dump,
+                    so drift is repaired): make the kernel match the plan for these peers,
+                    touching only what the backend owns.
   4. `close()`      on shutdown: release sockets; kernel state stays (zero-downtime restart),
                     except what cannot outlive the agent (the udp TUN device).
 """
@@ -84,8 +86,10 @@ class Backend(ABC):
 
     @abstractmethod
     async def reconcile(
-        self, lease: Lease, peers: Mapping[IPv4Network, Lease]
-    ) -> ReconcileResult: ...
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
+    ) -> ReconcileResult:
+        """Make the kernel match the plan. `full`: compare against a fresh dump of what the
+        backend owns; otherwise against what it knows it applied (a pass after a peer event)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; kernel state stays unless it cannot outlive the agent."""

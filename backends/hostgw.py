@@ -17,7 +17,7 @@ from flanneld.lease import Lease, LeaseAttrs
 
 from . import netlink, register
 from .base import Backend, BackendContext, BackendError, ReconcileResult
-from .reconcile import Route, diff
+from .reconcile import KernelView, Route, diff
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class HostGwBackend(Backend):
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
         self._desired: set[Route] = set()  # the last plan: a missing member was deleted by hand
+        self._view = KernelView()
 
     @property
     def mtu(self) -> int:
@@ -78,7 +79,9 @@ class HostGwBackend(Backend):
             )
         return LeaseAttrs(public_ip=ext.ext_addr, backend_type=TYPE)
 
-    async def reconcile(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> ReconcileResult:
+    async def reconcile(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
+    ) -> ReconcileResult:
         desired, warnings = plan(lease, peers, self.ctx.ext.index)
         for warning in warnings:
             if warning not in self._warned:
@@ -88,10 +91,13 @@ class HostGwBackend(Backend):
             if self._ipr is None:
                 self._ipr = netlink.open_ipr(self._netns)
             try:
-                # Our routes on any device: one of ours on another device is stale.
-                actual = await netlink.dump_routes(self._ipr)
+                if full or not self._view.known:
+                    # Our routes on any device: one of ours on another device is stale.
+                    self._view.refresh(await netlink.dump_routes(self._ipr))
+                actual = self._view.entries()
                 result = ReconcileResult()
                 done = await netlink.apply(self._ipr, diff(desired, actual), result)
+                self._view.applied(done.upserted, done.removed)
             except Exception:
                 await self.close()  # a broken socket: the next pass opens a fresh one
                 raise
@@ -111,6 +117,7 @@ class HostGwBackend(Backend):
         return result
 
     async def close(self) -> None:
+        self._view.invalidate()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None

@@ -122,3 +122,37 @@ def diff(desired: Iterable[Entry], actual: Iterable[Entry]) -> Diff:
     upsert = frozenset(e for k, e in want.items() if have.get(k) != e)
     remove = frozenset(e for k, e in have.items() if k not in want)
     return Diff(upsert, remove)
+
+
+class KernelView:
+    """What a backend owns in the kernel, as far as it knows.
+
+    A full pass replaces it with a fresh dump (`refresh`); between full passes it follows what
+    the backend itself applied (`applied`), so a pass triggered by one peer event costs a plan
+    and a diff, not a dump of thousands of entries. Drift made by others (a hand-deleted route)
+    is seen by the next full pass. `invalidate` forces the next pass to dump.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, Hashable], Entry] | None = None
+
+    @property
+    def known(self) -> bool:
+        return self._entries is not None
+
+    def entries(self) -> set[Entry]:
+        return set(self._entries.values()) if self._entries is not None else set()
+
+    def refresh(self, dumped: Iterable[Entry]) -> None:
+        self._entries = {(e.kind, e.key): e for e in dumped}
+
+    def applied(self, upserted: Iterable[Entry], removed: Iterable[Entry]) -> None:
+        if self._entries is None:
+            return
+        for e in removed:
+            self._entries.pop((e.kind, e.key), None)
+        for e in upserted:
+            self._entries[(e.kind, e.key)] = e
+
+    def invalidate(self) -> None:
+        self._entries = None

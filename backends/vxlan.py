@@ -26,7 +26,7 @@ from flanneld.lease import Lease, LeaseAttrs
 
 from . import netlink, register
 from .base import Backend, BackendContext, BackendError, ReconcileResult
-from .reconcile import Fdb, Neigh, Route, diff
+from .reconcile import Fdb, KernelView, Neigh, Route, diff
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ class VxlanBackend(Backend):
         self.index = 0  # the device's ifindex
         self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
         self._desired: set[Entry] = set()  # the last plan: a missing member was deleted by hand
+        self._view = KernelView()  # owned entries: dumped on full passes, followed in between
 
     @property
     def mtu(self) -> int:
@@ -334,6 +335,7 @@ class VxlanBackend(Backend):
     async def _heal_device(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         """The device present, compatible, addressed and up, whatever happened to it."""
         if await self._ensure_device(ipr):
+            self._view.invalidate()  # the old device took its entries along
             log.warning(
                 "device %s re-created (%s); replaying every peer",
                 self._opts.device,
@@ -365,7 +367,9 @@ class VxlanBackend(Backend):
                 direct.add(addr)
         return direct
 
-    async def reconcile(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> ReconcileResult:
+    async def reconcile(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
+    ) -> ReconcileResult:
         ext = self.ctx.ext
         async with self._lock:
             ipr = self._socket()
@@ -376,12 +380,16 @@ class VxlanBackend(Backend):
                     candidates = {p.attrs.public_ip for p in peers.values()}
                     direct = await self._on_link(ipr, candidates - {lease.attrs.public_ip})
                 desired, warnings = plan(lease, peers, self.index, direct, ext.index)
-                actual: set[Entry] = set()
-                actual |= await netlink.dump_neighs(ipr, self.index)
-                actual |= await netlink.dump_fdb(ipr, self.index)
-                actual |= await netlink.dump_routes(ipr)  # ours on any device: others are stale
+                if full or not self._view.known:
+                    dumped: set[Entry] = set()
+                    dumped |= await netlink.dump_neighs(ipr, self.index)
+                    dumped |= await netlink.dump_fdb(ipr, self.index)
+                    dumped |= await netlink.dump_routes(ipr)  # ours on any device: others stale
+                    self._view.refresh(dumped)
+                actual = self._view.entries()
                 result = ReconcileResult()
                 done = await netlink.apply(ipr, diff(desired, actual), result)
+                self._view.applied(done.upserted, done.removed)
             except Exception:
                 await self.close()  # a broken socket: the next pass opens a fresh one
                 raise
@@ -416,6 +424,7 @@ class VxlanBackend(Backend):
         return f"{entry.lladdr} dst {entry.dst} dev {dev}"
 
     async def close(self) -> None:
+        self._view.invalidate()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None

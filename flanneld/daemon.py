@@ -186,10 +186,13 @@ class Agent:
         assert self.watcher
         return {s: lease for s, lease in self.watcher.table.leases.items() if s != own}
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, full: bool = True) -> None:
+        """One pass; `full` compares against a fresh kernel dump (periodic passes, lease
+        changes), otherwise against what the backend applied (passes after peer events)."""
         assert self.backend and self.leases and self.leases.lease
         lease = self.leases.lease
         if self._lease_changed:
+            full = True
             self._lease_changed = False
             log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
             await self.backend.configure(lease)
@@ -197,7 +200,7 @@ class Agent:
         peers = self.peers(lease.subnet)
         t0 = time.perf_counter()
         try:
-            result = await self.backend.reconcile(lease, peers)
+            result = await self.backend.reconcile(lease, peers, full)
         except Exception:  # a kernel hiccup must not end the agent; the next period retries
             log.exception("reconcile failed; retrying in %.0f s", self.opts.reconcile_interval)
             return
@@ -205,7 +208,8 @@ class Agent:
         level = logging.INFO if result.changed or result.failed else logging.DEBUG
         log.log(
             level,
-            "reconcile: %d peers, added %s, removed %s, failed %s in %.0f ms",
+            "reconcile%s: %d peers, added %s, removed %s, failed %s in %.0f ms",
+            "" if full else " (event)",
             len(peers),
             _counts(result.added),
             _counts(result.removed),
@@ -214,12 +218,20 @@ class Agent:
         )
 
     async def reconcile_loop(self) -> None:
+        """Event passes as peers change; a full pass every --reconcile-interval."""
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + self.opts.reconcile_interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trigger.wait(), self.opts.reconcile_interval)
+            try:
+                await asyncio.wait_for(self._trigger.wait(), max(0.0, next_full - loop.time()))
                 await asyncio.sleep(COALESCE)
+                full = loop.time() >= next_full
+            except TimeoutError:
+                full = True
             self._trigger.clear()
-            await self.reconcile()
+            if full:
+                next_full = loop.time() + self.opts.reconcile_interval
+            await self.reconcile(full)
 
     def write_subnet_env(self) -> None:
         assert self.config and self.backend and self.leases and self.leases.lease

@@ -108,6 +108,20 @@ async def test_hand_deleted_route_comes_back(ns, backend, caplog) -> None:
     assert "route restored: 10.244.2.0/24 via 192.0.2.11" in caplog.text
 
 
+async def test_event_pass_works_from_memory_and_full_pass_sees_drift(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2))
+    ip(ns, "route", "del", P2[0])
+    # An event pass adds the new peer without dumping: the hand deletion is not seen yet...
+    result = await backend.reconcile(LOCAL, peers(P2, P3), full=False)
+    assert result.added == {"route": 1}
+    assert P3[0] in kernel_routes(ns) and P2[0] not in kernel_routes(ns)
+    # ...a removed peer's route still goes at once...
+    assert (await backend.reconcile(LOCAL, peers(P2), full=False)).removed == {"route": 1}
+    # ...and the next full pass repairs the drift.
+    assert (await backend.reconcile(LOCAL, peers(P2))).added == {"route": 1}
+    assert set(kernel_routes(ns)) >= {P2[0]}
+
+
 async def test_removed_peer_loses_its_route(ns, backend) -> None:
     await backend.reconcile(LOCAL, peers(P2, P3))
     result = await backend.reconcile(LOCAL, peers(P2))

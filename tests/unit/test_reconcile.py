@@ -4,7 +4,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from backends.reconcile import Diff, Fdb, Neigh, Route, diff
+from backends.reconcile import Diff, Fdb, KernelView, Neigh, Route, diff
 
 A = IPv4Network("10.244.2.0/24")
 B = IPv4Network("10.244.3.0/24")
@@ -96,3 +96,18 @@ def test_removes_run_route_fdb_then_arp() -> None:
 def test_empty_diff_is_falsy() -> None:
     assert not Diff(frozenset(), frozenset())
     assert Diff(frozenset(), frozenset()).ordered_upserts() == []
+
+
+def test_kernel_view_follows_what_was_applied():
+    view = KernelView()
+    assert not view.known and view.entries() == set()
+    a = Route(IPv4Network("10.244.2.0/24"), IPv4Address("192.0.2.2"), 2)
+    b = Route(IPv4Network("10.244.3.0/24"), IPv4Address("192.0.2.3"), 2)
+    b2 = Route(IPv4Network("10.244.3.0/24"), IPv4Address("192.0.2.9"), 2)
+    view.applied([a], [])  # nothing known yet: ignored, the next pass must dump
+    assert not view.known
+    view.refresh([a, b])
+    view.applied([b2], [a])
+    assert view.known and view.entries() == {b2}
+    view.invalidate()
+    assert not view.known
