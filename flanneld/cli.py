@@ -49,6 +49,9 @@ class Options:
     subnet_file: str = "/run/flannel/subnet.env"
     subnet_lease_renew_margin: int = 60
     ip_masq: bool = False
+    ip_masq_fully_random_disable: bool = False
+    iptables_resync: int = 5
+    iptables_forward_rules: bool = True
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     state_dir: str = "/var/lib/flanneld"
@@ -71,6 +74,9 @@ _HELP = {
     "subnet_file": "file to write the subnet variables to (read back to reuse the lease)",
     "subnet_lease_renew_margin": "renew the lease this many minutes before it expires (1..1439)",
     "ip_masq": "set up IP masquerade for traffic leaving the flannel network",
+    "ip_masq_fully_random_disable": "do not add --random-fully to the masquerade rules",
+    "iptables_resync": "seconds between two checks (and repairs) of the masquerade/forward rules",
+    "iptables_forward_rules": "add FORWARD accept rules for the flannel network",
     "healthz_ip": "address the /healthz and /readyz server listens on",
     "healthz_port": "port of the /healthz and /readyz server (0 disables it)",
     "state_dir": "directory for what the agent persists between runs",
@@ -136,6 +142,8 @@ def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None 
         raise FlagError("--subnet-lease-renew-margin must be between 1 and 1439 minutes")
     if not 0 <= opts.healthz_port <= 65535:
         raise FlagError("--healthz-port must be between 0 and 65535")
+    if opts.iptables_resync <= 0:
+        raise FlagError("--iptables-resync must be a positive number of seconds")
     if opts.reconcile_interval <= 0:
         raise FlagError("--reconcile-interval must be a positive number of seconds")
     if opts.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -27,6 +27,7 @@ class NetworkConfig:
     subnet_max: IPv4Address
     backend_type: str
     backend: dict[str, Any] = field(default_factory=dict, compare=False)
+    enable_nftables: bool = False
 
     def contains_lease(self, subnet: IPv4Network) -> bool:
         """A lease subnet fits this config: right size, inside [SubnetMin, SubnetMax]."""
@@ -107,6 +108,7 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             "is false, but this agent runs IPv4 overlays only",
             "remove EnableIPv4 or set it to true",
         )
+    enable_nftables = _bool(obj, "EnableNFTables", False)
     if _bool(obj, "EnableIPv6", False):
         raise _bad(
             "EnableIPv6",
@@ -192,4 +194,6 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             )
         backend_type = bt.lower()
 
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, backend)
+    return NetworkConfig(
+        network, subnet_len, subnet_min, subnet_max, backend_type, backend, enable_nftables
+    )

@@ -1,6 +1,6 @@
 """`flannelctl`: operator commands beside the agent. `cleanup` removes everything the agent owns
-on this node (its routes, its devices with their ARP/FDB entries) and nothing else; running it
-twice is harmless.
+on this node (its routes, its devices with their ARP/FDB entries, its iptables chains or nft
+table) and nothing else; running it twice is harmless.
 """
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import socket
 import sys
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
 from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
+
+from .masq import Masquerade
 
 # The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
 _OWNED_LINKS = {"vxlan": re.compile(r"flannel\.\d+"), "tun": re.compile(r"flannel\d+")}
@@ -58,7 +61,12 @@ async def _cleanup(args: argparse.Namespace) -> int:
     for item in removed:
         print(f"removed {item}")
     if not removed:
-        print("nothing of the agent's left on this node")
+        print("no route or device of the agent's left on this node")
+    if shutil.which("iptables") or shutil.which("nft"):
+        if not await Masquerade.cleanup():
+            print("could not remove every masquerade/forward rule (see the error above)")
+            return 1
+        print("no masquerade/forward rule of the agent's left on this node")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import time
 from ipaddress import IPv4Network
@@ -27,6 +28,7 @@ from .health import HealthServer
 from .iface import InterfaceError, discover, select
 from .lease import Lease
 from .leasemgr import LEASE_TTL, LeaseManager
+from .masq import Masquerade
 from .peers import Change
 from .registry import EtcdConfigError, EtcdRegistry, TLSFiles
 from .watcher import PeerWatcher
@@ -54,6 +56,7 @@ class Agent:
         self.backend: Backend | None = None
         self.leases: LeaseManager | None = None
         self.watcher: PeerWatcher | None = None
+        self.masq: Masquerade | None = None
         self._trigger = asyncio.Event()
         self._lease_changed = False
 
@@ -168,7 +171,26 @@ class Agent:
         lease = await self.acquire(self.leases)
         self._lease_changed = False
         await self.backend.configure(lease)
+        await self.start_rules(config, lease)
         self.watcher = PeerWatcher(self.registry, self._on_peers, self.leases.renew_now)
+
+    async def start_rules(self, config: NetworkConfig, lease: Lease) -> None:
+        """flannel's masquerade (--ip-masq) and FORWARD accept rules, kept by a resync loop."""
+        opts = self.opts
+        if not (opts.ip_masq or opts.iptables_forward_rules):
+            return
+        if not opts.ip_masq and not (shutil.which("iptables") or shutil.which("nft")):
+            log.info("neither iptables nor nft on this host: no FORWARD accept rules installed")
+            return
+        self.masq = Masquerade(
+            config.network,
+            lease.subnet,
+            masq=opts.ip_masq,
+            forward=opts.iptables_forward_rules,
+            random_fully=not opts.ip_masq_fully_random_disable,
+            mode="nftables" if config.enable_nftables else None,
+        )
+        await self.masq.ensure()
 
     async def run(self) -> None:
         await self.start()
@@ -180,6 +202,8 @@ class Agent:
             self.write_subnet_env()
             tg.create_task(self.leases.maintain())
             tg.create_task(self.reconcile_loop())
+            if self.masq is not None:
+                tg.create_task(self.masq.run(self.opts.iptables_resync))
 
     # -- steady state -----------------------------------------------------------------------
     def peers(self, own: IPv4Network) -> dict[IPv4Network, Lease]:
@@ -196,6 +220,9 @@ class Agent:
             self._lease_changed = False
             log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
             await self.backend.configure(lease)
+            if self.masq is not None:
+                self.masq.subnet = lease.subnet
+                await self.masq.ensure()
             self.write_subnet_env()
         peers = self.peers(lease.subnet)
         t0 = time.perf_counter()

@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flanneld.masq")  # also when run as `python -m flanneld.masq`
 
 IPTABLES, NFTABLES = "iptables", "nftables"
 NFT_TABLE = "flannel-ipv4"
@@ -85,17 +86,24 @@ class Chain:
 
 
 MASQ_CHAIN = Chain(
-    "nat",
-    "FLANNEL-POSTRTG",
-    "POSTROUTING",
-    "flanneld masq",
-    "postrtg",
-    "nat",
-    "postrouting",
-    "srcnat",
+    table="nat",
+    name="FLANNEL-POSTRTG",
+    hook="POSTROUTING",
+    comment="flanneld masq",
+    nft_name="postrtg",
+    nft_type="nat",
+    nft_hook="postrouting",
+    nft_priority="srcnat",
 )
 FWD_CHAIN = Chain(
-    "filter", "FLANNEL-FWD", "FORWARD", "flanneld forward", "forward", "filter", "forward", "filter"
+    table="filter",
+    name="FLANNEL-FWD",
+    hook="FORWARD",
+    comment="flanneld forward",
+    nft_name="forward",
+    nft_type="filter",
+    nft_hook="forward",
+    nft_priority="filter",
 )
 CHAINS = (MASQ_CHAIN, FWD_CHAIN)
 
@@ -111,10 +119,13 @@ class RuleSet:
 NOTHING = RuleSet(())  # what cleanup installs
 
 
-def rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool, forward: bool) -> RuleSet:
-    """flannel's rules for cluster network C = `network` and this node's lease P = `subnet`."""
+def rules(
+    network: IPv4Network, subnet: IPv4Network, random_fully: bool, forward: bool, masq: bool = True
+) -> RuleSet:
+    """flannel's rules for cluster network C = `network` and this node's lease P = `subnet`:
+    the masquerade chain unless `masq` is off, the forward chain if `forward` is on."""
     c, p = network, subnet
-    masq = (
+    masq_rules = (
         Rule("RETURN", kube_mark=True),
         Rule("RETURN", src=p, dst=c),  # pod to pod: no NAT
         Rule("RETURN", src=c, dst=p),
@@ -122,7 +133,7 @@ def rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool, forward
         Rule("MASQUERADE", src=c, dst=MULTICAST, dst_neg=True, random_fully=random_fully),
         Rule("MASQUERADE", src=c, src_neg=True, dst=c, random_fully=random_fully),  # host to pods
     )
-    chains = [replace(MASQ_CHAIN, rules=masq)]
+    chains = [replace(MASQ_CHAIN, rules=masq_rules)] if masq else []
     if forward:
         chains.append(replace(FWD_CHAIN, rules=(Rule("ACCEPT", src=c), Rule("ACCEPT", dst=c))))
     return RuleSet(tuple(chains))
@@ -246,8 +257,8 @@ def iptables_drift(ruleset: RuleSet, saved: Mapping[str, str]) -> list[str]:
 # mean: the mark test is masked (`meta mark & 0x4000 == 0x4000`, like `--mark 0x4000/0x4000`;
 # the reference's exact `meta mark 0x4000` misses packets carrying other mark bits too), and
 # rule 4 is `ip saddr != C ip daddr P return` (the reference has `ip saddr != P ip daddr C`,
-# which returns for all traffic from the host into the cluster, so the last rule, the host to
-# pods masquerade, can never match).
+# which returns for everything from outside P into C: every packet the last rule, `ip saddr
+# != C ip daddr C masquerade` for the host to pods, would match, so that rule never matches).
 
 
 def nft_rule(rule: Rule, comment: str) -> str:
@@ -362,7 +373,8 @@ async def _exec(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
             proc.communicate(stdin.encode() if stdin is not None else None), CMD_TIMEOUT
         )
     except BaseException as e:  # timeout or cancellation: leave no half-run command behind
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
         await proc.wait()
         if isinstance(e, TimeoutError):
             raise MasqError(f"`{' '.join(cmd)}` timed out after {CMD_TIMEOUT:.0f} s") from None
@@ -449,7 +461,8 @@ def detect_mode() -> str:
 
 class Masquerade:
     """The rules of one node: `network` is the cluster network, `subnet` this node's lease
-    (assign a new one, then `ensure()`, when the lease changes)."""
+    (assign a new one, then `ensure()`, when the lease changes); `masq` and `forward` choose
+    the chains; `mode` None picks iptables or nftables by what the host has."""
 
     def __init__(
         self,
@@ -459,12 +472,14 @@ class Masquerade:
         forward: bool = True,
         random_fully: bool = True,
         mode: str | None = None,
+        masq: bool = True,
     ) -> None:
         if mode not in (None, IPTABLES, NFTABLES):
             raise ValueError(f"mode {mode!r} must be {IPTABLES!r} or {NFTABLES!r}")
         self.network = network
         self.subnet = subnet
         self.forward = forward
+        self.masq = masq
         self.random_fully = random_fully  # False: --ip-masq-fully-random-disable
         self.mode = mode or detect_mode()
         self._version: tuple[int, ...] | None = None
@@ -495,7 +510,7 @@ class Masquerade:
     async def desired(self) -> RuleSet:
         await self._probe()
         random_fully = self.random_fully and bool(self._random_fully_ok)
-        return rules(self.network, self.subnet, random_fully, self.forward)
+        return rules(self.network, self.subnet, random_fully, self.forward, self.masq)
 
     async def drift(self) -> list[str]:
         """How the kernel's rules differ from the desired ones; raises MasqError."""
@@ -521,16 +536,23 @@ class Masquerade:
             log.error("masquerade: %s", msg)
             self._last_error = msg
 
-    async def ensure(self) -> bool:
-        """Install the rules (and remove the other mode's); False after logging an error."""
+    async def _guarded(self, step: Callable[[], Awaitable[None]]) -> bool:
         async with self._lock:
             try:
-                await self._ensure()
+                await step()
             except MasqError as e:
                 self._error(str(e))
                 return False
+            except Exception as e:  # noqa: BLE001 - a surprise must not end the agent
+                self._error(f"unexpected failure: {e!r}")
+                return False
         self._last_error = ""
         return True
+
+    async def ensure(self) -> bool:
+        """Install the rules (and remove the other mode's); never raises. False after logging
+        an error."""
+        return await self._guarded(self._ensure)
 
     async def check(self) -> bool:
         """True when the rules are exactly the desired ones; False on drift or error."""
@@ -540,27 +562,21 @@ class Masquerade:
             self._error(str(e))
             return False
 
+    async def _repair(self) -> None:
+        drift = await self.drift()
+        if drift:
+            await self._ensure()
+            if still := await self.drift():  # e.g. a tool that prints rules another way
+                raise MasqError(f"rules differ right after reinstalling them: {still}")
+            log.info("masquerade rules repaired (%s)", "; ".join(drift))
+
     async def resync(self) -> bool:
         """Check, and reinstall when the rules drifted; never raises. True when the rules are
         right afterwards, False after logging an error."""
-        async with self._lock:
-            try:
-                drift = await self.drift()
-                if drift:
-                    await self._ensure()
-                    log.info("masquerade rules repaired (%s)", "; ".join(drift))
-            except MasqError as e:
-                self._error(str(e))
-                return False
-            except Exception as e:  # noqa: BLE001 - a surprise must not end the agent
-                self._error(f"resync failed unexpectedly: {e!r}")
-                return False
-        self._last_error = ""
-        return True
+        return await self._guarded(self._repair)
 
     async def run(self, period: float = 5.0) -> None:
-        """Ensure, then resync every `period` s (`--iptables-resync`) until cancelled."""
-        await self.ensure()
+        """Resync every `period` s (`--iptables-resync`) until cancelled; `ensure()` first."""
         while True:
             await asyncio.sleep(period)
             await self.resync()
@@ -587,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subnet", type=IPv4Network, help="this node's lease subnet")
     parser.add_argument("--mode", choices=(IPTABLES, NFTABLES), help="default: what the host has")
     parser.add_argument("--no-forward", action="store_true", help="no FLANNEL-FWD rules")
+    parser.add_argument("--no-masq", action="store_true", help="no FLANNEL-POSTRTG rules")
     parser.add_argument("--no-random-fully", action="store_true", help="never --random-fully")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -600,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         forward=not args.no_forward,
         random_fully=not args.no_random_fully,
         mode=args.mode,
+        masq=not args.no_masq,
     )
 
     async def check() -> bool:
