@@ -26,20 +26,35 @@ class Change:
     lease: Lease  # the new lease, or for "removed" the last one known
 
 
+WARN_LIMIT = 20  # malformed records named one by one; beyond that, counted in one line
+
+
 class PeerTable:
     def __init__(self) -> None:
         self.leases: dict[IPv4Network, Lease] = {}
         self._warned: dict[str, str] = {}
 
-    def _warn_bad(self, key: str, why: str) -> None:
-        if self._warned.get(key) != why:
-            self._warned[key] = why
+    def _warn_bad(self, key: str, why: str) -> bool:
+        """Warn once per key and problem (quietly past WARN_LIMIT keys); True if it is new."""
+        if self._warned.get(key) == why:
+            return False
+        self._warned[key] = why
+        if len(self._warned) <= WARN_LIMIT:
             log.warning("skipping malformed lease record %s: %s", key, why)
+        else:
+            log.debug("skipping malformed lease record %s: %s", key, why)
+        return True
 
     def reset(self, snap: Snapshot) -> list[Change]:
         """Replace the table by a fresh listing and report every difference."""
-        for key, why in snap.bad.items():
-            self._warn_bad(key, why)
+        new_bad = sum(self._warn_bad(key, why) for key, why in snap.bad.items())
+        if len(self._warned) > WARN_LIMIT and new_bad:
+            log.warning(
+                "%d malformed lease records skipped in all (only the first %d named)",
+                len(self._warned),
+                WARN_LIMIT,
+            )
+        self._warned = {k: v for k, v in self._warned.items() if k in snap.bad}
         changes: list[Change] = []
         for subnet, old in list(self.leases.items()):
             # a known subnet whose record turned malformed keeps its last good record

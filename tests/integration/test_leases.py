@@ -203,3 +203,24 @@ async def test_malformed_peer_record_skipped_with_one_warning(reg, etcd_server, 
     warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
     assert sum("10.5.2.0-24" in m for m in warnings) == 1
     assert sum("garbage" in m for m in warnings) == 1
+
+
+async def test_thousands_of_bogus_keys_are_skipped_in_few_lines(reg, caplog):
+    good = [IPv4Network(f"10.5.{i}.0/24") for i in (1, 2)]
+    for i, net in enumerate(good):
+        await reg.create_lease(net, attrs(IPv4Address(f"192.0.2.{30 + i}")), 60)
+
+    async def bogus(c):
+        for i in range(3000):
+            name = f"junk-{i}" if i % 2 else f"10.6.{i % 250}.{i // 250}-32"
+            key = reg.subnets_prefix + name.encode()
+            await c.put(key, b"\x00not a record")
+
+    await reg.call(bogus)
+    w = PeerWatcher(reg, lambda changes: None)
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(w.resync(), 30)
+    assert set(w.table.leases) == set(good)
+    lines = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert 1 < len(lines) <= 25, len(lines)
+    assert "3000 malformed lease records skipped" in lines[-1].getMessage()
