@@ -42,9 +42,11 @@ class ExternalInterface:
 
 @dataclass
 class ReconcileResult:
-    """What one reconcile pass did, by entry kind ("route", "arp", "fdb")."""
+    """What one reconcile pass did, by entry kind ("route", "arp", "fdb"). `repaired` counts
+    the added entries that were in the previous plan too: someone had deleted them."""
 
     added: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
 
@@ -90,6 +92,16 @@ class Backend(ABC):
     ) -> ReconcileResult:
         """Make the kernel match the plan. `full`: compare against a fresh dump of what the
         backend owns; otherwise against what it knows it applied (a pass after a peer event)."""
+
+    async def inspect(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease]
+    ) -> dict[IPv4Network, list[str]]:
+        """For each peer, the kernel entries the plan wants that are missing (status)."""
+        return {subnet: [] for subnet in peers}
+
+    def stats(self) -> dict[str, int]:
+        """Datapath counters for metrics (udp); default: none."""
+        return {}
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; kernel state stays unless it cannot outlive the agent."""

@@ -1,12 +1,11 @@
 """The host-gw backend: a plain kernel route `<peer subnet> via <peer PublicIP>` per peer.
 
 Needs L2 adjacency between nodes (every PublicIP on-link on the underlay interface). The pure
-`plan` gives the routes; `reconcile` makes the main table match it.
+`plan` gives the routes; `KernelBackend` makes the main table match it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from ipaddress import IPv4Network
@@ -16,8 +15,9 @@ from pyroute2 import AsyncIPRoute
 from flanneld.lease import Lease, LeaseAttrs
 
 from . import netlink, register
-from .base import Backend, BackendContext, BackendError, ReconcileResult
-from .reconcile import KernelView, Route, diff
+from .base import BackendError
+from .kernel import KernelBackend
+from .reconcile import Entry, Route
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,7 @@ def plan(
 
 
 @register(TYPE)
-class HostGwBackend(Backend):
-    """`netns` targets a named namespace (tests); the agent runs inside its own and omits it."""
-
-    def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
-        super().__init__(ctx)
-        self._netns = netns
-        self._ipr: AsyncIPRoute | None = None
-        self._lock = asyncio.Lock()
-        self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
-        self._desired: set[Route] = set()  # the last plan: a missing member was deleted by hand
-        self._view = KernelView()
-
+class HostGwBackend(KernelBackend):
     @property
     def mtu(self) -> int:
         return self.ctx.ext.mtu
@@ -79,45 +68,17 @@ class HostGwBackend(Backend):
             )
         return LeaseAttrs(public_ip=ext.ext_addr, backend_type=TYPE)
 
-    async def reconcile(
-        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
-    ) -> ReconcileResult:
-        desired, warnings = plan(lease, peers, self.ctx.ext.index)
-        for warning in warnings:
-            if warning not in self._warned:
-                log.warning("%s", warning)
-        self._warned = set(warnings)
-        async with self._lock:
-            if self._ipr is None:
-                self._ipr = netlink.open_ipr(self._netns)
-            try:
-                if full or not self._view.known:
-                    # Our routes on any device: one of ours on another device is stale.
-                    self._view.refresh(await netlink.dump_routes(self._ipr))
-                actual = self._view.entries()
-                result = ReconcileResult()
-                done = await netlink.apply(self._ipr, diff(desired, actual), result)
-                self._view.applied(done.upserted, done.removed)
-            except Exception:
-                await self.close()  # a broken socket: the next pass opens a fresh one
-                raise
-        before = {r.dst: r for r in actual}
-        for route in done.removed:
-            log.info("route removed: %s via %s", route.dst, route.gateway)
-        for route in done.upserted:
-            old = before.get(route.dst)
-            if old is not None:
-                was = f"via {old.gateway} dev #{old.oif}"
-                log.info("route changed: %s via %s (was %s)", route.dst, route.gateway, was)
-            elif route in self._desired:
-                log.info("route restored: %s via %s", route.dst, route.gateway)
-            else:
-                log.info("route added: %s via %s", route.dst, route.gateway)
-        self._desired = desired
-        return result
+    async def _plan(
+        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease]
+    ) -> tuple[set[Entry], list[str]]:
+        routes, warnings = plan(lease, peers, self.ctx.ext.index)
+        return set(routes), warnings
 
-    async def close(self) -> None:
-        self._view.invalidate()
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+    async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
+        # Our routes on any device: one of ours on another device is stale.
+        return set(await netlink.dump_routes(ipr))
+
+    def _describe(self, entry: Entry) -> str:
+        assert isinstance(entry, Route)
+        dev = self.ctx.ext.name if entry.oif == self.ctx.ext.index else f"#{entry.oif}"
+        return f"{entry.dst} via {entry.gateway} dev {dev}"

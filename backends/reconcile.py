@@ -18,10 +18,13 @@ needs).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from flanneld.lease import Lease
 
 RANK: dict[str, int] = {"arp": 0, "fdb": 1, "route": 2}
 
@@ -156,3 +159,25 @@ class KernelView:
 
     def invalidate(self) -> None:
         self._entries = None
+
+
+def missing_by_peer(
+    desired: Iterable[Entry], actual: Iterable[Entry], peers: Mapping[IPv4Network, Lease]
+) -> dict[IPv4Network, list[Entry]]:
+    """Desired entries absent from `actual` (or different there), grouped by the peer they
+    serve: a route by its destination, an ARP entry by the subnet holding its IP, an FDB entry
+    by the peer whose PublicIP it points at. Every peer appears, with [] when nothing is missing.
+    """
+    have = set(actual)
+    by_ip = {lease.attrs.public_ip: subnet for subnet, lease in peers.items()}
+    out: dict[IPv4Network, list[Entry]] = {subnet: [] for subnet in peers}
+    for e in sorted(set(desired) - have, key=lambda e: (RANK[e.kind], str(e.key))):
+        if isinstance(e, Route):
+            owner = e.dst if e.dst in out else None
+        elif isinstance(e, Neigh):
+            owner = next((s for s in out if e.dst in s), None)
+        else:
+            owner = by_ip.get(e.dst)
+        if owner is not None:
+            out[owner].append(e)
+    return out

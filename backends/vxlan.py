@@ -5,7 +5,6 @@ route to a peer on the same L2 segment). The pure `plan` gives the entries; `rec
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import json
@@ -25,8 +24,9 @@ from flanneld.config import ci_get
 from flanneld.lease import Lease, LeaseAttrs
 
 from . import netlink, register
-from .base import Backend, BackendContext, BackendError, ReconcileResult
-from .reconcile import Fdb, KernelView, Neigh, Route, diff
+from .base import BackendContext, BackendError
+from .kernel import KernelBackend
+from .reconcile import Fdb, Neigh, Route
 
 log = logging.getLogger(__name__)
 
@@ -204,29 +204,16 @@ _CREATE_HINTS = {
 
 
 @register(TYPE)
-class VxlanBackend(Backend):
-    """`netns` targets a named namespace (tests); the agent runs inside its own and omits it."""
-
+class VxlanBackend(KernelBackend):
     def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
-        super().__init__(ctx)
-        self._netns = netns
-        self._ipr: AsyncIPRoute | None = None
-        self._lock = asyncio.Lock()
+        super().__init__(ctx, netns)
         self._opts = VxlanOptions()  # replaced by the validated options in prepare()
         self.mac = ""
         self.index = 0  # the device's ifindex
-        self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
-        self._desired: set[Entry] = set()  # the last plan: a missing member was deleted by hand
-        self._view = KernelView()  # owned entries: dumped on full passes, followed in between
 
     @property
     def mtu(self) -> int:
         return (self._opts.mtu or self.ctx.ext.mtu) - ENCAP_OVERHEAD
-
-    def _socket(self) -> AsyncIPRoute:
-        if self._ipr is None:
-            self._ipr = netlink.open_ipr(self._netns)
-        return self._ipr
 
     async def prepare(self) -> LeaseAttrs:
         self._opts = parse_options(self.ctx.options)
@@ -367,49 +354,25 @@ class VxlanBackend(Backend):
                 direct.add(addr)
         return direct
 
-    async def reconcile(
-        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
-    ) -> ReconcileResult:
-        ext = self.ctx.ext
-        async with self._lock:
-            ipr = self._socket()
-            try:
-                await self._heal_device(ipr, lease)
-                direct = None
-                if self._opts.direct_routing:
-                    candidates = {p.attrs.public_ip for p in peers.values()}
-                    direct = await self._on_link(ipr, candidates - {lease.attrs.public_ip})
-                desired, warnings = plan(lease, peers, self.index, direct, ext.index)
-                if full or not self._view.known:
-                    dumped: set[Entry] = set()
-                    dumped |= await netlink.dump_neighs(ipr, self.index)
-                    dumped |= await netlink.dump_fdb(ipr, self.index)
-                    dumped |= await netlink.dump_routes(ipr)  # ours on any device: others stale
-                    self._view.refresh(dumped)
-                actual = self._view.entries()
-                result = ReconcileResult()
-                done = await netlink.apply(ipr, diff(desired, actual), result)
-                self._view.applied(done.upserted, done.removed)
-            except Exception:
-                await self.close()  # a broken socket: the next pass opens a fresh one
-                raise
-        for warning in warnings:
-            if warning not in self._warned:
-                log.warning("%s", warning)
-        self._warned = set(warnings)
-        before = {(e.kind, e.key): e for e in actual}
-        for entry in done.removed:
-            log.info("%s removed: %s", entry.kind, self._describe(entry))
-        for entry in done.upserted:
-            old = before.get((entry.kind, entry.key))
-            if old is not None:
-                was = f" (was {self._describe(old)})"
-                log.info("%s changed: %s%s", entry.kind, self._describe(entry), was)
-            else:
-                verb = "restored" if entry in self._desired else "added"
-                log.info("%s %s: %s", entry.kind, verb, self._describe(entry))
-        self._desired = desired
-        return result
+    async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:
+        await self._heal_device(ipr, lease)
+
+    async def _plan(
+        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease]
+    ) -> tuple[set[Entry], list[str]]:
+        direct = None
+        if self._opts.direct_routing:
+            candidates = {p.attrs.public_ip for p in peers.values()}
+            direct = await self._on_link(ipr, candidates - {lease.attrs.public_ip})
+        desired, warnings = plan(lease, peers, self.index, direct, self.ctx.ext.index)
+        return set(desired), warnings
+
+    async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
+        dumped: set[Entry] = set()
+        dumped |= await netlink.dump_neighs(ipr, self.index)
+        dumped |= await netlink.dump_fdb(ipr, self.index)
+        dumped |= await netlink.dump_routes(ipr)  # ours on any device: others are stale
+        return dumped
 
     def _describe(self, entry: Entry) -> str:
         """An entry as iproute2 would print it, with device names."""
@@ -422,9 +385,3 @@ class VxlanBackend(Backend):
         if isinstance(entry, Neigh):
             return f"{entry.dst} lladdr {entry.lladdr} dev {dev}"
         return f"{entry.lladdr} dst {entry.dst} dev {dev}"
-
-    async def close(self) -> None:
-        self._view.invalidate()
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None

@@ -101,9 +101,10 @@ async def test_hand_deleted_route_comes_back(ns, backend, caplog) -> None:
     await backend.reconcile(LOCAL, peers(P2, P3))
     ip(ns, "route", "del", "10.244.2.0/24")
     assert "10.244.2.0/24" not in kernel_routes(ns)
-    with caplog.at_level(logging.INFO, logger="backends.hostgw"):
+    with caplog.at_level(logging.INFO, logger="backends.kernel"):
         result = await backend.reconcile(LOCAL, peers(P2, P3))
     assert result.added == {"route": 1} and not result.removed
+    assert result.repaired == {"route": 1}
     assert kernel_routes(ns)["10.244.2.0/24"]["gateway"] == "192.0.2.11"
     assert "route restored: 10.244.2.0/24 via 192.0.2.11" in caplog.text
 
@@ -120,6 +121,18 @@ async def test_event_pass_works_from_memory_and_full_pass_sees_drift(ns, backend
     # ...and the next full pass repairs the drift.
     assert (await backend.reconcile(LOCAL, peers(P2))).added == {"route": 1}
     assert set(kernel_routes(ns)) >= {P2[0]}
+
+
+async def test_inspect_shows_missing_entries_by_peer(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    assert await backend.inspect(LOCAL, peers(P2, P3)) == {
+        IPv4Network(P2[0]): [],
+        IPv4Network(P3[0]): [],
+    }
+    ip(ns, "route", "del", P3[0])
+    missing = await backend.inspect(LOCAL, peers(P2, P3))
+    assert missing == {IPv4Network(P2[0]): [], IPv4Network(P3[0]): [f"{P3[0]} via {P3[1]} dev ul0"]}
+    assert P3[0] not in kernel_routes(ns)  # inspecting repairs nothing
 
 
 async def test_removed_peer_loses_its_route(ns, backend) -> None:
@@ -178,7 +191,7 @@ async def test_one_bad_peer_does_not_stop_the_others(ns, backend, caplog) -> Non
 async def test_skip_warning_logged_once(ns, backend, caplog) -> None:
     vx = Lease(IPv4Network("10.244.5.0/24"), LeaseAttrs(IPv4Address("192.0.2.15"), "vxlan"))
     mixed = {**peers(P2), vx.subnet: vx}
-    with caplog.at_level(logging.WARNING, logger="backends.hostgw"):
+    with caplog.at_level(logging.WARNING, logger="backends.kernel"):
         await backend.reconcile(LOCAL, mixed)
         await backend.reconcile(LOCAL, mixed)
     assert sum("10.244.5.0/24" in r.getMessage() for r in caplog.records) == 1

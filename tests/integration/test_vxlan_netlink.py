@@ -211,7 +211,7 @@ async def test_hand_deleted_entries_are_restored(ns, backend, caplog) -> None:
     run("bridge", "-n", ns, "fdb", "del", M2, "dev", DEV, "dst", "192.0.2.11")
     ip(ns, "neigh", "del", "10.244.3.0", "dev", DEV)
     ip(ns, "route", "del", "10.244.3.0/24")
-    with caplog.at_level(logging.INFO, logger="backends.vxlan"):
+    with caplog.at_level(logging.INFO, logger="backends.kernel"):
         result = await backend.reconcile(LOCAL, peers(P2, P3))
     assert result.added == {"arp": 1, "fdb": 1, "route": 1} and not result.removed
     assert fdb(ns) == {M2: "192.0.2.11", M3: "198.18.0.13"}

@@ -4,7 +4,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from backends.reconcile import Diff, Fdb, KernelView, Neigh, Route, diff
+from backends.reconcile import Diff, Fdb, KernelView, Neigh, Route, diff, missing_by_peer
 
 A = IPv4Network("10.244.2.0/24")
 B = IPv4Network("10.244.3.0/24")
@@ -111,3 +111,19 @@ def test_kernel_view_follows_what_was_applied():
     assert view.known and view.entries() == {b2}
     view.invalidate()
     assert not view.known
+
+
+def test_missing_by_peer_groups_entries_by_the_peer_they_serve():
+    from flanneld.lease import Lease, LeaseAttrs
+
+    s2, s3 = IPv4Network("10.244.2.0/24"), IPv4Network("10.244.3.0/24")
+    ip2, ip3 = IPv4Address("192.0.2.2"), IPv4Address("192.0.2.3")
+    peers = {s2: Lease(s2, LeaseAttrs(ip2, "vxlan")), s3: Lease(s3, LeaseAttrs(ip3, "vxlan"))}
+    r2 = Route(s2, IPv4Address("10.244.2.0"), 5, onlink=True)
+    n2 = Neigh(5, IPv4Address("10.244.2.0"), "0a:00:00:00:00:02")
+    f2 = Fdb(5, "0a:00:00:00:00:02", ip2)
+    r3 = Route(s3, IPv4Address("10.244.3.0"), 5, onlink=True)
+    f3 = Fdb(5, "0a:00:00:00:00:03", ip3)
+    stray = Route(IPv4Network("10.9.0.0/24"), ip2, 5)
+    missing = missing_by_peer({r2, n2, f2, r3, f3, stray}, {r3, f3, n2}, peers)
+    assert missing == {s2: [f2, r2], s3: []}

@@ -1,0 +1,120 @@
+"""The reconcile skeleton of backends whose state is kernel entries (host-gw, vxlan).
+
+A pass: plan the desired entries from the peers (pure, in the backend), take what the backend
+owns (a fresh dump on full passes, its `KernelView` in between), diff, apply, log one line per
+entry changed. `inspect` answers the status command: which desired entries are missing, by peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from collections.abc import Mapping
+from ipaddress import IPv4Network
+
+from pyroute2 import AsyncIPRoute
+
+from flanneld.lease import Lease
+
+from . import netlink
+from .base import Backend, BackendContext, ReconcileResult
+from .reconcile import Entry, KernelView, Route, diff, missing_by_peer
+
+log = logging.getLogger(__name__)
+
+
+class KernelBackend(Backend):
+    """`netns` targets a named namespace (tests); the agent runs inside its own and omits it."""
+
+    def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
+        super().__init__(ctx)
+        self._netns = netns
+        self._ipr: AsyncIPRoute | None = None
+        self._lock = asyncio.Lock()
+        self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
+        self._desired: set[Entry] = set()  # the last plan: a missing member was deleted by hand
+        self._view = KernelView()  # owned entries: dumped on full passes, followed in between
+
+    def _socket(self) -> AsyncIPRoute:
+        if self._ipr is None:
+            self._ipr = netlink.open_ipr(self._netns)
+        return self._ipr
+
+    # -- what a backend provides ----------------------------------------------------------
+    @abstractmethod
+    async def _plan(
+        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease]
+    ) -> tuple[set[Entry], list[str]]:
+        """The desired entries and one warning per peer skipped."""
+
+    @abstractmethod
+    async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
+        """Every entry the backend owns in the kernel now."""
+
+    async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:  # noqa: B027
+        """Bring up what the entries hang on (vxlan: its device); default: nothing."""
+
+    def _describe(self, entry: Entry) -> str:
+        if isinstance(entry, Route):
+            return f"{entry.dst} via {entry.gateway} dev #{entry.oif}"
+        return repr(entry)
+
+    # -- the skeleton -----------------------------------------------------------------------
+    async def reconcile(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
+    ) -> ReconcileResult:
+        async with self._lock:
+            ipr = self._socket()
+            try:
+                await self._before_pass(ipr, lease)
+                desired, warnings = await self._plan(ipr, lease, peers)
+                if full or not self._view.known:
+                    self._view.refresh(await self._dump(ipr))
+                actual = self._view.entries()
+                result = ReconcileResult()
+                done = await netlink.apply(ipr, diff(desired, actual), result)
+                self._view.applied(done.upserted, done.removed)
+            except Exception:
+                await self.close()  # a broken socket: the next pass opens a fresh one
+                raise
+        for warning in warnings:
+            if warning not in self._warned:
+                log.warning("%s", warning)
+        self._warned = set(warnings)
+        before = {(e.kind, e.key): e for e in actual}
+        for entry in done.removed:
+            log.info("%s removed: %s", entry.kind, self._describe(entry))
+        for entry in done.upserted:
+            old = before.get((entry.kind, entry.key))
+            if old is not None:
+                was = f" (was {self._describe(old)})"
+                log.info("%s changed: %s%s", entry.kind, self._describe(entry), was)
+            elif entry in self._desired:
+                result.count(result.repaired, entry.kind)
+                log.info("%s restored: %s", entry.kind, self._describe(entry))
+            else:
+                log.info("%s added: %s", entry.kind, self._describe(entry))
+        self._desired = desired
+        return result
+
+    async def inspect(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease]
+    ) -> dict[IPv4Network, list[str]]:
+        """For each peer, the desired kernel entries that are missing now (read-only)."""
+        async with self._lock:
+            ipr = self._socket()
+            try:
+                desired, _ = await self._plan(ipr, lease, peers)
+                actual = await self._dump(ipr)
+            except Exception:
+                await self.close()
+                raise
+        missing = missing_by_peer(desired, actual, peers)
+        return {s: [self._describe(e) for e in entries] for s, entries in missing.items()}
+
+    async def close(self) -> None:
+        self._view.invalidate()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
