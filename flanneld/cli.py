@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from . import __version__
@@ -57,6 +59,7 @@ class Options:
     state_dir: str = "/var/lib/flanneld"
     reconcile_interval: float = 10.0
     log_level: str = "info"
+    log_format: str = "text"
     version: bool = False
 
 
@@ -82,6 +85,7 @@ _HELP = {
     "state_dir": "directory for what the agent persists between runs",
     "reconcile_interval": "seconds between two full reconciles of the kernel state",
     "log_level": "debug, info, warning or error",
+    "log_format": "text, or json (one object per line: time, level, logger, msg)",
     "version": "print the version and exit",
 }
 
@@ -148,7 +152,26 @@ def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None 
         raise FlagError("--reconcile-interval must be a positive number of seconds")
     if opts.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise FlagError("--log-level must be debug, info, warning or error")
+    if opts.log_format not in ("text", "json"):
+        raise FlagError("--log-format must be text or json")
     return opts
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers; times in UTC."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if opts.version:
         print(__version__, file=sys.stderr)
         return 0
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if opts.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=opts.log_level.upper(), handlers=[handler])
     from .daemon import run
 
     return asyncio.run(run(opts))

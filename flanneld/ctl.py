@@ -1,27 +1,48 @@
-"""`flannelctl`: operator commands beside the agent. `cleanup` removes everything the agent owns
-on this node (its routes, its devices with their ARP/FDB entries, its iptables chains or nft
-table) and nothing else; running it twice is harmless.
+"""`flannelctl`: operator commands beside the agent.
+
+`status` asks the running agent (its unix socket in the state directory) for its lease, peers
+and datapath health; `leases`, `config` and `reserve`/`unreserve` work on etcd directly with the
+agent's own flags and validation; `cleanup` removes everything the agent owns on this node (its
+routes, its devices with their ARP/FDB entries, its iptables chains or nft table) and nothing
+else, and is harmless twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import re
 import shutil
 import socket
 import sys
+import time
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from pathlib import Path
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
+import backends
+from backends.base import BackendError
 from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
 
+from .cli import ENV_PREFIX, Options
+from .config import ConfigError, parse_config
+from .daemon import SOCKET_NAME
+from .lease import LeaseAttrs
 from .masq import Masquerade
+from .registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
 
 # The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
 _OWNED_LINKS = {"vxlan": re.compile(r"flannel\.\d+"), "tun": re.compile(r"flannel\d+")}
 
 
+class CtlError(RuntimeError):
+    """A command cannot do what was asked; the message says why and the fix (exit 2)."""
+
+
+# -- cleanup ---------------------------------------------------------------------------------
 async def cleanup_kernel(ipr: AsyncIPRoute) -> list[str]:
     """Delete the agent's routes (route protocol 155) and devices; what was removed, as text."""
     done: list[str] = []
@@ -70,12 +91,297 @@ async def _cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# -- status ----------------------------------------------------------------------------------
+def fetch_status(state_dir: str) -> dict:
+    path = Path(state_dir) / SOCKET_NAME
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError as e:
+        raise CtlError(
+            f"cannot reach the agent at {path} ({e.strerror or e}); is flanneld running with "
+            "this --state-dir (env FLANNELD_STATE_DIR)?"
+        ) from None
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return _duration(time.time() - ts) + " ago"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = int(max(0, seconds))
+    h, m = s // 3600, s % 3600 // 60
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s % 60:02d}s" if m else f"{s}s")
+
+
+def render_status(doc: dict) -> str:
+    lines = [
+        f"flanneld {doc['version']}: {'ready' if doc['ready'] else 'NOT READY'}   "
+        f"backend {doc['backend'] or '-'}   MTU {doc['mtu'] or '-'}   network {doc['network']}"
+    ]
+    lease = doc.get("lease")
+    if lease:
+        kind = "reservation" if lease["reservation"] else "lease"
+        expiry = (
+            "never expires"
+            if lease["reservation"]
+            else f"expires in {_duration(lease['expires_in'])}, "
+            f"renewal in {_duration(lease['renew_in'])}"
+        )
+        lines.append(f"{kind:<9} {lease['subnet']} (public IP {doc['public_ip']}), {expiry}")
+    else:
+        lines.append("lease     none yet")
+    etcd = doc["etcd"]
+    state = "reachable" if etcd["reachable"] else f"UNREACHABLE: {etcd['last_error']}"
+    lines.append(f"{'etcd':<9} {etcd['endpoint']} {state}")
+    if doc.get("datapath_error"):
+        lines.append(f"datapath  cannot be inspected: {doc['datapath_error']}")
+    rows = [("PEER SUBNET", "PUBLIC IP", "BACKEND", "LAST CHANGE", "DATAPATH")]
+    for p in doc["peers"]:
+        health = (
+            p["state"] if p["state"] != "drifted" else "DRIFTED: missing " + "; ".join(p["missing"])
+        )
+        rows.append(
+            (p["subnet"], p["public_ip"], p["backend_type"] or "-", _ago(p["last_change"]), health)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines.append("")
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4] for r in rows
+    ]
+    if len(rows) == 1:
+        lines.append("(no peers)")
+    return "\n".join(lines)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    doc = fetch_status(args.state_dir)
+    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
+    return 0 if doc["ready"] else 1
+
+
+# -- etcd tools ------------------------------------------------------------------------------
+def _registry(args: argparse.Namespace) -> EtcdRegistry:
+    return EtcdRegistry(
+        args.etcd_endpoints.split(","),
+        args.etcd_prefix,
+        TLSFiles(args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile),
+        args.etcd_username,
+        args.etcd_password,
+    )
+
+
+def _read(path: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise CtlError(f"cannot read {path} ({e.strerror}); fix the path") from None
+
+
+def validate_config(raw: bytes) -> str:
+    """The agent's own validation; returns a one-line summary or raises ConfigError."""
+    config = parse_config(raw)
+    try:
+        backends.get_backend(config.backend_type)
+    except BackendError as e:
+        raise ConfigError(f"network config: {e}") from None
+    return (
+        f"network {config.network}, subnets /{config.subnet_len} from {config.subnet_min} "
+        f"to {config.subnet_max}, backend {config.backend_type}"
+    )
+
+
+async def _config(args: argparse.Namespace) -> int:
+    if args.action == "validate":
+        print(f"valid: {validate_config(_read(args.file))}")
+        return 0
+    reg = _registry(args)
+    try:
+        if args.action == "show":
+            raw = await reg.get_config()
+            if raw is None:
+                raise CtlError(
+                    f"no network config at {reg.config_key.decode()}; write one "
+                    "with: flannelctl config set FILE"
+                )
+            print(raw.decode(errors="replace"))
+            return 0
+        raw = _read(args.file)
+        summary = validate_config(raw)
+        await reg.put_config(raw)
+        print(f"wrote {reg.config_key.decode()}: {summary}")
+        return 0
+    finally:
+        await reg.close()
+
+
+async def _leases(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        snap = await reg.snapshot()
+        rows = []
+        for subnet, lease in sorted(snap.leases.items()):
+            ttl = None if lease.is_reservation else await reg.time_to_live(lease.etcd_lease)
+            rows.append(
+                {
+                    "subnet": str(subnet),
+                    "public_ip": str(lease.attrs.public_ip),
+                    "backend_type": lease.attrs.backend_type,
+                    "reservation": lease.is_reservation,
+                    "expires_in": ttl,
+                }
+            )
+    finally:
+        await reg.close()
+    if args.json:
+        print(json.dumps({"leases": rows, "malformed": snap.bad}, indent=2))
+        return 0
+    table = [("SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
+    table += [
+        (
+            r["subnet"],
+            r["public_ip"],
+            r["backend_type"] or "-",
+            "reservation" if r["reservation"] else _duration(r["expires_in"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(t[i]) for t in table) for i in range(3)]
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=False)) + "  " + t[3])
+    for key, why in sorted(snap.bad.items()):
+        print(f"malformed: {key}: {why}")
+    return 0
+
+
+def _subnet(text: str) -> IPv4Network:
+    try:
+        net = ip_network(text, strict=True)
+    except ValueError:
+        net = None
+    if not isinstance(net, IPv4Network):
+        raise CtlError(f"{text!r} is not an IPv4 subnet like 10.244.7.0/24")
+    return net
+
+
+async def _reserve(args: argparse.Namespace) -> int:
+    subnet = _subnet(args.subnet)
+    reg = _registry(args)
+    try:
+        if args.command == "unreserve":
+            lease = await reg.get_lease(subnet)
+            if lease is None:
+                raise CtlError(f"no lease or reservation for {subnet}")
+            if not lease.is_reservation and not args.force:
+                raise CtlError(
+                    f"{subnet} is a lease held by {lease.attrs.public_ip}, not a "
+                    "reservation; add --force to delete it anyway"
+                )
+            await reg.delete_lease(subnet)
+            print(f"removed {'reservation' if lease.is_reservation else 'lease'} {subnet}")
+            return 0
+        try:
+            public_ip = ip_address(args.public_ip)
+        except ValueError:
+            public_ip = None
+        if not isinstance(public_ip, IPv4Address):
+            raise CtlError(f"{args.public_ip!r} is not an IPv4 address")
+        raw = await reg.get_config()
+        if raw is not None and not parse_config(raw).contains_lease(subnet):
+            raise CtlError(
+                f"{subnet} is outside SubnetMin..SubnetMax or not /SubnetLen of the "
+                "network config; pick a subnet the config allows"
+            )
+        held = await reg.get_lease(subnet)
+        if held is not None and held.attrs.public_ip != public_ip and not args.force:
+            raise CtlError(f"{subnet} is held by {held.attrs.public_ip}; add --force to take it")
+        attrs = LeaseAttrs(public_ip, args.backend_type)
+        await reg.call(lambda c: c.put(reg.key(subnet), attrs.encode()))
+        print(f"reserved {subnet} for {public_ip}")
+        return 0
+    finally:
+        await reg.close()
+
+
+# -- command line ----------------------------------------------------------------------------
+def _etcd_flags(p: argparse.ArgumentParser) -> None:
+    defaults = Options()
+    for name in (
+        "etcd_endpoints",
+        "etcd_prefix",
+        "etcd_cafile",
+        "etcd_certfile",
+        "etcd_keyfile",
+        "etcd_username",
+        "etcd_password",
+    ):
+        default = os.environ.get(ENV_PREFIX + name.upper()) or getattr(defaults, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=default,
+            help=f"as flanneld's (env {ENV_PREFIX}{name.upper()})",
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flannelctl", description="operator commands for flanneld")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("cleanup", help="remove the agent's routes and devices from this node")
-    args = p.parse_args(argv)
-    return asyncio.run({"cleanup": _cleanup}[args.command](args))
+    st = sub.add_parser("status", help="this node's lease, peers and datapath health")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--state-dir",
+        default=os.environ.get(ENV_PREFIX + "STATE_DIR") or Options().state_dir,
+        help="the agent's --state-dir",
+    )
+    ls = sub.add_parser("leases", help="every lease and reservation in etcd")
+    ls.add_argument("--json", action="store_true")
+    _etcd_flags(ls)
+    cf = sub.add_parser("config", help="show, validate or write the network config")
+    cf.add_argument("action", choices=("show", "validate", "set"))
+    cf.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin")
+    _etcd_flags(cf)
+    rs = sub.add_parser("reserve", help="reserve a subnet for a node (a key with no TTL)")
+    rs.add_argument("subnet")
+    rs.add_argument("public_ip")
+    rs.add_argument("--backend-type", default="", help="BackendType to record (e.g. host-gw)")
+    rs.add_argument("--force", action="store_true", help="take a subnet another node holds")
+    _etcd_flags(rs)
+    ur = sub.add_parser("unreserve", help="remove a reservation")
+    ur.add_argument("subnet")
+    ur.add_argument("--force", action="store_true", help="delete even a live lease")
+    _etcd_flags(ur)
+    sub.add_parser("cleanup", help="remove the agent's routes, devices and rules from this node")
+    return p
+
+
+_COMMANDS = {
+    "status": _status,
+    "leases": _leases,
+    "config": _config,
+    "reserve": _reserve,
+    "unreserve": _reserve,
+    "cleanup": _cleanup,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_COMMANDS[args.command](args))
+    except (CtlError, ConfigError, EtcdConfigError, EtcdUnavailable) as e:
+        print(f"flannelctl: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

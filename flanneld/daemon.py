@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import signal
@@ -20,11 +21,11 @@ from pyroute2 import AsyncIPRoute
 import backends
 from backends.base import Backend, BackendContext, BackendError
 
-from . import sdnotify, subnetenv
+from . import __version__, metrics, sdnotify, subnetenv
 from .allocation import OutOfSubnets
 from .cli import Options
 from .config import ConfigError, NetworkConfig, parse_config
-from .health import HealthServer
+from .health import HealthServer, Response
 from .iface import InterfaceError, discover, select
 from .lease import Lease
 from .leasemgr import LEASE_TTL, LeaseManager
@@ -35,6 +36,7 @@ from .watcher import PeerWatcher
 
 log = logging.getLogger(__name__)
 
+SOCKET_NAME = "flanneld.sock"  # in --state-dir: /status and /metrics for flannelctl
 CONFIG_POLL = 1.0
 COALESCE = 0.05  # gather a burst of watch events into one reconcile
 
@@ -57,6 +59,11 @@ class Agent:
         self.leases: LeaseManager | None = None
         self.watcher: PeerWatcher | None = None
         self.masq: Masquerade | None = None
+        # counters and facts for /status and /metrics
+        self.reconcile_runs: dict[str, int] = {}
+        self.entry_counts: dict[tuple[str, str], int] = {}
+        self.last_reconcile_seconds = 0.0
+        self.peer_changed: dict[IPv4Network, float] = {}  # Unix time of each peer's last change
         self._trigger = asyncio.Event()
         self._lease_changed = False
 
@@ -113,7 +120,12 @@ class Agent:
 
     def _on_peers(self, changes: list[Change]) -> None:
         own = self.leases.lease.subnet if self.leases and self.leases.lease else None
+        now = time.time()
         for ch in changes:
+            if ch.kind == "removed":
+                self.peer_changed.pop(ch.subnet, None)
+            else:
+                self.peer_changed[ch.subnet] = now
             if ch.subnet != own:
                 log.info("peer %s %s (public IP %s)", ch.subnet, ch.kind, ch.lease.attrs.public_ip)
         if self.leases is not None:
@@ -231,7 +243,13 @@ class Agent:
         except Exception:  # a kernel hiccup must not end the agent; the next period retries
             log.exception("reconcile failed; retrying in %.0f s", self.opts.reconcile_interval)
             return
-        ms = (time.perf_counter() - t0) * 1000
+        self.last_reconcile_seconds = time.perf_counter() - t0
+        ms = self.last_reconcile_seconds * 1000
+        mode = "full" if full else "event"
+        self.reconcile_runs[mode] = self.reconcile_runs.get(mode, 0) + 1
+        for op in ("added", "removed", "repaired", "failed"):
+            for kind, n in getattr(result, op).items():
+                self.entry_counts[op, kind] = self.entry_counts.get((op, kind), 0) + n
         level = logging.INFO if result.changed or result.failed else logging.DEBUG
         log.log(
             level,
@@ -259,6 +277,55 @@ class Agent:
             if full:
                 next_full = loop.time() + self.opts.reconcile_interval
             await self.reconcile(full)
+
+    async def status(self) -> dict:
+        """What `flannelctl status` shows: lease, backend, peers and their datapath health."""
+        lm, backend, config = self.leases, self.backend, self.config
+        lease = lm.lease if lm else None
+        doc: dict = {
+            "ready": self.ready,
+            "version": __version__,
+            "network": str(config.network) if config else None,
+            "backend": backend.type_name if backend else None,
+            "mtu": backend.mtu if backend and lease else None,
+            "etcd": {
+                "endpoint": str(self.registry.endpoint),
+                "reachable": not self.registry.last_error,
+                "last_error": self.registry.last_error or None,
+            },
+            "lease": None,
+            "peers": [],
+        }
+        if lease is None or backend is None:
+            return doc
+        now = time.monotonic()
+        doc["public_ip"] = str(lease.attrs.public_ip)
+        doc["lease"] = {
+            "subnet": str(lease.subnet),
+            "reservation": lease.is_reservation,
+            "expires_in": None if lm.expires_at is None else round(lm.expires_at - now),
+            "renew_in": None if lm.renew_delay() is None else round(lm.renew_delay()),
+        }
+        peers = self.peers(lease.subnet)
+        try:
+            missing = await backend.inspect(lease, peers)
+            doc["datapath_error"] = None
+        except Exception as e:  # noqa: BLE001 - report it; the status must still answer
+            missing, doc["datapath_error"] = {}, str(e)
+        for subnet, peer in sorted(peers.items()):
+            gaps = missing.get(subnet)
+            doc["peers"].append(
+                {
+                    "subnet": str(subnet),
+                    "public_ip": str(peer.attrs.public_ip),
+                    "backend_type": peer.attrs.backend_type,
+                    "backend_data": peer.attrs.backend_data,
+                    "last_change": self.peer_changed.get(subnet),
+                    "missing": gaps or [],
+                    "state": "unknown" if gaps is None else ("drifted" if gaps else "ok"),
+                }
+            )
+        return doc
 
     def write_subnet_env(self) -> None:
         assert self.config and self.backend and self.leases and self.leases.lease
@@ -297,7 +364,24 @@ async def run(opts: Options) -> int:
         log.error("%s", e)
         return 2
     agent = Agent(opts, registry)
-    health = HealthServer(opts.healthz_ip, opts.healthz_port, lambda: agent.ready)
+
+    async def status() -> Response:
+        return 200, "application/json", json.dumps(await agent.status(), indent=1).encode()
+
+    async def metrics_page() -> Response:
+        return 200, metrics.CONTENT_TYPE, metrics.exposition(agent)
+
+    health = HealthServer(
+        opts.healthz_ip,
+        opts.healthz_port,
+        lambda: agent.ready,
+        {"/status": status, "/metrics": metrics_page},
+    )
+    try:
+        Path(opts.state_dir).mkdir(parents=True, exist_ok=True)
+        await health.start_unix(str(Path(opts.state_dir) / SOCKET_NAME))
+    except OSError as e:
+        log.warning("no status socket in %s (%s); flannelctl status needs it", opts.state_dir, e)
     if opts.healthz_port:
         try:
             await health.start()

@@ -122,7 +122,7 @@ class LeaseManager:
         """Renew at once (etcd is back after an outage: make sure the lease is still alive)."""
         self._renew_now.set()
 
-    def _renew_delay(self) -> float | None:
+    def renew_delay(self) -> float | None:
         if self.expires_at is None:
             return None
         return max(0.0, self.expires_at - self.renew_margin - time.monotonic())
@@ -144,7 +144,7 @@ class LeaseManager:
     async def maintain(self) -> None:
         """Renew before expiry, retrying on failure; re-acquire when the lease is lost."""
         while True:
-            if self.lease is None or await self._wait_lost(self._renew_delay()):
+            if self.lease is None or await self._wait_lost(self.renew_delay()):
                 await self._reacquire()
                 continue
             if self.lease.is_reservation:

@@ -192,6 +192,8 @@ class EtcdRegistry:
         self.config_key = f"{self.prefix}/config".encode()
         self._current = 0
         self._client: _Client | None = None
+        self.errors = 0  # failed requests, for metrics
+        self.last_error = ""  # of the last request; "" when it succeeded
 
     # -- connection and fail-over ---------------------------------------------------------
     def _new_client(self) -> _Client:
@@ -228,8 +230,12 @@ class EtcdRegistry:
             if self._client is None:
                 self._client = self._new_client()
             try:
-                return await op(self._client)
+                result = await op(self._client)
+                self.last_error = ""
+                return result
             except (TimeoutError, etcd_exc.ClientError) as e:
+                self.errors += 1
+                self.last_error = str(e) or type(e).__name__
                 self._refused(e)
                 if not isinstance(e, (*_TRANSIENT, TimeoutError)):
                     raise

@@ -34,6 +34,7 @@ class PeerWatcher:
         self.revision: int | None = None  # last revision applied; None: re-list first
         self.synced = asyncio.Event()
         self.resyncs = 0
+        self.reconnects = 0  # broken streams, for metrics
 
     async def resync(self) -> None:
         snap = await self.registry.snapshot()
@@ -72,6 +73,7 @@ class PeerWatcher:
                 raise
             except Exception as e:  # noqa: BLE001 - any stream failure: back off and resume
                 outage.failed(e)
+                self.reconnects += 1
                 self.revision = None  # re-list on recovery: it reports whatever was missed
                 await self.registry.fail_over()
             await backoff.sleep()

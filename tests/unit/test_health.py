@@ -16,7 +16,7 @@ async def test_healthz_and_readyz_follow_readiness():
     ready = False
     srv = HealthServer("127.0.0.1", 0, lambda: ready)
     await srv.start()
-    port = srv._server.sockets[0].getsockname()[1]
+    port = srv._servers[0].sockets[0].getsockname()[1]
     try:
         assert await get(port, "/healthz") == (200, "flanneld is running\n")
         assert (await get(port, "/readyz"))[0] == 503

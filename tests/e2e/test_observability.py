@@ -1,0 +1,155 @@
+"""Operator tools in a 3-node lab: `flannelctl status` (drift visible until repaired), the
+Prometheus metrics, JSON logs, and the etcd tools (leases, config, reservations)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.lab import Lab
+
+from .cluster import PREFIX, Cluster, need_lab, wait_until
+
+INTERVAL = 6
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    need_lab()
+    with Lab(nodes=3, containers=1) as lab:
+        lab.start_etcd()
+        c = Cluster(
+            lab,
+            {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}},
+            (
+                f"--reconcile-interval={INTERVAL}",
+                "--healthz-ip=127.0.0.1",
+                "--healthz-port=8471",
+                "--log-format=json",
+            ),
+        )
+        c.start_all()
+        c.assert_all_reachable()
+        yield c
+
+
+def ctl(c: Cluster, node, *args: str, check: bool = True):
+    state = c.lab.workdir / node.name
+    extra = (
+        ("--state-dir", str(state))
+        if args[0] == "status"
+        else (() if args[0] == "cleanup" else ("--etcd-endpoints", c.lab.etcd_endpoint))
+    )
+    return c.lab.run(node.ns, sys.executable, "-m", "flanneld.ctl", *args, *extra, check=check)
+
+
+def metrics(c: Cluster, node) -> str:
+    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8471/metrics').read().decode())"
+    return c.lab.run(node.ns, sys.executable, "-c", probe).stdout
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_status_lists_peers_and_shows_drift_until_repaired(cluster):
+    n1, n2, n3 = cluster.lab.nodes
+    doc = json.loads(ctl(cluster, n1, "status", "--json").stdout)
+    assert doc["ready"] and doc["backend"] == "host-gw" and doc["mtu"] == 1500
+    assert doc["lease"]["subnet"] == cluster.env(n1)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    assert 0 < doc["lease"]["renew_in"] < doc["lease"]["expires_in"] <= 86400
+    assert {p["public_ip"] for p in doc["peers"]} == {n2.ip, n3.ip}
+    assert all(p["state"] == "ok" for p in doc["peers"]) and doc["etcd"]["reachable"]
+    text = ctl(cluster, n1, "status").stdout
+    assert "ready" in text and n2.ip in text and "ok" in text
+
+    # Just after a full reconcile, delete one peer's route: drifted until the next one.
+    runs = sample(metrics(cluster, n1), "flannel_reconcile_runs_total", mode="full")
+    wait_until(
+        lambda: sample(metrics(cluster, n1), "flannel_reconcile_runs_total", mode="full") > runs,
+        INTERVAL + 2,
+        what="a full reconcile",
+    )
+    repaired = sample(metrics(cluster, n1), "flannel_entries_total", op="repaired", kind="route")
+    sub2 = cluster.env(n2)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    cluster.lab.run(n1.ns, "ip", "route", "del", sub2)
+    res = ctl(cluster, n1, "status", check=False)
+    assert res.returncode == 0
+    drifted = [line for line in res.stdout.splitlines() if line.startswith(sub2)]
+    assert drifted and "DRIFTED: missing" in drifted[0] and n2.ip in drifted[0], res.stdout
+
+    def repaired_now():
+        doc = json.loads(ctl(cluster, n1, "status", "--json").stdout)
+        return all(p["state"] == "ok" for p in doc["peers"])
+
+    wait_until(repaired_now, INTERVAL + 3, step=0.5, what="the drift to be repaired")
+    after = sample(metrics(cluster, n1), "flannel_entries_total", op="repaired", kind="route")
+    assert after == repaired + 1
+
+
+def test_metrics_are_documented_and_move(cluster):
+    n1 = cluster.lab.nodes[0]
+    text = metrics(cluster, n1)
+    assert sample(text, "flannel_peers") == 2
+    assert sample(text, "flannel_ready") == 1
+    assert sample(text, "flannel_lease_expiry_timestamp_seconds") > time.time() + 3600
+    assert sample(text, "flannel_watch_resyncs_total") >= 1
+    assert sample(text, "flannel_entries_total", op="added", kind="route") >= 2
+    names = set(re.findall(r"^# TYPE (\w+)", text, re.M))
+    documented = (Path(__file__).parents[2] / "README.md").read_text()
+    for name in names:
+        assert name in documented, f"{name} is not documented in the README"
+
+
+def test_logs_are_json_lines(cluster):
+    n1 = cluster.lab.nodes[0]
+    lines = [line for line in cluster.log(n1).splitlines() if line.startswith("{")]
+    assert len(lines) > 5
+    docs = [json.loads(line) for line in lines]
+    assert {"time", "level", "logger", "msg"} <= set(docs[0])
+    assert any("ready: wrote" in d["msg"] for d in docs)
+
+
+def test_lease_and_config_tools(cluster, tmp_path):
+    n1, n2, n3 = cluster.lab.nodes
+    out = ctl(cluster, n1, "leases").stdout
+    for node in (n1, n2, n3):
+        assert node.ip in out
+    bad = ctl(cluster, n1, "config", "validate", "-", check=False)
+    assert bad.returncode != 0  # stdin is empty: not JSON
+    res = cluster.lab.run(
+        n1.ns,
+        sys.executable,
+        "-m",
+        "flanneld.ctl",
+        "config",
+        "set",
+        "-",
+        "--etcd-endpoints",
+        cluster.lab.etcd_endpoint,
+        input='{"Network": "10.244.0.0/16", "SubnetLen": 31}',
+        check=False,
+    )
+    assert res.returncode == 2
+    assert "SubnetLen must be less than /31" in res.stderr and res.stderr.count("\n") == 1
+    assert json.loads(ctl(cluster, n1, "config", "show").stdout)["Backend"]["Type"] == "host-gw"
+
+    ctl(cluster, n1, "reserve", "10.244.200.0/24", "192.0.2.77", "--backend-type", "host-gw")
+    record = cluster.lab.etcdctl("get", "-w", "json", f"{PREFIX}/subnets/10.244.200.0-24")
+    kv = json.loads(record)["kvs"][0]
+    assert "lease" not in kv or kv["lease"] == 0
+    taken = ctl(cluster, n1, "reserve", "10.244.200.0/24", "192.0.2.78", check=False)
+    assert taken.returncode == 2 and "held by 192.0.2.77" in taken.stderr
+    assert "reservation" in ctl(cluster, n1, "leases").stdout
+    ctl(cluster, n1, "unreserve", "10.244.200.0/24")
+    own = cluster.env(n2)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    live = ctl(cluster, n1, "unreserve", own, check=False)
+    assert live.returncode == 2 and "--force" in live.stderr
