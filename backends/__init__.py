@@ -37,6 +37,7 @@ def known_backends() -> list[str]:
 
 
 from . import hostgw  # noqa: E402,F401  (registers "host-gw")
+from .udp import UdpBackend  # noqa: E402,F401  (registers "udp")
 from .vxlan import VxlanBackend  # noqa: E402,F401  (registers "vxlan")
 
 __all__ = [

@@ -1,0 +1,318 @@
+"""The udp backend: the agent itself carries each container packet inside a UDP datagram.
+
+Kernel side: the TUN device `flannel0` (`<subnet network address>/32`, MTU = underlay MTU − 28)
+and one route for the whole cluster network through it (proto 155); the device exists only
+while the agent runs, so udp traffic stops with the agent (a restarted agent carries it again
+as soon as it is ready). Packets move in `datapath`'s thread; the decisions are the pure
+`core` and `offload`. Datagrams are accepted only from a peer's PublicIP and the backend Port,
+holding one valid IPv4 packet from that peer's subnet to ours; the rest is dropped, counted by
+reason (`UdpBackend.drops`) and reported in one log line per reconcile pass.
+
+On the wire every datagram is one inner IPv4 packet, as with the reference. The lease record
+is the reference's (PublicIP only, no BackendType) plus `"BackendData": {"Cap": ["csum"]}` when
+the TUN has a virtio-net header: peers that advertise it get TCP/UDP checksums left for their
+kernel to finish; the reference ignores BackendData and gets them finished.
+
+Options (`Backend` object, keys in any case): `Port`, the UDP port on every node (default 8285).
+The environment variable FLANNELD_UDP_OFFLOAD=false makes one node run as the reference does:
+plain TUN, one packet per system call, no capability advertised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Mapping
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import AsyncIPRoute, NetlinkError
+
+from flanneld.config import ci_get
+from flanneld.lease import Lease, LeaseAttrs
+
+from .. import netlink, register
+from ..base import Backend, BackendContext, BackendError, ReconcileResult
+from ..reconcile import Route, diff
+from .core import CAP_PARTIAL_CSUM, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
+from .datapath import Datapath, open_socket, open_tun
+
+log = logging.getLogger(__name__)
+
+TYPE = "udp"
+DEVICE = "flannel0"
+OFFLOAD_ENV = "FLANNELD_UDP_OFFLOAD"
+IFF_UP = 0x1
+
+
+def parse_port(options: Mapping[str, Any]) -> int:
+    """The backend's `Port` option (any case), default 8285."""
+    port = ci_get(dict(options), "Port", DEFAULT_PORT)
+    if port in (None, 0):
+        return DEFAULT_PORT
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise BackendError(
+            f"Backend.Port {port!r} is not a UDP port; set it to 1..65535 or omit it"
+        )
+    return port
+
+
+def offload_wanted(environ: Mapping[str, str]) -> bool:
+    value = environ.get(OFFLOAD_ENV, "true").strip().lower()
+    if value in ("1", "t", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise BackendError(f"{OFFLOAD_ENV}={value!r} is not a boolean; set it to true or false")
+
+
+def advertises_partial_csum(backend_data: Any) -> bool:
+    """BackendData `{"Cap": [...]}` (keys in any case) names `CAP_PARTIAL_CSUM`."""
+    caps = ci_get(backend_data, "Cap") if isinstance(backend_data, dict) else None
+    return isinstance(caps, list) and CAP_PARTIAL_CSUM in caps
+
+
+def plan(
+    local: Lease,
+    peers: Mapping[IPv4Network, Lease],
+    network: IPv4Network,
+    subnet_len: int,
+    port: int,
+) -> tuple[Routes, list[str]]:
+    """The datapath's snapshot for these peers, and one warning per peer skipped.
+
+    Skipped: our own subnet, a lease claiming our PublicIP, a lease of another backend type
+    (the reference's udp writes none; "udp" is accepted too)."""
+    chosen: list[Peer] = []
+    warnings: list[str] = []
+    for subnet, peer in sorted(peers.items()):
+        ip, kind = peer.attrs.public_ip, peer.attrs.backend_type
+        if subnet == local.subnet:
+            warnings.append(f"skipping peer lease {subnet} (PublicIP {ip}): it is our subnet")
+        elif ip == local.attrs.public_ip:
+            warnings.append(
+                f"skipping peer lease {subnet}: its PublicIP {ip} is ours; "
+                "two nodes must not share a public address"
+            )
+        elif kind and kind.lower() != TYPE:
+            warnings.append(
+                f"skipping peer lease {subnet} (PublicIP {ip}): its BackendType is {kind!r}, "
+                f"not {TYPE!r}; run one backend type per network"
+            )
+        else:
+            partial = advertises_partial_csum(peer.attrs.backend_data)
+            chosen.append(Peer(subnet, ip, port, partial))
+    return Routes(network, subnet_len, local.subnet, chosen, port), warnings
+
+
+def drops_summary(now: Counter[Drop], before: Counter[Drop]) -> str:
+    """ "3 sender is not a peer, 1 TTL expired" for the drops counted since `before`."""
+    delta = now - before
+    return ", ".join(f"{n} {reason.value}" for reason, n in delta.most_common())
+
+
+@register(TYPE)
+class UdpBackend(Backend):
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.port = DEFAULT_PORT
+        self.vnet = False
+        self._tun: int | None = None
+        self._sock: socket.socket | None = None
+        self._datapath: Datapath | None = None
+        self._ipr: AsyncIPRoute | None = None
+        self._lock = asyncio.Lock()
+        self._warned: set[str] = set()
+        self._desired: set[Route] = set()
+        self._drops_logged: Counter[Drop] = Counter()
+
+    @property
+    def mtu(self) -> int:
+        return self.ctx.ext.mtu - ENCAP_OVERHEAD
+
+    @property
+    def drops(self) -> Counter[Drop]:
+        """Packets dropped by the datapath so far, by reason."""
+        return Counter(self._datapath.drops) if self._datapath else Counter()
+
+    def stats(self) -> dict[str, int]:
+        """Datagrams and bytes in/out and drops by reason, for the metrics endpoint."""
+        dp = self._datapath
+        if dp is None:
+            return {}
+        out = {
+            "packets_in": dp.packets_in,
+            "packets_out": dp.packets_out,
+            "bytes_in": dp.bytes_in,
+            "bytes_out": dp.bytes_out,
+        }
+        out.update({f"drop:{d.name.lower()}": n for d, n in self.drops.items()})
+        return out
+
+    # -- devices -----------------------------------------------------------------------------
+    def _open_tun(self, vnet: bool) -> None:
+        try:
+            self._tun = open_tun(DEVICE, vnet)
+            self.vnet = vnet
+            # IPv4 only: no IPv6 neighbour discovery or MLD chatter into the datapath
+            with contextlib.suppress(OSError):
+                Path(f"/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6").write_text("1")
+        except OSError as e:
+            if vnet and e.errno == errno.EINVAL:
+                log.warning("TUN offloads not supported here (%s); one packet per datagram", e)
+                self._open_tun(False)
+                return
+            hint = {
+                errno.EBUSY: f"another process holds {DEVICE} (another flanneld?); stop it",
+                errno.ENOENT: "load the tun module (modprobe tun)",
+                errno.EPERM: "run as root or with CAP_NET_ADMIN",
+                errno.EACCES: "run as root or with CAP_NET_ADMIN",
+            }.get(e.errno or 0, "check /dev/net/tun and the tun module")
+            raise BackendError(f"cannot create TUN device {DEVICE}: {e.strerror}; {hint}") from None
+
+    def _open_socket(self) -> None:
+        ext = self.ctx.ext
+        try:
+            self._sock = open_socket(str(ext.iface_addr), self.port, self.vnet)
+        except OSError as e:
+            raise BackendError(
+                f"cannot listen on UDP {ext.iface_addr}:{self.port} ({e.strerror}); "
+                "stop whatever uses the port or set Backend.Port"
+            ) from None
+
+    async def prepare(self) -> LeaseAttrs:
+        self.port = parse_port(self.ctx.options)
+        self._open_tun(offload_wanted(os.environ))
+        self._open_socket()
+        data = {"Cap": [CAP_PARTIAL_CSUM]} if self.vnet else None
+        return LeaseAttrs(public_ip=self.ctx.ext.ext_addr, backend_data=data)
+
+    def _routes(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> Routes:
+        config = self.ctx.config
+        routes, warnings = plan(lease, peers, config.network, config.subnet_len, self.port)
+        for warning in warnings:
+            if warning not in self._warned:
+                log.warning("%s", warning)
+        self._warned = set(warnings)
+        return routes
+
+    def _start_datapath(self, routes: Routes) -> None:
+        assert self._tun is not None and self._sock is not None
+        old = self._datapath
+        self._datapath = Datapath(self._tun, self._sock, self.vnet, routes, self.mtu)
+        if old is not None:
+            self._datapath.drops.update(old.drops)
+        self._datapath.start()
+
+    async def _heal(self) -> bool:
+        """Re-create the TUN device when the datapath died with it (deleted by hand); True
+        when it did."""
+        dp = self._datapath
+        if dp is None or dp.alive:
+            return False
+        log.warning("udp datapath stopped (%s); re-creating %s", dp.error, DEVICE)
+        dp.stop()
+        if self._tun is not None:
+            os.close(self._tun)
+            self._tun = None
+        self._open_tun(self.vnet)
+        self._start_datapath(dp.routes)
+        return True
+
+    def _netlink(self) -> AsyncIPRoute:
+        if self._ipr is None:
+            self._ipr = netlink.open_ipr()
+        return self._ipr
+
+    async def _configure_device(self, ipr: AsyncIPRoute, lease: Lease) -> int:
+        """`flannel0` with MTU, `<subnet network address>/32` as its only flannel address,
+        up; its index."""
+        [link] = await ipr.link("get", ifname=DEVICE)
+        index = link["index"]
+        if link.get("mtu") != self.mtu:
+            await ipr.link("set", index=index, mtu=self.mtu)
+        want = IPv4Interface(f"{lease.subnet.network_address}/32")
+        have = set()
+        async for msg in await ipr.addr("dump", family=socket.AF_INET, index=index):
+            have.add(IPv4Interface((msg.get("address"), msg["prefixlen"])))
+        for addr in sorted(have - {want}):
+            if addr.ip in self.ctx.config.network:
+                await ipr.addr(
+                    "del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen
+                )
+                log.info("device %s: removed old address %s", DEVICE, addr)
+        if want not in have:
+            await ipr.addr("add", index=index, address=str(want.ip), prefixlen=32)
+            log.info("device %s: address %s, MTU %d", DEVICE, want, self.mtu)
+        if not link["flags"] & IFF_UP:
+            await ipr.link("set", index=index, state="up")
+        return index
+
+    async def _sync_kernel(self, lease: Lease) -> ReconcileResult:
+        """Device state and the one network route via it; any other proto-155 route is stale."""
+        result = ReconcileResult()
+        ipr = self._netlink()
+        try:
+            index = await self._configure_device(ipr, lease)
+            desired = {Route(dst=self.ctx.config.network, gateway=None, oif=index)}
+            actual = await netlink.dump_routes(ipr)
+            done = await netlink.apply(ipr, diff(desired, actual), result)
+        except (NetlinkError, OSError):
+            await self._close_netlink()  # a broken socket: the next pass opens a fresh one
+            raise
+        for route in done.removed:
+            log.info("route removed: %s via %s", route.dst, route.gateway)
+        for route in done.upserted:
+            how = "restored" if route in self._desired else "added"
+            log.info("route %s: %s dev %s", how, route.dst, DEVICE)
+        self._desired = desired
+        return result
+
+    async def configure(self, lease: Lease) -> None:
+        async with self._lock:
+            routes = self._routes(lease, {})
+            if self._datapath is None:
+                self._start_datapath(routes)
+            else:
+                self._datapath.routes = routes
+            await self._sync_kernel(lease)
+
+    async def reconcile(
+        self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
+    ) -> ReconcileResult:
+        """Swap the datapath's peer table; on a full pass (or after re-creating flannel0)
+        also make the device and the network route match."""
+        async with self._lock:
+            routes = self._routes(lease, peers)
+            healed = await self._heal()
+            assert self._datapath is not None
+            self._datapath.routes = routes
+            result = await self._sync_kernel(lease) if full or healed else ReconcileResult()
+        drops = self.drops
+        if drops != self._drops_logged:
+            log.info("udp: dropped since last report: %s", drops_summary(drops, self._drops_logged))
+            self._drops_logged = drops
+        return result
+
+    async def _close_netlink(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    async def close(self) -> None:
+        """Stop the datapath and close the TUN fd, which deletes flannel0 and its route."""
+        if self._datapath is not None:
+            self._datapath.stop(0.3)
+        if self._tun is not None:
+            os.close(self._tun)
+            self._tun = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        await self._close_netlink()

@@ -1,0 +1,314 @@
+"""The udp backend's I/O: the TUN device, the UDP socket, and the thread that moves packets
+between them. Every decision is the pure core's (`core`, `offload`); this module only reads,
+sends and writes, many kilobytes per system call where the kernel allows.
+
+One thread does both directions: it sleeps in epoll until the TUN or the socket is readable
+and then reads once from each that is (level-triggered epoll says at once if more is waiting:
+one cheap epoll_wait replaces the failing read that draining until EAGAIN would cost). TUN
+reads go into `offload.slot_views`, expecting TCP super-packets cut for 52-byte headers (TCP
+with timestamps) and the TUN MTU; a super-packet cut otherwise is gathered and the layout
+follows it. After a receive that leaves a super-packet open, one more non-blocking receive
+looks for its continuation. The agent swaps `Datapath.routes` by assignment; the thread reads
+the attribute once per read, so each packet sees one whole snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+from collections import Counter
+
+from .core import Drop, Peer, Reply, Routes
+from .offload import (
+    PLAIN,
+    VNET,
+    VNET_LEN,
+    Buf,
+    Send,
+    fits_slots,
+    receive,
+    slot_views,
+    transmit,
+)
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
+TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOCKET_BUFFER = 4 << 20
+
+BUFFER = 1 << 17  # more than a 64 KB super-packet or GRO batch plus its virtio-net header
+_ANC = socket.CMSG_SPACE(4)
+_GRO_SIZE = struct.Struct("=i")
+_MSG_DONTWAIT, _MSG_TRUNC = int(socket.MSG_DONTWAIT), int(socket.MSG_TRUNC)
+
+
+def _gro_size(anc: list[tuple[int, int, bytes]], n: int) -> int:
+    """The segment size of a UDP_GRO receive of n bytes (n when it holds one datagram)."""
+    for level, kind, data in anc:
+        if level == SOL_UDP and kind == UDP_GRO:
+            return _GRO_SIZE.unpack_from(data)[0]
+    return n
+
+
+def open_tun(name: str, vnet: bool) -> int:
+    """A non-blocking fd of the new TUN device `name` (IFF_TUN|IFF_NO_PI); with `vnet`, every
+    packet carries a virtio-net header and the kernel hands over TCP super-packets (TSO4)
+    with partial checksums. The device lives as long as the fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        if vnet:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_LEN))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_socket(addr: str, port: int, gro: bool) -> socket.socket:
+    """The UDP socket bound to addr:port, with large buffers and, with `gro`, UDP_GRO (one
+    receive returns a train of equal-sized datagrams). Sends block; receives never do."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for force, plain in (
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:  # without CAP_NET_ADMIN: capped by net.core.[rw]mem_max
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+        sock.bind((addr, port))
+        if gro:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Datapath:
+    """The packet-moving thread over an open TUN fd and UDP socket (both stay the caller's).
+
+    `vnet` says the TUN was opened with a virtio-net header: then super-packets are segmented
+    into UDP_SEGMENT sends and GRO trains joined into super-packets; without it, one packet
+    per system call, as the reference does. `mtu` is the TUN device's."""
+
+    def __init__(self, tun: int, sock: socket.socket, vnet: bool, routes: Routes, mtu: int) -> None:
+        self.routes = routes
+        self.drops: Counter[Drop] = Counter()
+        # datagrams and their bytes, counted per system call (not per packet) for metrics
+        self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
+        self.error: BaseException | None = None  # what ended the thread, unless stop() did
+        self._tun, self._sock, self._vnet = tun, sock, vnet
+        self._vbuf = bytearray(VNET_LEN)
+        self._rbuf, self._gbuf, self._ubuf, self._ubuf2 = (bytearray(BUFFER) for _ in range(4))
+        # TUN reads: [virtio-net header, packet], the packet in one piece (`_flat`) or, after
+        # a super-packet (another one is likely next), laid out the way its segments are sent
+        # (`_slotted`). Expect TCP with timestamps: 52 header bytes.
+        self._flat: list[Buf] = [self._vbuf, self._rbuf] if vnet else [self._rbuf]
+        self._riov = self._flat
+        self._slots: tuple[int, int] | None = None
+        self._slotted: list[Buf] = []
+        if vnet:
+            self._use_slots(52, mtu - 52)
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="udp-datapath", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """End the thread (within `timeout` s unless it is stuck in a send)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # a second stop(): the pipe is closed
+            os.write(self._wake_w, b"x")
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _run(self) -> None:
+        ep = select.epoll()
+        tun, sock = self._tun, self._sock.fileno()
+        try:
+            for fd in (tun, sock, self._wake_r):
+                ep.register(fd, select.EPOLLIN)
+            egress, ingress = (
+                (self._egress_vnet, self._ingress_vnet)
+                if self._vnet
+                else (self._egress_plain, self._ingress_plain)
+            )
+            readv = os.readv
+            recv, uv = self._sock.recvmsg_into, [self._ubuf]
+            while not self._stopping:
+                for fd, _ in ep.poll():
+                    if fd == tun:
+                        try:
+                            n = readv(tun, self._riov)
+                        except BlockingIOError:
+                            continue
+                        egress(n)
+                    elif fd == sock:
+                        try:
+                            n, anc, flags, src = recv(uv, _ANC, _MSG_DONTWAIT)
+                        except BlockingIOError:
+                            continue
+                        if flags & _MSG_TRUNC:
+                            self.drops[Drop.TRUNCATED] += 1
+                        else:
+                            ingress(n, anc, src)
+        except Exception as e:  # a dead fd (device deleted) or a bug: the agent re-creates us
+            self.error = e
+            if not isinstance(e, OSError):
+                log.error("udp datapath failed", exc_info=sys.exc_info())
+        finally:
+            ep.close()
+
+    # -- with a virtio-net header: offloads both ways ----------------------------------------
+    def _use_slots(self, hl: int, mss: int) -> None:
+        """Lay super-packets cut into (hl, mss) segments out in slots, if those are whole
+        32-bit words; otherwise read every packet in one piece."""
+        if (hl + mss) % 4 or mss <= 0:
+            self._slots, self._slotted = None, []
+        else:
+            self._slots = (hl, mss)
+            self._slotted = [self._vbuf, *slot_views(self._rbuf, hl, mss)]
+
+    def _gather(self, n: int) -> bytearray:
+        """The n packet bytes a slotted read scattered into the slots, copied to `_gbuf`."""
+        pos = 0
+        for view in self._slotted[1:]:
+            take = min(len(view), n - pos)
+            self._gbuf[pos : pos + take] = view[:take]
+            pos += take
+            if pos == n:
+                break
+        return self._gbuf
+
+    def _egress_vnet(self, n: int) -> None:
+        n -= VNET_LEN
+        vnet, slots, buf = self._vbuf, self._slots, self._rbuf
+        big = slots is not None and n > slots[0] + slots[1]
+        if not big or self._riov is self._flat:  # in one piece
+            out = transmit(self.routes, vnet, buf, n)
+        elif fits_slots(vnet, buf, *slots):
+            out = transmit(self.routes, vnet, buf, n, slots)
+        else:  # cut for another (hl, mss): gather it, and expect that from now on
+            buf = self._gather(n)
+            ihl = (buf[0] & 0x0F) * 4
+            self._use_slots(ihl + (buf[ihl + 12] >> 4) * 4, VNET.unpack_from(vnet)[3])
+            out = transmit(self.routes, vnet, buf, n)
+        self._riov = self._slotted if big and self._slotted else self._flat
+        if isinstance(out, tuple):
+            peer, sends = out
+            self._send(peer, sends)
+        elif isinstance(out, Reply):
+            self.drops[out.reason] += 1
+            self._write([PLAIN, out.packet])
+        else:
+            self.drops[out] += 1
+
+    def _sendmsg(self, addr: tuple[str, int], iov: list[Buf], seg: int) -> None:
+        """Send the buffers `iov` as `seg`-byte datagrams (the last may be shorter)."""
+        try:
+            if len(iov) == 1 and len(iov[0]) <= seg:
+                sent = self._sock.sendto(iov[0], addr)
+            else:
+                cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
+                sent = self._sock.sendmsg(iov, cmsg, 0, addr)
+        except OSError:
+            self.drops[Drop.SEND_FAILED] += 1
+            return
+        self.packets_out += -(-sent // seg)
+        self.bytes_out += sent
+
+    def _received(self, n: int, gro: int) -> None:
+        self.packets_in += -(-n // gro) if gro else 1
+        self.bytes_in += n
+
+    def _send(self, peer: Peer, sends: list[Send]) -> None:
+        for iov, seg in sends:
+            self._sendmsg(peer.addr, iov, seg)
+
+    def _ingress_vnet(
+        self, n: int, anc: list[tuple[int, int, bytes]], src: tuple[str, int]
+    ) -> None:
+        gro = _gro_size(anc, n)
+        self._received(n, gro)
+        writes, run = receive(self.routes, src[0], src[1], self._ubuf, n, gro, self.drops)
+        for write in writes:
+            self._write(write)
+        if run is None:
+            return
+        # The burst's next send may be waiting already: join it into the same super-packet.
+        try:
+            n, anc, flags, more = self._sock.recvmsg_into([self._ubuf2], _ANC, _MSG_DONTWAIT)
+        except BlockingIOError:
+            self._write(run.write())
+            return
+        if flags & _MSG_TRUNC:
+            self.drops[Drop.TRUNCATED] += 1
+            self._write(run.write())
+            return
+        if more != src:
+            self._write(run.write())
+            run = None
+        gro = _gro_size(anc, n)
+        self._received(n, gro)
+        writes, run = receive(self.routes, more[0], more[1], self._ubuf2, n, gro, self.drops, run)
+        if run is not None:
+            writes.append(run.write())
+        for write in writes:
+            self._write(write)
+
+    def _write(self, buffers: list[Buf]) -> None:
+        try:
+            os.writev(self._tun, buffers)
+        except OSError as e:
+            if e.errno == errno.EBADFD:  # the device is gone
+                raise
+            self.drops[Drop.WRITE_FAILED] += 1
+
+    # -- plain TUN: one packet per system call ------------------------------------------------
+    def _egress_plain(self, n: int) -> None:
+        out = self.routes.egress(self._rbuf, 0, n)
+        if isinstance(out, Peer):
+            self._send(out, [([memoryview(self._rbuf)[:n]], n)])
+        elif isinstance(out, Reply):
+            self.drops[out.reason] += 1
+            self._write([out.packet])
+        else:
+            self.drops[out] += 1
+
+    def _ingress_plain(
+        self, n: int, anc: list[tuple[int, int, bytes]], src: tuple[str, int]
+    ) -> None:
+        self._received(n, n)
+        out = self.routes.ingress(src[0], src[1], self._ubuf, 0, n)
+        if isinstance(out, Drop):
+            self.drops[out] += 1
+        else:
+            self._write([memoryview(self._ubuf)[:n]])

@@ -1,0 +1,445 @@
+"""Batching through virtio-net offloads, without I/O: what to send for one TUN read, what to
+write to the TUN for one (GRO) receive.
+
+Theory of operation. The TUN device is opened with a virtio-net header and TCP segmentation
+offload, so one read may return a TCP super-packet of up to 64 KB whose checksum is left
+partial (`F_NEEDS_CSUM`). `transmit` cuts it into inner packets of the container MTU (the
+kernel's TSO rules: sequence numbers advance by `gso_size`; CWR only on the first segment, FIN
+and PSH only on the last; a DF packet keeps one IP ID, RFC 6864) so that one `sendmsg` with
+`UDP_SEGMENT` sends up to 44 of them as equal-sized datagrams, each carrying exactly one inner
+IPv4 packet. The datapath reads the TUN into `slot_views`, which leave a header-sized gap
+before each segment's payload; `segment_slots` then writes the headers into the gaps 32-bit
+column by column, so the datagrams lie back to back and no Python object is made per segment
+(`segment` does the same for a packet read in one piece, with one buffer per header and
+payload). A peer that advertised `CAP_PARTIAL_CSUM` gets TCP/UDP checksums unfinished (its
+kernel finishes or skips them); any other peer, such as the reference flanneld, gets them
+computed here.
+
+`receive` takes the datagrams of one `UDP_GRO` read, validates each (`Routes.check`), and
+joins consecutive segments of one TCP stream back into a super-packet written with
+`GSO_TCPV4` (a `Run`; one still open at the end may go on with the next read, where the
+sender's second `sendmsg` lands), so the receiving kernel handles 64 KB per write as well. A
+segment whose header bytes equal those of the already-validated first one but for the
+sequence number, which must follow on, is accepted without re-validation (same bytes, same
+length, same sender, same verdict); whole trains of them are compared 32-bit column by column.
+Between capable peers the TCP/UDP checksum of what is written is declared partial: the outer
+UDP checksum has covered the bytes in transit.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections import Counter
+from typing import Final
+
+from .core import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Drop,
+    Peer,
+    Reply,
+    Routes,
+    checksum,
+    decrement_ttl,
+    ones_sum,
+    pseudo_sum,
+)
+
+Buf = bytes | bytearray | memoryview
+Send = tuple[list[Buf], int]  # the buffers of one sendmsg and its UDP_SEGMENT size
+
+VNET: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, offset
+VNET_LEN: Final = VNET.size
+F_NEEDS_CSUM: Final = 1
+GSO_NONE, GSO_TCPV4 = 0, 1
+PLAIN: Final = bytes(VNET_LEN)  # "nothing offloaded": the kernel checks every checksum
+
+MAX_UDP_PAYLOAD = 0xFFFF - 28  # one UDP_SEGMENT send (IPv4 total length limit)
+MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (newer ones allow 128)
+
+FIN, PSH, ACK, CWR = 0x01, 0x08, 0x10, 0x80
+_U16, _U32 = struct.Struct("!H"), struct.Struct("!I")
+_LITTLE = sys.byteorder == "little"
+_CSUM_FIELD = {IPPROTO_TCP: (16, 20), IPPROTO_UDP: (6, 8)}  # proto: (field offset, min length)
+
+
+def _progression(first: int, step: int, count: int) -> array[int]:
+    """`count` 32-bit sequence numbers first, first + step, ... (mod 2**32), big-endian."""
+    if first + step * count <= 0x100000000:
+        seqs = array("I", range(first, first + step * count, step))
+    else:
+        seqs = array("I", ((first + step * i) & 0xFFFFFFFF for i in range(count)))
+    if _LITTLE:
+        seqs.byteswap()
+    return seqs
+
+
+def _column(buf: bytearray, word: int, stride: int, values: array[int]) -> None:
+    """Store `values` at 32-bit word `word`, `word + stride`, ... of `buf` (at C speed)."""
+    memoryview(buf).cast("I")[word::stride][: len(values)] = values
+
+
+def _is_fragment(buf: Buf, off: int) -> bool:
+    return bool((buf[off + 6] << 8 | buf[off + 7]) & 0x3FFF)  # MF or a fragment offset
+
+
+def finish_csum(buf: bytearray, start: int, field: int, end: int) -> bool:
+    """Complete a partial checksum: sum buf[start:end] (the field holds the pseudo-header
+    sum) into buf[field:field+2]. False when the offsets fall outside the packet."""
+    if not start < end or not start <= field <= end - 2:
+        return False
+    _U16.pack_into(buf, field, checksum(buf[start:end]) or 0xFFFF)
+    return True
+
+
+def _ip_csum(h: bytearray, off: int, ihl: int) -> None:
+    h[off + 10 : off + 12] = b"\0\0"
+    _U16.pack_into(h, off + 10, checksum(h[off : off + ihl]))
+
+
+def _headers(buf: bytearray, start: int, hl: int, nseg: int, mss: int, partial: bool) -> bytearray:
+    """The nseg headers (hl bytes each, back to back) of the segments of the TCP/IPv4
+    super-packet whose header is buf[start:start+hl], as the kernel's TSO would write them."""
+    ihl = t = (buf[start] & 0x0F) * 4
+    thl = hl - ihl
+    flags = buf[start + t + 13]
+    seq0 = _U32.unpack_from(buf, start + t + 4)[0]
+    ident = _U16.unpack_from(buf, start + 4)[0]
+    fixed_id = buf[start + 6] & 0x40  # DF: the ID has no meaning (RFC 6864), keep one
+    total = _U16.unpack_from(buf, start + 2)[0]
+    pseudo = ones_sum(buf[start + 12 : start + 20]) + IPPROTO_TCP
+    tail = total - hl - (nseg - 1) * mss  # the last segment's payload (IP length as read)
+
+    tmpl = bytearray(buf[start : start + hl])
+    _U16.pack_into(tmpl, 2, hl + mss)
+    tmpl[t + 13] = flags & ~(FIN | PSH | CWR)
+    _ip_csum(tmpl, 0, ihl)
+    _U16.pack_into(tmpl, t + 16, ((pseudo + thl + mss) % 0xFFFF or 0xFFFF) if partial else 0)
+    hdrs = tmpl * nseg
+    if nseg > 1:
+        _column(hdrs, (t + 4) // 4, hl // 4, _progression(seq0, mss, nseg))
+    if not fixed_id:
+        for i in range(1, nseg):
+            _U16.pack_into(hdrs, i * hl + 4, (ident + i) & 0xFFFF)
+            _ip_csum(hdrs, i * hl, ihl)
+    last = (nseg - 1) * hl
+    if nseg > 1:
+        hdrs[t + 13] = flags & ~(FIN | PSH)
+        hdrs[last + t + 13] = flags & ~CWR
+    else:
+        hdrs[t + 13] = flags
+    _U16.pack_into(hdrs, last + 2, hl + tail)
+    _ip_csum(hdrs, last, ihl)
+    if partial:
+        _U16.pack_into(hdrs, last + t + 16, (pseudo + thl + tail) % 0xFFFF or 0xFFFF)
+    return hdrs
+
+
+def _tcp_csum(buf: Buf, ihl: int, header: Buf, payload: Buf) -> None:
+    """Fill in the full TCP checksum of one segment (its checksum field reads 0)."""
+    pseudo = ones_sum(header[12:20]) + IPPROTO_TCP + len(header) - ihl + len(payload)
+    s = pseudo + ones_sum(header[ihl:]) + ones_sum(payload)
+    _U16.pack_into(buf, ihl + 16, -s % 0xFFFF or 0xFFFF)
+
+
+def _shape(buf: bytearray, start: int, length: int, mss: int) -> tuple[int, int] | None:
+    """(header length, segment count) of the TCP/IPv4 super-packet of `length` bytes at
+    `start` (only its header is read) to be cut into mss-byte segments; None if malformed."""
+    ihl = (buf[start] & 0x0F) * 4
+    if buf[start + 9] != IPPROTO_TCP or mss <= 0 or length < ihl + 20:
+        return None
+    thl = (buf[start + ihl + 12] >> 4) * 4
+    hl = ihl + thl
+    paylen = length - hl
+    if thl < 20 or paylen <= 0 or _U16.unpack_from(buf, start + 2)[0] != length:
+        return None
+    return hl, -(-paylen // mss)
+
+
+def _per_send(seg: int) -> int:
+    return max(1, min(MAX_SEGMENTS, MAX_UDP_PAYLOAD // seg))
+
+
+def segment(buf: bytearray, start: int, end: int, mss: int, partial: bool) -> list[Send] | None:
+    """Cut the TCP/IPv4 super-packet buf[start:end] into `mss`-byte segments; the sends (at
+    most MAX_SEGMENTS datagrams and MAX_UDP_PAYLOAD bytes each), or None if it is malformed.
+
+    With `partial`, each segment's TCP checksum field holds its pseudo-header sum (finished by
+    the receiver's kernel); otherwise the full checksum is computed."""
+    shape = _shape(buf, start, end - start, mss)
+    if shape is None:
+        return None
+    hl, nseg = shape
+    hdrs = _headers(buf, start, hl, nseg, mss, partial)
+    h, p = memoryview(hdrs), memoryview(buf)[start + hl : end]
+    iov: list[Buf] = [h] * (2 * nseg)
+    iov[0::2] = [h[o : o + hl] for o in range(0, nseg * hl, hl)]
+    iov[1::2] = [p[o : o + mss] for o in range(0, end - start - hl, mss)]
+    if not partial:
+        ihl = (buf[start] & 0x0F) * 4
+        for i in range(nseg):
+            _tcp_csum(h[i * hl : i * hl + hl], ihl, iov[2 * i], iov[2 * i + 1])
+    step = 2 * _per_send(hl + mss)
+    return [(iov[i : i + step], hl + mss) for i in range(0, len(iov), step)]
+
+
+def slot_views(buf: bytearray, hl: int, mss: int) -> list[memoryview]:
+    """The readv() buffers that lay a TSO super-packet cut for (hl, mss) out in `buf` the way
+    its datagrams are sent: slot i (hl + mss bytes at i * (hl + mss)) takes segment i's
+    payload after an hl-byte gap for its header (slot 0 takes the packet's own header), for
+    packets up to 64 KB."""
+    seg, mv = hl + mss, memoryview(buf)
+    count = 1 + -(-(0xFFFF - seg) // mss)
+    assert count * seg <= len(buf)
+    return [mv[0:seg]] + [mv[o + hl : o + seg] for o in range(seg, count * seg, seg)]
+
+
+def fits_slots(vnet: Buf, buf: bytearray, hl: int, mss: int) -> bool:
+    """The packet just read into `slot_views(buf, hl, mss)` is a TCP super-packet cut for
+    exactly (hl, mss), so it lies in its slots as `segment_slots` expects."""
+    _, gso_type, _, gso_size, _, _ = VNET.unpack_from(vnet)
+    if gso_type != GSO_TCPV4 or gso_size != mss or buf[9] != IPPROTO_TCP:
+        return False
+    ihl = (buf[0] & 0x0F) * 4
+    return ihl + (buf[ihl + 12] >> 4) * 4 == hl
+
+
+def segment_slots(buf: bytearray, n: int, hl: int, mss: int, partial: bool) -> list[Send] | None:
+    """`segment` for a super-packet of n bytes read into `slot_views(buf, hl, mss)`: the
+    headers go into the gaps (32-bit words, column by column, at C speed), so each send is
+    one contiguous buffer. hl + mss must be a multiple of 4."""
+    if _shape(buf, 0, n, mss) != (hl, -(-(n - hl) // mss)):
+        return None
+    seg, ihl, nseg = hl + mss, (buf[0] & 0x0F) * 4, -(-(n - hl) // mss)
+    hdrs = _headers(buf, 0, hl, nseg, mss, partial)
+    words, hwords = memoryview(buf).cast("I"), memoryview(hdrs).cast("I")
+    stride, hstride = seg // 4, hl // 4
+    for w in range(hstride):
+        words[w : nseg * stride : stride] = hwords[w::hstride]
+    end = (nseg - 1) * seg + hl + (n - hl - (nseg - 1) * mss)
+    mv = memoryview(buf)
+    if not partial:
+        for o in range(0, end, seg):
+            dgram = mv[o : min(o + seg, end)]
+            _tcp_csum(dgram, ihl, dgram[:hl], dgram[hl:])
+    step = _per_send(seg) * seg
+    return [([mv[o : min(o + step, end)]], seg) for o in range(0, end, step)]
+
+
+def transmit(
+    routes: Routes, vnet: Buf, buf: bytearray, n: int, slots: tuple[int, int] | None = None
+) -> tuple[Peer, list[Send]] | Reply | Drop:
+    """What to do with the packet buf[:n] read from the TUN after the virtio-net header
+    `vnet`: the peer and the sends, an ICMP reply, or a drop. With `slots` (hl, mss), the
+    packet is a super-packet laid out by `slot_views` (see `fits_slots`)."""
+    decision = routes.egress(buf, 0, n)
+    if not isinstance(decision, Peer):
+        return decision
+    peer = decision
+    flags, gso_type, _, gso_size, csum_start, csum_offset = VNET.unpack_from(vnet)
+    if gso_type == GSO_TCPV4:
+        if slots is not None:
+            sends = segment_slots(buf, n, slots[0], slots[1], peer.partial_csum)
+        else:
+            sends = segment(buf, 0, n, gso_size, peer.partial_csum)
+        return (peer, sends) if sends is not None else Drop.BAD_OFFLOAD
+    if gso_type != GSO_NONE:
+        return Drop.BAD_OFFLOAD
+    if flags & F_NEEDS_CSUM:
+        ihl = (buf[0] & 0x0F) * 4
+        field = _CSUM_FIELD.get(buf[9], (-1, 0))[0]
+        standard = csum_start == ihl and csum_offset == field and not _is_fragment(buf, 0)
+        if not (peer.partial_csum and standard) and not finish_csum(
+            buf, csum_start, csum_start + csum_offset, n
+        ):
+            return Drop.BAD_OFFLOAD
+    return peer, [([memoryview(buf)[:n]], n)]
+
+
+def _single(buf: bytearray, off: int, end: int, partial: bool) -> list[Buf]:
+    """The write of one accepted packet: TTL decremented; from a capable peer, a TCP/UDP
+    checksum declared partial (the field reset to the pseudo-header sum)."""
+    decrement_ttl(buf, off)
+    vnet = PLAIN
+    if partial and not _is_fragment(buf, off):
+        ihl = (buf[off] & 0x0F) * 4
+        proto = buf[off + 9]
+        field, minimum = _CSUM_FIELD.get(proto, (0, 0xFFFF))
+        length = end - off - ihl
+        if length >= minimum:
+            _U16.pack_into(
+                buf, off + ihl + field, pseudo_sum(buf[off + 12 : off + 20], proto, length)
+            )
+            vnet = VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, ihl, field)
+    return [vnet, memoryview(buf)[off:end]]
+
+
+class Run:
+    """Consecutive in-order segments of one TCP stream, to be written as one super-packet."""
+
+    __slots__ = ("buf", "off", "partial", "ref", "head", "tail", "t", "hl", "mss", "dlen")
+    __slots__ += ("seq", "total", "parts", "psh", "done")
+
+    def __init__(self, buf: bytearray, off: int, end: int, t: int, hl: int, partial: bool) -> None:
+        self.buf, self.off, self.partial, self.t, self.hl = buf, off, partial, t, hl
+        self.ref = bytes(buf[off : off + hl])
+        self.head, self.tail = self.ref[: t + 4], self.ref[t + 8 :]  # around the seq number
+        self.dlen = self.total = end - off
+        self.mss = self.dlen - hl
+        self.seq = (_U32.unpack_from(buf, off + t + 4)[0] + self.mss) & 0xFFFFFFFF
+        self.parts: list[Buf] = [memoryview(buf)[off + hl : end]]
+        self.psh = self.done = False
+
+    @classmethod
+    def begin(cls, buf: bytearray, off: int, end: int, partial: bool) -> Run | None:
+        """A run starting with this accepted packet, if it is a plain in-order data segment."""
+        if buf[off + 9] != IPPROTO_TCP or _is_fragment(buf, off):
+            return None
+        t = (buf[off] & 0x0F) * 4
+        if end - off < t + 20 or buf[off + t + 13] != ACK:
+            return None
+        hl = t + (buf[off + t + 12] >> 4) * 4
+        return cls(buf, off, end, t, hl, partial) if t + 20 <= hl < end - off else None
+
+    def _add(self, buf: bytearray, off: int, end: int) -> bool:
+        size = end - off - self.hl
+        if self.total + size > 0xFFFF:
+            return False
+        self.parts.append(memoryview(buf)[off + self.hl : end])
+        self.total += size
+        self.seq = (self.seq + size) & 0xFFFFFFFF
+        return True
+
+    def extend_same(self, buf: bytearray, off: int, end: int) -> bool:
+        """Take a full-size segment whose header equals the first one's but for the sequence
+        number, which must follow on; no validation needed (see the module doc)."""
+        t = self.t
+        return (
+            not self.done
+            and end - off == self.dlen
+            and buf[off : off + t + 4] == self.head
+            and _U32.unpack_from(buf, off + t + 4)[0] == self.seq
+            and buf[off + t + 8 : off + self.hl] == self.tail
+            and self._add(buf, off, end)
+        )
+
+    def extend_train(self, buf: bytearray, off: int, n: int) -> int:
+        """`extend_same` at C speed for the full-size datagrams from `off` on (but a last one
+        that ends the buffer: it may carry PSH), compared column by column as 32-bit words;
+        all or nothing. The offset after what was taken."""
+        seg, mss = self.dlen, self.mss
+        m = (n - off) // seg - (1 if (n - off) % seg == 0 else 0)
+        if m < 2 or seg % 4 or self.done or self.total + m * mss > 0xFFFF:
+            return off
+        words = memoryview(buf).cast("I")
+        first, stop, stride, seq_word = off // 4, (off + m * seg) // 4, seg // 4, (self.t + 4) // 4
+        ref = self.ref
+        for w in range(self.hl // 4):
+            column = words[first + w : stop : stride].tobytes()
+            if w != seq_word and column != ref[4 * w : 4 * w + 4] * m:
+                return off
+        if (
+            words[first + seq_word : stop : stride].tobytes()
+            != _progression(self.seq, mss, m).tobytes()
+        ):
+            return off
+        mv = memoryview(buf)
+        self.parts += [mv[o + self.hl : o + seg] for o in range(off, off + m * seg, seg)]
+        self.total += m * mss
+        self.seq = (self.seq + m * mss) & 0xFFFFFFFF
+        return off + m * seg
+
+    def extend(self, buf: bytearray, off: int, end: int) -> bool:
+        """Take a validated segment of the same stream that differs in its IP ID, length,
+        checksums or PSH (the last one of a burst); it ends the run if short or pushed."""
+        r, t, hl = self.ref, self.t, self.hl
+        size = end - off - hl
+        flags = buf[off + t + 13]
+        if (
+            self.done
+            or not 0 < size <= self.mss
+            or flags & ~PSH != ACK
+            or buf[off] != r[0]
+            or buf[off + 1] != r[1]
+            or buf[off + 6 : off + 10] != r[6:10]
+            or buf[off + 12 : off + t + 4] != r[12 : t + 4]
+            or _U32.unpack_from(buf, off + t + 4)[0] != self.seq
+            or buf[off + t + 8 : off + t + 13] != r[t + 8 : t + 13]
+            or buf[off + t + 14 : off + t + 16] != r[t + 14 : t + 16]
+            or buf[off + t + 20 : off + hl] != r[t + 20 :]
+            or not self._add(buf, off, end)
+        ):
+            return False
+        self.psh = bool(flags & PSH)
+        self.done = self.psh or size < self.mss
+        return True
+
+    def write(self) -> list[Buf]:
+        """The TUN write of the run: one super-packet (GSO_TCPV4), or its only packet."""
+        if len(self.parts) == 1:
+            return _single(self.buf, self.off, self.off + self.dlen, self.partial)
+        h, t = bytearray(self.ref), self.t
+        _U16.pack_into(h, 2, self.total)
+        h[8] -= 1  # TTL, validated > 1
+        _ip_csum(h, 0, t)
+        if self.psh:
+            h[t + 13] |= PSH
+        _U16.pack_into(h, t + 16, pseudo_sum(h[12:20], IPPROTO_TCP, self.total - t))
+        vnet = VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, self.hl, self.mss, t, 16)
+        return [vnet, h, *self.parts]
+
+
+def receive(
+    routes: Routes,
+    ip: str,
+    port: int,
+    buf: bytearray,
+    n: int,
+    seg: int,
+    drops: Counter[Drop],
+    run: Run | None = None,
+) -> tuple[list[list[Buf]], Run | None]:
+    """The TUN writes (writev buffer lists, each led by a virtio-net header) for buf[:n], the
+    datagrams of one receive from (ip, port), each `seg` bytes but the last; refused ones are
+    counted in `drops`.
+
+    `run` is the open run the previous receive from the same sender returned: it may go on
+    here (a super-packet cut into two UDP_SEGMENT sends becomes one write again). The run
+    still open at the end (its last segment full-size, no PSH) is returned unwritten: the
+    caller continues it with the next receive or writes it (`Run.write`)."""
+    peer = routes.sender(ip, port)
+    if isinstance(peer, Drop):
+        drops[peer] += -(-n // seg)
+        return ([run.write()] if run else []), None
+    partial = peer.partial_csum
+    writes: list[list[Buf]] = []
+    off = 0
+    if run is not None and run.extend_same(buf, 0, min(seg, n)):
+        off = run.extend_train(buf, min(seg, n), n)
+    while off < n:
+        end = min(off + seg, n)
+        if run is not None and run.extend_same(buf, off, end):
+            off = end
+            continue
+        reason = routes.check(ip, buf, off, end)
+        if reason is not None:
+            drops[reason] += 1
+            off = end
+            continue
+        if run is not None:
+            if run.extend(buf, off, end):
+                off = end
+                continue
+            writes.append(run.write())
+        run = Run.begin(buf, off, end, partial)
+        if run is None:
+            writes.append(_single(buf, off, end, partial))
+            off = end
+        else:
+            off = run.extend_train(buf, end, n)
+    if run is not None and run.done:
+        writes.append(run.write())
+        run = None
+    return writes, run

@@ -1,0 +1,284 @@
+"""udp end to end: three lab nodes, real agents, real etcd, real packets through flannel0.
+
+n3 runs as the reference flanneld does (FLANNELD_UDP_OFFLOAD=false: plain TUN, one packet per
+datagram, a lease record with PublicIP only), so n1 and n2 must talk to it without their
+offloads while using them between themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import pytest
+
+from deploy.lab import Lab, Node
+
+from .cluster import PREFIX, Cluster, need_lab, wait_until
+
+CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
+REFERENCE_STYLE = {"FLANNELD_UDP_OFFLOAD": "false"}
+
+ECHO_SERVER = r"""
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 7000))
+srv.listen(16)
+srv.settimeout(60)
+def echo(c):
+    with c:
+        c.settimeout(10)
+        while data := c.recv(65536):
+            c.sendall(data)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"""
+
+ECHO_CLIENT = r"""
+import os, socket, sys, threading
+data = os.urandom(int(sys.argv[2]))
+c = socket.create_connection((sys.argv[1], 7000), timeout=10)
+def send():
+    c.sendall(data)
+    c.shutdown(socket.SHUT_WR)
+threading.Thread(target=send, daemon=True).start()
+got = bytearray()
+while chunk := c.recv(65536):
+    got += chunk
+print("ok" if got == data else f"mismatch: sent {len(data)}, got {len(got)}")
+"""
+
+UDP_LISTENER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+print("listening", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while (left := end - time.monotonic()) > 0:
+    s.settimeout(left)
+    try:
+        print(s.recv(2048).decode(errors="replace"), flush=True)
+    except TimeoutError:
+        break
+"""
+
+SPOOFER = r"""
+import socket, struct, sys
+node, src, dst, sport = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+payload = b"spoof"
+udp = struct.pack("!HHHH", 4000, 9999, 8 + len(payload), 0) + payload
+hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                            socket.inet_aton(src), socket.inet_aton(dst)))
+words = struct.unpack("!10H", hdr)
+total = sum(words)
+while total >> 16:
+    total = (total & 0xFFFF) + (total >> 16)
+hdr[10:12] = struct.pack("!H", ~total & 0xFFFF)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", sport))
+for _ in range(5):
+    s.sendto(bytes(hdr) + udp, (node, 8285))
+"""
+
+PINGER = r"""
+import os, socket, struct, sys, time
+dst, ident = sys.argv[1], os.getpid() & 0xFFFF
+end = time.monotonic() + float(sys.argv[2])
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    seq = 0
+    while time.monotonic() < end:
+        seq += 1
+        body = struct.pack("!HH", ident, seq) + b"restart!"
+        total = sum(struct.unpack("!8H", b"\x08\x00\x00\x00" + body))
+        total = (total & 0xFFFF) + (total >> 16)
+        total += total >> 16
+        s.sendto(b"\x08\x00" + struct.pack("!H", ~total & 0xFFFF) + body, (dst, 0))
+        deadline = time.monotonic() + 0.03
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data, (src, _) = s.recvfrom(2048)
+            except TimeoutError:
+                break
+            ihl = (data[0] & 0x0F) * 4
+            if src == dst and data[ihl] == 0 and data[ihl + 4 : ihl + 8] == body[:4]:
+                print(time.time(), flush=True)
+                sys.exit(0)
+sys.exit(1)
+"""
+
+
+def reported_drops(log: str) -> Counter[str]:
+    """The agent's drop reports ("udp: dropped since last report: 3 why, 1 why"), summed."""
+    total: Counter[str] = Counter()
+    for line in log.splitlines():
+        _, found, report = line.partition("dropped since last report: ")
+        for item in report.split(", ") if found else ():
+            count, _, reason = item.partition(" ")
+            total[reason] += int(count)
+    return total
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    need_lab()
+    with Lab(nodes=3, containers=1) as lab:
+        lab.start_etcd()
+        c = Cluster(
+            lab, CONFIG, ("--reconcile-interval=1", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
+        )
+        n1, n2, n3 = lab.nodes
+        c.start(n1)
+        c.start(n2)
+        c.start(n3, env=REFERENCE_STYLE)
+        for node in lab.nodes:
+            c.wait_ready(node)
+        for node in lab.nodes:
+            for ct in node.containers:
+                lab.spawn(ct.ns, sys.executable, "-c", ECHO_SERVER)
+        yield c
+
+
+def subnet_of(c: Cluster, node: Node) -> str:
+    return c.env(node)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+
+
+def tcp_echo(c: Cluster, src: Node, dst: Node, size: int) -> str:
+    res = c.lab.run(
+        src.containers[0].ns,
+        sys.executable,
+        "-c",
+        ECHO_CLIENT,
+        dst.containers[0].ip,
+        str(size),
+        check=False,
+        timeout=20,
+    )
+    return res.stdout.strip() or res.stderr.strip()[-300:]
+
+
+def test_devices_routes_and_lease_records(cluster):
+    lab = cluster.lab
+    for node in lab.nodes:
+        [link] = json.loads(lab.run(node.ns, "ip", "-j", "-d", "link", "show", "flannel0").stdout)
+        assert link["mtu"] == 1472
+        assert cluster.env(node)["FLANNEL_MTU"] == "1472"
+        [addr] = json.loads(lab.run(node.ns, "ip", "-j", "addr", "show", "flannel0").stdout)
+        network = subnet_of(cluster, node).split("/")[0]
+        assert [(a["local"], a["prefixlen"]) for a in addr["addr_info"]] == [(network, 32)]
+        ours = [r for r in cluster.routes(node) if r.get("protocol") in (155, "155")]
+        assert [(r["dst"], r["dev"]) for r in ours] == [("10.244.0.0/16", "flannel0")]
+    records = {}
+    for node in lab.nodes:
+        key = f"{PREFIX}/subnets/{subnet_of(cluster, node).replace('/', '-')}"
+        records[node.name] = lab.etcdctl("get", "--print-value-only", key).strip()
+    n3_ip = lab.nodes[2].ip
+    assert records["n3"] == f'{{"PublicIP":"{n3_ip}","PublicIPv6":null}}'  # the reference's
+    for name in ("n1", "n2"):
+        doc = json.loads(records[name])
+        assert doc["BackendData"] == {"Cap": ["csum"]} and "BackendType" not in doc
+
+
+def test_icmp_and_tcp_between_all_containers(cluster):
+    cluster.assert_all_reachable()
+    nodes = cluster.lab.nodes
+    for src in nodes:
+        for dst in nodes:
+            if src is not dst:
+                assert tcp_echo(cluster, src, dst, 300_000) == "ok", f"{src.name}->{dst.name}"
+
+
+def test_reference_style_node_moves_bulk_tcp_both_ways(cluster):
+    n1, _, n3 = cluster.lab.nodes
+    assert tcp_echo(cluster, n1, n3, 4_000_000) == "ok"
+    assert tcp_echo(cluster, n3, n1, 4_000_000) == "ok"
+
+
+def test_tcp_without_timestamps_is_cut_for_its_own_header_size(cluster):
+    """40-byte TCP/IP headers: the datapath's TUN read layout (made for 52) follows."""
+    lab = cluster.lab
+    n1, n2, _ = lab.nodes
+    for node in (n1, n2):
+        lab.run(node.containers[0].ns, "sysctl", "-q", "-w", "net.ipv4.tcp_timestamps=0")
+    try:
+        assert tcp_echo(cluster, n1, n2, 4_000_000) == "ok"
+    finally:
+        for node in (n1, n2):
+            lab.run(node.containers[0].ns, "sysctl", "-q", "-w", "net.ipv4.tcp_timestamps=1")
+
+
+def test_spoofed_datagrams_reach_no_container(cluster):
+    lab = cluster.lab
+    n1, n2, _ = lab.nodes
+    c1, c2 = n1.containers[0], n2.containers[0]
+    log = lab.workdir / "udp-listener.log"
+    listener = lab.spawn(c1.ns, sys.executable, "-c", UDP_LISTENER, "3", log=log)
+    wait_until(lambda: "listening" in log.read_text(), 5, what="the UDP listener")
+    send_real = "import socket, sys; socket.socket(2, 2).sendto(b'real', (sys.argv[1], 9999))"
+    lab.run(c2.ns, sys.executable, "-c", send_real, c1.ip)
+    # not a peer: the switch's own address (etcd's host)
+    lab.run(lab.switch_ns, sys.executable, "-c", SPOOFER, n1.ip, c2.ip, c1.ip, "8285")
+    # a peer's address, but not the backend's port
+    lab.run(n2.ns, sys.executable, "-c", SPOOFER, n1.ip, c2.ip, c1.ip, "40000")
+    listener.wait(10)
+    got = log.read_text().split()
+    assert "real" in got and "spoof" not in got
+
+    def counted() -> bool:
+        drops = reported_drops(cluster.log(n1))
+        return (
+            drops["sender is not a peer"] >= 5 and drops["sender port is not the backend Port"] >= 5
+        )
+
+    wait_until(counted, 5, what="the spoofed datagrams counted in n1's log")
+    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8471/metrics').read().decode())"
+    text = lab.run(n1.ns, sys.executable, "-c", probe).stdout
+    assert 'flannel_udp_drops_total{reason="unknown_sender"}' in text
+    assert 'flannel_udp_drops_total{reason="bad_sender_port"}' in text
+    for direction in ("in", "out"):
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith(f'flannel_udp_packets_total{{direction="{direction}"}}')
+        )
+        assert float(line.rsplit(" ", 1)[1]) > 0
+
+
+def test_hand_deleted_flannel0_is_recreated(cluster):
+    lab = cluster.lab
+    n1, n2, _ = lab.nodes
+    lab.run(n2.ns, "ip", "link", "del", "flannel0")
+    wait_until(
+        lambda: lab.ping(n1.containers[0].ns, n2.containers[0].ip, timeout=0.3),
+        5,
+        what="traffic through a re-created flannel0",
+    )
+    assert "re-creating flannel0" in cluster.log(n2)
+
+
+def test_stop_removes_flannel0_and_restart_restores_traffic_within_1s(cluster):
+    lab = cluster.lab
+    n1, n2, _ = lab.nodes
+    before = cluster.env(n2)["FLANNEL_SUBNET"]
+    took = cluster.stop(n2)
+    assert took < 2, f"SIGTERM took {took:.2f} s"
+    gone = lab.run(n2.ns, "ip", "link", "show", "flannel0", check=False)
+    assert gone.returncode != 0 and "does not exist" in gone.stderr
+    assert not any(r["dst"] == "10.244.0.0/16" for r in cluster.routes(n2))
+    assert not lab.ping(n1.containers[0].ns, n2.containers[0].ip, timeout=0.3)
+    log = lab.workdir / "udp-pinger.log"
+    pinger = lab.spawn(
+        n1.containers[0].ns, sys.executable, "-c", PINGER, n2.containers[0].ip, "20", log=log
+    )
+    cluster.subnet_file(n2).unlink()  # ready = subnet.env written again
+    cluster.start(n2)
+    env = cluster.wait_ready(n2)
+    ready = cluster.subnet_file(n2).stat().st_mtime
+    assert env["FLANNEL_SUBNET"] == before
+    assert pinger.wait(25) == 0, "traffic never came back"
+    first = float(log.read_text().split()[-1])
+    assert first - ready < 1.0, f"traffic back {first - ready:.2f} s after ready"
+    cluster.assert_all_reachable()
