@@ -76,6 +76,7 @@ def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
     assert scale["converged"] and scale["counts"] == scale["expected"] == {"route": 50}
     assert 0 < scale["kernel_s"] < 60 and scale["removed_s"] is not None
     assert scale["noop_ms"] is not None and 0 < scale["one_more_ms"] < 30_000
+    assert scale["full_ms"] is not None and scale["full_ms"] > 0
     assert scale["rss_after_mb"] > 10
 
     png = (tmp_path / "benchmark.png").read_bytes()
