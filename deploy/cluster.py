@@ -121,6 +121,20 @@ class Cluster:
         path = self.lab.workdir / f"{node.name}.agent.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def http_get(self, node: Node, path: str, port: int) -> tuple[int, str]:
+        """GET http://127.0.0.1:<port><path> inside the node (the agent's health server):
+        status and body."""
+        probe = (
+            "import sys, urllib.request as u, urllib.error as e\n"
+            "try: r = u.urlopen(sys.argv[1], timeout=5)\n"
+            "except e.HTTPError as x: r = x\n"
+            "print(r.status); print(r.read().decode(), end=\"\")"
+        )
+        url = f"http://127.0.0.1:{port}{path}"
+        out = self.lab.run(node.ns, sys.executable, "-c", probe, url).stdout
+        status, _, body = out.partition("\n")
+        return int(status), body
+
     def routes(self, node: Node) -> list[dict]:
         out = self.lab.run(node.ns, "ip", "-j", "route", "show", "table", "main").stdout
         return json.loads(out)

@@ -22,15 +22,6 @@ def lab():
         yield lab
 
 
-def readyz(lab: Lab, node) -> int:
-    probe = (
-        "import urllib.request as u, urllib.error as e\n"
-        "try: print(u.urlopen('http://127.0.0.1:8471/readyz').status)\n"
-        "except e.HTTPError as x: print(x.code)"
-    )
-    return int(lab.run(node.ns, sys.executable, "-c", probe).stdout)
-
-
 def test_waits_for_a_valid_config_then_becomes_ready(lab):
     node = lab.nodes[0]
     c = Cluster(lab, {"Network": "10.244.0.0/16", "SubnetLen": 31, "Backend": {"Type": "host-gw"}})
@@ -40,14 +31,14 @@ def test_waits_for_a_valid_config_then_becomes_ready(lab):
     errors = [line for line in c.log(node).splitlines() if "SubnetLen" in line]
     assert len(errors) == 1, errors  # one line, not one per poll
     assert "less than /31" in errors[0]
-    assert readyz(lab, node) == 503 and c.procs[node.name].poll() is None
+    assert c.http_get(node, "/readyz", 8471)[0] == 503 and c.procs[node.name].poll() is None
     lab.etcdctl(
         "put",
         f"{PREFIX}/config",
         json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}),
     )
     env = c.wait_ready(node, timeout=10)
-    assert readyz(lab, node) == 200
+    assert c.http_get(node, "/readyz", 8471)[0] == 200
     key = env["FLANNEL_SUBNET"].replace(".1/", ".0-").replace("/", "-")
     record = lab.etcdctl("get", "--print-value-only", f"{PREFIX}/subnets/{key}").strip()
     assert record == f'{{"PublicIP":"{node.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pytest
 
-from deploy.lab import Lab
-
-from .cluster import PREFIX, Cluster, need_lab, wait_until
+from .cluster import PREFIX, Cluster, running, wait_until
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    need_lab()
-    with Lab(nodes=3, containers=1) as lab:
-        lab.start_etcd()
-        c = Cluster(
-            lab, CONFIG, ("--reconcile-interval=2", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
-        )
-        c.start_all()
+    args = ("--reconcile-interval=2", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
+    with running(CONFIG, args) as c:
         yield c
 
 
@@ -48,9 +40,7 @@ def test_every_container_reaches_every_other_node(cluster):
 
 
 def test_readyz_answers_inside_the_node(cluster):
-    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8471/readyz').read())"
-    out = cluster.lab.run(cluster.lab.nodes[0].ns, sys.executable, "-c", probe).stdout
-    assert "flanneld is ready" in out
+    assert cluster.http_get(cluster.lab.nodes[0], "/readyz", 8471) == (200, "flanneld is ready\n")
 
 
 def test_hand_deleted_route_is_restored_by_next_reconcile(cluster):

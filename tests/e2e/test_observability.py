@@ -11,29 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab import Lab
-
-from .cluster import PREFIX, Cluster, need_lab, wait_until
+from .cluster import PREFIX, Cluster, running, wait_until
 
 INTERVAL = 6
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    need_lab()
-    with Lab(nodes=3, containers=1) as lab:
-        lab.start_etcd()
-        c = Cluster(
-            lab,
-            {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}},
-            (
-                f"--reconcile-interval={INTERVAL}",
-                "--healthz-ip=127.0.0.1",
-                "--healthz-port=8471",
-                "--log-format=json",
-            ),
-        )
-        c.start_all()
+    args = (
+        f"--reconcile-interval={INTERVAL}",
+        "--healthz-ip=127.0.0.1",
+        "--healthz-port=8471",
+        "--log-format=json",
+    )
+    with running({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}, args) as c:
         c.assert_all_reachable()
         yield c
 
@@ -49,8 +40,7 @@ def ctl(c: Cluster, node, *args: str, check: bool = True):
 
 
 def metrics(c: Cluster, node) -> str:
-    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8471/metrics').read().decode())"
-    return c.lab.run(node.ns, sys.executable, "-c", probe).stdout
+    return c.http_get(node, "/metrics", 8471)[1]
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -13,7 +13,7 @@ import pytest
 
 from deploy.lab import Lab, Node
 
-from .cluster import PREFIX, Cluster, need_lab, wait_until
+from .cluster import PREFIX, Cluster, need_lab, running, wait_until
 
 DEV = "flannel.1"
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -22,14 +22,7 @@ RECONCILE = 2.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    need_lab()
-    with Lab(nodes=4, containers=1) as lab:
-        lab.start_etcd()
-        c = Cluster(lab, CONFIG, (f"--reconcile-interval={RECONCILE:g}",))
-        for node in lab.nodes[:3]:
-            c.start(node)
-        for node in lab.nodes[:3]:
-            c.wait_ready(node)
+    with running(CONFIG, (f"--reconcile-interval={RECONCILE:g}",), nodes=4, start=3) as c:
         yield c
 
 
