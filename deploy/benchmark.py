@@ -661,11 +661,7 @@ class ScaleLab:
 
     def metric(self, name: str, label: str = "") -> float:
         """One sample of the agent's /metrics (0 when absent)."""
-        probe = (
-            "import urllib.request as u; print(u.urlopen("
-            f"'http://127.0.0.1:{SCALE_HEALTHZ}/metrics', timeout=5).read().decode())"
-        )
-        text = self.lab.run(self.node.ns, sys.executable, "-c", probe).stdout
+        text = self.cluster.http_get(self.node, "/metrics", SCALE_HEALTHZ)[1]
         for line in text.splitlines():
             if line.startswith(name) and label in line:
                 return float(line.rsplit(" ", 1)[1])
