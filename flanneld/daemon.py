@@ -19,7 +19,7 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 
 import backends
-from backends.base import Backend, BackendContext, BackendError
+from backends.base import Backend, BackendContext, BackendError, ExternalInterface
 
 from . import __version__, metrics, sdnotify, subnetenv
 from .allocation import OutOfSubnets
@@ -92,7 +92,7 @@ class Agent:
                 last = msg
             await asyncio.sleep(CONFIG_POLL)
 
-    async def pick_interface(self):  # noqa: ANN201
+    async def pick_interface(self) -> ExternalInterface:
         async with AsyncIPRoute() as ipr:
             links, default_oif = await discover(ipr)
         ext = select(
@@ -143,11 +143,7 @@ class Agent:
         lease = self.leases.lease if self.leases else None
         if lease is None or self.backend is None:
             return
-        n = (
-            len(self.watcher.table.leases) - (lease.subnet in self.watcher.table.leases)
-            if self.watcher
-            else 0
-        )
+        n = len(self.peers(lease.subnet)) if self.watcher else 0
         sdnotify.notify(f"STATUS=lease {lease.subnet}, backend {self.backend.type_name}, {n} peers")
 
     async def start(self) -> None:
