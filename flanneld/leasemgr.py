@@ -10,6 +10,7 @@ takes a lease again (the same subnet when still free) instead of exiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -171,6 +172,11 @@ class LeaseManager:
             log.info("renewed lease %s for %d s", self.lease.subnet, ttl)
 
     async def _reacquire(self) -> None:
+        old = self.lease
+        if old is not None and not old.is_reservation:
+            # Its key is gone: release the etcd lease now rather than let it linger for 24 h.
+            with contextlib.suppress(Exception):
+                await self.registry.call(lambda c: c.revoke_lease(old.etcd_lease))
         delay = 1.0
         while True:
             try:

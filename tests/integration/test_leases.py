@@ -114,6 +114,8 @@ async def test_own_key_deleted_is_reacquired_same_subnet(reg):
         t.cancel()
     assert got is not None and got.attrs.public_ip == ME
     assert lm.lease.subnet == lease.subnet
+    assert got.etcd_lease != lease.etcd_lease
+    assert await reg.time_to_live(lease.etcd_lease) == -1  # the orphaned etcd lease was revoked
 
 
 async def test_thirty_racing_agents_get_distinct_subnets(etcd_server, etcd_prefix):
