@@ -143,7 +143,8 @@ class Agent:
         lease = self.leases.lease if self.leases else None
         if lease is None or self.backend is None:
             return
-        n = len(self.peers(lease.subnet)) if self.watcher else 0
+        table = self.watcher.table.leases if self.watcher else {}
+        n = len(table) - (lease.subnet in table)  # O(1): this runs on every watch event
         sdnotify.notify(f"STATUS=lease {lease.subnet}, backend {self.backend.type_name}, {n} peers")
 
     async def start(self) -> None:
