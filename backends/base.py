@@ -105,3 +105,22 @@ class Backend(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; kernel state stays unless it cannot outlive the agent."""
+
+
+def skip_reason(local: Lease, subnet: IPv4Network, peer: Lease, types: tuple[str, ...]) -> str:
+    """Why a backend must not program `peer` ("" when it may): our own subnet, our own
+    PublicIP, or a BackendType other than `types` (lower case; "" accepts a record without one,
+    as the reference's udp writes). One warning line, naming the peer and the fix."""
+    ip = peer.attrs.public_ip
+    why = ""
+    if subnet == local.subnet:
+        why = "it is our subnet"
+    elif ip == local.attrs.public_ip:
+        why = "its PublicIP is ours; two nodes must not share a public address"
+    elif peer.attrs.backend_type.lower() not in types:
+        want = " or ".join(repr(t) for t in types if t)
+        why = (
+            f"its BackendType is {peer.attrs.backend_type!r}, not {want}; "
+            "run one backend type per network"
+        )
+    return f"skipping peer lease {subnet} (PublicIP {ip}): {why}" if why else ""

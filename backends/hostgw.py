@@ -15,7 +15,7 @@ from pyroute2 import AsyncIPRoute
 from flanneld.lease import Lease, LeaseAttrs
 
 from . import netlink, register
-from .base import BackendError
+from .base import BackendError, skip_reason
 from .kernel import KernelBackend
 from .reconcile import Entry, Route
 
@@ -34,21 +34,10 @@ def plan(
     routes: set[Route] = set()
     warnings: list[str] = []
     for subnet, peer in sorted(peers.items()):
-        gateway = peer.attrs.public_ip
-        if subnet == local.subnet:
-            warnings.append(f"skipping peer lease {subnet} (PublicIP {gateway}): it is our subnet")
-        elif gateway == local.attrs.public_ip:
-            warnings.append(
-                f"skipping peer lease {subnet}: its PublicIP {gateway} is ours; "
-                "two nodes must not share a public address"
-            )
-        elif peer.attrs.backend_type.lower() != TYPE:
-            warnings.append(
-                f"skipping peer lease {subnet} (PublicIP {gateway}): its BackendType is "
-                f"{peer.attrs.backend_type!r}, not {TYPE!r}; run one backend type per network"
-            )
+        if why := skip_reason(local, subnet, peer, (TYPE,)):
+            warnings.append(why)
         else:
-            routes.add(Route(dst=subnet, gateway=gateway, oif=oif))
+            routes.add(Route(dst=subnet, gateway=peer.attrs.public_ip, oif=oif))
     return routes, warnings
 
 

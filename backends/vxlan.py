@@ -24,7 +24,7 @@ from flanneld.config import ci_get
 from flanneld.lease import Lease, LeaseAttrs
 
 from . import netlink, register
-from .base import BackendContext, BackendError
+from .base import BackendContext, BackendError, skip_reason
 from .kernel import KernelBackend
 from .reconcile import Fdb, Neigh, Route
 
@@ -137,17 +137,8 @@ def plan(
         public_ip = peer.attrs.public_ip
         mac = peer_mac(peer)
         skip = f"skipping peer lease {subnet} (PublicIP {public_ip}): "
-        if subnet == local.subnet:
-            warnings.append(skip + "it is our subnet")
-        elif public_ip == local.attrs.public_ip:
-            warnings.append(
-                skip + "its PublicIP is ours; two nodes must not share a public address"
-            )
-        elif peer.attrs.backend_type.lower() != TYPE:
-            warnings.append(
-                skip + f"its BackendType is {peer.attrs.backend_type!r}, not {TYPE!r}; "
-                "run one backend type per network"
-            )
+        if why := skip_reason(local, subnet, peer, (TYPE,)):
+            warnings.append(why)
         elif mac is None:
             data = json.dumps(peer.attrs.backend_data)
             warnings.append(

@@ -38,7 +38,7 @@ from flanneld.config import ci_get
 from flanneld.lease import Lease, LeaseAttrs
 
 from .. import netlink, register
-from ..base import Backend, BackendContext, BackendError, ReconcileResult
+from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_reason
 from ..reconcile import Route, diff
 from .core import CAP_PARTIAL_CSUM, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
 from .datapath import Datapath, open_socket, open_tun
@@ -92,22 +92,11 @@ def plan(
     chosen: list[Peer] = []
     warnings: list[str] = []
     for subnet, peer in sorted(peers.items()):
-        ip, kind = peer.attrs.public_ip, peer.attrs.backend_type
-        if subnet == local.subnet:
-            warnings.append(f"skipping peer lease {subnet} (PublicIP {ip}): it is our subnet")
-        elif ip == local.attrs.public_ip:
-            warnings.append(
-                f"skipping peer lease {subnet}: its PublicIP {ip} is ours; "
-                "two nodes must not share a public address"
-            )
-        elif kind and kind.lower() != TYPE:
-            warnings.append(
-                f"skipping peer lease {subnet} (PublicIP {ip}): its BackendType is {kind!r}, "
-                f"not {TYPE!r}; run one backend type per network"
-            )
+        if why := skip_reason(local, subnet, peer, ("", TYPE)):
+            warnings.append(why)
         else:
             partial = advertises_partial_csum(peer.attrs.backend_data)
-            chosen.append(Peer(subnet, ip, port, partial))
+            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial))
     return Routes(network, subnet_len, local.subnet, chosen, port), warnings
 
 
