@@ -16,15 +16,14 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
 
 
+NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+
+
 def make_ca(d: Path, name: str) -> None:
     openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *NEW_KEY,
         "-keyout",
         f"{name}.key",
         "-out",
@@ -40,11 +39,7 @@ def make_ca(d: Path, name: str) -> None:
 def make_cert(d: Path, ca: str, name: str, san: str = "") -> None:
     openssl(
         "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
+        *NEW_KEY,
         "-keyout",
         f"{name}.key",
         "-out",
