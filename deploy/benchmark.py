@@ -453,29 +453,23 @@ class BackendLab:
         getting an echo answered by node 3's container."""
         self._reset_joiner()
         src, dst = self.n1.containers[0], self.n3.containers[0]
-        log = self.lab.workdir / f"reach-{time.monotonic_ns()}.log"
-        prober = self.lab.spawn(
-            src.ns, sys.executable, "-I", LAB, "reach", dst.ip, str(JOIN_TIMEOUT), "0.005", log=log
-        )
+        prober = self.lab.reach_probe(src.ns, dst.ip, JOIN_TIMEOUT, 0.005)
         with KeyWatch(self.lab, self.joiner_key) as watch:
             try:
-                wait_until(lambda: "probing" in log.read_text(), 5, step=0.02, what="the prober")
                 started = time.monotonic()
                 self.cluster.start(self.n3)
                 appeared = watch.wait(JOIN_TIMEOUT)
-                prober.wait(JOIN_TIMEOUT + 5)
+                answered = self.lab.reach_result(prober, JOIN_TIMEOUT + 5)
             finally:
-                _stop(prober)
                 if "n3" in self.cluster.procs:
                     self.cluster.stop(self.n3)
-        m = re.search(r"answered at ([\d.]+)", log.read_text())
-        if m is None:
+        if answered is None:
             raise BenchError(
                 f"{self.backend}: node 1's container got no answer from node 3's within "
                 f"{JOIN_TIMEOUT:g} s of its start"
             )
         return {
-            "join_ms": 1000 * (float(m.group(1)) - appeared),
+            "join_ms": 1000 * (answered - appeared),
             "join_start_to_key_ms": 1000 * (appeared - started),
         }
 

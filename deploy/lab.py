@@ -363,6 +363,39 @@ class Lab:
             raise LabError(f"ping stream from pid {proc.pid} printed no result")
         return int(m.group(1)), int(m.group(2))
 
+    def reach_probe(
+        self, src_ns: str, dst_ip: str, timeout: float, interval: float
+    ) -> subprocess.Popen[bytes]:
+        """Start echoing `dst_ip` every `interval` s until the first answer (at most `timeout`
+        s), in the background; returns once the probe runs. `reach_result()` tells when."""
+        log = self.workdir / f"{src_ns}.reach-{dst_ip}-{time.monotonic_ns()}.log"
+        script = str(Path(__file__).resolve())
+        proc = self.spawn(
+            src_ns,
+            sys.executable,
+            "-I",
+            script,
+            "reach",
+            dst_ip,
+            str(timeout),
+            str(interval),
+            log=log,
+        )
+        self._streams[proc.pid] = log
+        deadline = time.monotonic() + 5
+        while "probing" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return proc
+
+    def reach_result(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> float | None:
+        """Wait for a `reach_probe`; the `time.monotonic()` of the first answer, or None."""
+        try:
+            proc.wait(timeout)
+        finally:
+            _stop(proc)
+        m = re.search(r"answered at ([\d.]+)", self._streams.pop(proc.pid).read_text())
+        return float(m.group(1)) if m else None
+
     def ping_matrix(self) -> dict[tuple[str, str], bool]:
         """Ping every container from every container on another node, in parallel."""
         pairs = [

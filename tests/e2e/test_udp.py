@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -81,33 +82,6 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", sport))
 for _ in range(5):
     s.sendto(bytes(hdr) + udp, (node, 8285))
-"""
-
-PINGER = r"""
-import os, socket, struct, sys, time
-dst, ident = sys.argv[1], os.getpid() & 0xFFFF
-end = time.monotonic() + float(sys.argv[2])
-with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
-    seq = 0
-    while time.monotonic() < end:
-        seq += 1
-        body = struct.pack("!HH", ident, seq) + b"restart!"
-        total = sum(struct.unpack("!8H", b"\x08\x00\x00\x00" + body))
-        total = (total & 0xFFFF) + (total >> 16)
-        total += total >> 16
-        s.sendto(b"\x08\x00" + struct.pack("!H", ~total & 0xFFFF) + body, (dst, 0))
-        deadline = time.monotonic() + 0.03
-        while (left := deadline - time.monotonic()) > 0:
-            s.settimeout(left)
-            try:
-                data, (src, _) = s.recvfrom(2048)
-            except TimeoutError:
-                break
-            ihl = (data[0] & 0x0F) * 4
-            if src == dst and data[ihl] == 0 and data[ihl + 4 : ihl + 8] == body[:4]:
-                print(time.time(), flush=True)
-                sys.exit(0)
-sys.exit(1)
 """
 
 
@@ -268,16 +242,14 @@ def test_stop_removes_flannel0_and_restart_restores_traffic_within_1s(cluster):
     assert gone.returncode != 0 and "does not exist" in gone.stderr
     assert not any(r["dst"] == "10.244.0.0/16" for r in cluster.routes(n2))
     assert not lab.ping(n1.containers[0].ns, n2.containers[0].ip, timeout=0.3)
-    log = lab.workdir / "udp-pinger.log"
-    pinger = lab.spawn(
-        n1.containers[0].ns, sys.executable, "-c", PINGER, n2.containers[0].ip, "20", log=log
-    )
+    probe = lab.reach_probe(n1.containers[0].ns, n2.containers[0].ip, 20, 0.03)
     cluster.subnet_file(n2).unlink()  # ready = subnet.env written again
     cluster.start(n2)
     env = cluster.wait_ready(n2)
-    ready = cluster.subnet_file(n2).stat().st_mtime
+    # subnet.env's mtime is wall-clock time; the probe reports monotonic time
+    ready = cluster.subnet_file(n2).stat().st_mtime - (time.time() - time.monotonic())
     assert env["FLANNEL_SUBNET"] == before
-    assert pinger.wait(25) == 0, "traffic never came back"
-    first = float(log.read_text().split()[-1])
+    first = lab.reach_result(probe, 25)
+    assert first is not None, "traffic never came back"
     assert first - ready < 1.0, f"traffic back {first - ready:.2f} s after ready"
     cluster.assert_all_reachable()
