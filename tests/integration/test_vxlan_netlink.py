@@ -104,6 +104,15 @@ def make(ns: str, tmp_path: Path, **options: object) -> VxlanBackend:
     return VxlanBackend(BackendContext(ext, config, tmp_path, config.backend), netns=ns)
 
 
+async def prepare_once(ns: str, tmp_path: Path) -> None:
+    """A fresh backend's prepare() over whatever device is there, its socket closed again."""
+    b = make(ns, tmp_path)
+    try:
+        await b.prepare()
+    finally:
+        await b.close()
+
+
 @pytest.fixture
 async def backend(ns, tmp_path: Path):
     b = make(ns, tmp_path)
@@ -158,11 +167,7 @@ async def test_compatible_device_with_another_mac_is_kept_and_gets_ours(ns, tmp_
        "local", "192.0.2.10", "dev", "ul0", "dstport", "8472", "nolearning")  # fmt: skip
     ip(ns, "link", "set", "dev", DEV, "mtu", "1400", "up")
     index = link(ns)["ifindex"]
-    b = make(ns, tmp_path)
-    try:
-        await b.prepare()
-    finally:
-        await b.close()
+    await prepare_once(ns, tmp_path)
     dev = link(ns)
     assert (dev["ifindex"], dev["address"], dev["mtu"]) == (index, MAC, 1450)
     assert "UP" in dev["flags"]
@@ -172,11 +177,7 @@ async def test_incompatible_device_is_replaced_with_the_same_mac(ns, tmp_path) -
     ip(ns, "link", "add", DEV, "type", "vxlan", "id", "1", "local", "192.0.2.10",
        "dev", "ul0", "dstport", "4789")  # fmt: skip
     index = link(ns)["ifindex"]
-    b = make(ns, tmp_path)
-    try:
-        await b.prepare()
-    finally:
-        await b.close()
+    await prepare_once(ns, tmp_path)
     dev = link(ns)
     assert dev["ifindex"] != index and dev["address"] == MAC
     assert dev["linkinfo"]["info_data"]["port"] == 8472
