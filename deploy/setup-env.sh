@@ -2,6 +2,14 @@
 # Install steps shared by deploy/run-tests.sh and deploy/demo.sh; source it from the repo root.
 # Each step installs only what is missing, so a second run costs a second or two.
 
+# need_root SCRIPT: stop with one line unless run as root (the lab creates network namespaces).
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "$1: run as root (sudo $1 ...): the lab creates network namespaces" >&2
+    exit 1
+  fi
+}
+
 # need_debian_packages COMMAND:PACKAGE...: apt-get install the packages whose command is missing.
 need_debian_packages() {
   local missing=() spec
