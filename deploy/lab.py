@@ -332,28 +332,24 @@ class Lab:
         )
         return res.returncode == 0
 
+    def _prober(
+        self, src_ns: str, command: str, dst_ip: str, *args: str
+    ) -> subprocess.Popen[bytes]:
+        """Run this file's `command` (echo, reach) in `src_ns` in the background, its output
+        in a log of its own (kept in `_streams` for the result)."""
+        log = self.workdir / f"{src_ns}.{command}-{dst_ip}-{time.monotonic_ns()}.log"
+        script = str(Path(__file__).resolve())
+        proc = self.spawn(src_ns, sys.executable, "-I", script, command, dst_ip, *args, log=log)
+        self._streams[proc.pid] = log
+        return proc
+
     def ping_stream(
         self, src_ns: str, dst_ip: str, seconds: float, interval: float = 0.05
     ) -> subprocess.Popen[bytes]:
         """Start pinging `dst_ip` every `interval` s for about `seconds` s in the background;
         `stream_result()` tells how many echoes were sent and answered."""
         count = max(1, int(seconds / interval))
-        log = self.workdir / f"{src_ns}.stream-{dst_ip}-{time.monotonic_ns()}.log"
-        script = str(Path(__file__).resolve())
-        proc = self.spawn(
-            src_ns,
-            sys.executable,
-            "-I",
-            script,
-            "echo",
-            dst_ip,
-            str(count),
-            "1",
-            str(interval),
-            log=log,
-        )
-        self._streams[proc.pid] = log
-        return proc
+        return self._prober(src_ns, "echo", dst_ip, str(count), "1", str(interval))
 
     def stream_result(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, int]:
         """Wait for a `ping_stream` to end; (sent, answered)."""
@@ -368,20 +364,8 @@ class Lab:
     ) -> subprocess.Popen[bytes]:
         """Start echoing `dst_ip` every `interval` s until the first answer (at most `timeout`
         s), in the background; returns once the probe runs. `reach_result()` tells when."""
-        log = self.workdir / f"{src_ns}.reach-{dst_ip}-{time.monotonic_ns()}.log"
-        script = str(Path(__file__).resolve())
-        proc = self.spawn(
-            src_ns,
-            sys.executable,
-            "-I",
-            script,
-            "reach",
-            dst_ip,
-            str(timeout),
-            str(interval),
-            log=log,
-        )
-        self._streams[proc.pid] = log
+        proc = self._prober(src_ns, "reach", dst_ip, str(timeout), str(interval))
+        log = self._streams[proc.pid]
         deadline = time.monotonic() + 5
         while "probing" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.02)
