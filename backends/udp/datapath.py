@@ -6,12 +6,16 @@ One thread does both directions: it sleeps in epoll until the TUN or the socket 
 then reads from each in turn, without blocking, for as long as either has something and for
 `SPIN` s after that (yielding the CPU between empty rounds), before it sleeps again. The next
 packet of a burst, or the answer to a request that just went out, is so picked up without a
-wake-up, which costs more than the Python work on a small packet. TUN reads go into
-`offload.slot_views`, expecting TCP super-packets cut for 52-byte headers (TCP with
-timestamps) and the TUN MTU; a super-packet cut otherwise is gathered and the layout follows
-it. After a receive that leaves a super-packet open, one more non-blocking receive
-looks for its continuation. The agent swaps `Datapath.routes` by assignment; the thread reads
-the attribute once per read, so each packet sees one whole snapshot.
+wake-up, which costs more than the Python work on a small packet (two threads, one per
+direction, measured slower: they contend for the GIL and the CPUs). A TUN read takes the
+packet in one piece; a super-packet's datagrams are gathered by `sendmsg` from headers built
+apart and views of its payload (`offload.Gather`). A UDP receive after a train of datagrams
+goes into an `offload.Scatter` laid out for the train's segments (first expected: 52-byte
+headers, TCP with timestamps, at the TUN MTU; then those last seen), a receive after a single
+datagram into one flat buffer. After a receive that leaves a super-packet open, one more
+non-blocking receive looks for its continuation. The agent swaps `Datapath.routes` by
+assignment; the thread reads the attribute once per read, so each packet sees one whole
+snapshot.
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ from collections import Counter
 from .core import Drop, Peer, Reply, Routes
 from .offload import (
     PLAIN,
-    VNET,
     VNET_LEN,
     Buf,
+    Gathers,
+    Scatter,
     Send,
-    fits_slots,
     receive,
-    slot_views,
+    receive_scattered,
     transmit,
 )
 
@@ -122,16 +126,18 @@ class Datapath:
         self.error: BaseException | None = None  # what ended the thread, unless stop() did
         self._tun, self._sock, self._vnet = tun, sock, vnet
         self._vbuf = bytearray(VNET_LEN)
-        self._rbuf, self._gbuf, self._ubuf, self._ubuf2 = (bytearray(BUFFER) for _ in range(4))
-        # TUN reads: [virtio-net header, packet], the packet in one piece (`_flat`) or, after
-        # a super-packet (another one is likely next), laid out the way its segments are sent
-        # (`_slotted`). Expect TCP with timestamps: 52 header bytes.
-        self._flat: list[Buf] = [self._vbuf, self._rbuf] if vnet else [self._rbuf]
-        self._riov = self._flat
-        self._slots: tuple[int, int] | None = None
-        self._slotted: list[Buf] = []
-        if vnet:
-            self._use_slots(52, mtu - 52)
+        self._rbuf, self._ubuf = bytearray(BUFFER), bytearray(BUFFER)
+        # TUN reads: [virtio-net header, packet]; a super-packet's segments are gathered
+        # from header buffers and views of the packet's payload (`offload.Gather`)
+        self._riov: list[Buf] = [self._vbuf, self._rbuf] if vnet else [self._rbuf]
+        self._gathers = Gathers(self._rbuf)
+        # UDP receives: with offloads into a pair of `offload.Scatter` (the second for a
+        # super-packet's continuation) laid out for the segments last seen; expect TCP with
+        # timestamps (52 header bytes) at the TUN MTU
+        self._scatters: dict[tuple[int, int], tuple[Scatter, Scatter]] = {}
+        self._pair = self._scatter_pair(52, max(mtu - 52, 4))
+        self._flat: list[Buf] = [self._ubuf]
+        self._rx = self._flat  # what the next receive goes into
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="udp-datapath", daemon=True)
@@ -166,7 +172,7 @@ class Datapath:
                 else (self._egress_plain, self._ingress_plain)
             )
             readv, clock, yield_cpu = os.readv, time.perf_counter, os.sched_yield
-            recv, uv = self._sock.recvmsg_into, [self._ubuf]
+            recv = self._sock.recvmsg_into
             while not self._stopping:
                 ep.poll()  # then drain both, and poll on for SPIN s (see the module doc)
                 last = clock()
@@ -180,7 +186,7 @@ class Datapath:
                         egress(n)
                         busy = True
                     try:
-                        n, anc, flags, src = recv(uv, _ANC, _MSG_DONTWAIT)
+                        n, anc, flags, src = recv(self._rx, _ANC, _MSG_DONTWAIT)
                     except BlockingIOError:
                         pass
                     else:
@@ -203,40 +209,8 @@ class Datapath:
             ep.close()
 
     # -- with a virtio-net header: offloads both ways ----------------------------------------
-    def _use_slots(self, hl: int, mss: int) -> None:
-        """Lay super-packets cut into (hl, mss) segments out in slots, if those are whole
-        32-bit words; otherwise read every packet in one piece."""
-        if (hl + mss) % 4 or mss <= 0:
-            self._slots, self._slotted = None, []
-        else:
-            self._slots = (hl, mss)
-            self._slotted = [self._vbuf, *slot_views(self._rbuf, hl, mss)]
-
-    def _gather(self, n: int) -> bytearray:
-        """The n packet bytes a slotted read scattered into the slots, copied to `_gbuf`."""
-        pos = 0
-        for view in self._slotted[1:]:
-            take = min(len(view), n - pos)
-            self._gbuf[pos : pos + take] = view[:take]
-            pos += take
-            if pos == n:
-                break
-        return self._gbuf
-
     def _egress_vnet(self, n: int) -> None:
-        n -= VNET_LEN
-        vnet, slots, buf = self._vbuf, self._slots, self._rbuf
-        big = slots is not None and n > slots[0] + slots[1]
-        if not big or self._riov is self._flat:  # in one piece
-            out = transmit(self.routes, vnet, buf, n)
-        elif fits_slots(vnet, buf, *slots):
-            out = transmit(self.routes, vnet, buf, n, slots)
-        else:  # cut for another (hl, mss): gather it, and expect that from now on
-            buf = self._gather(n)
-            ihl = (buf[0] & 0x0F) * 4
-            self._use_slots(ihl + (buf[ihl + 12] >> 4) * 4, VNET.unpack_from(vnet)[3])
-            out = transmit(self.routes, vnet, buf, n)
-        self._riov = self._slotted if big and self._slotted else self._flat
+        out = transmit(self.routes, self._vbuf, self._rbuf, n - VNET_LEN, self._gathers)
         if isinstance(out, tuple):
             peer, sends = out
             self._send(peer, sends)
@@ -268,19 +242,36 @@ class Datapath:
         for iov, seg in sends:
             self._sendmsg(peer.addr, iov, seg)
 
+    def _scatter_pair(self, hl: int, mss: int) -> tuple[Scatter, Scatter]:
+        pair = self._scatters.get((hl, mss))
+        if pair is None:
+            if len(self._scatters) >= Gathers.LIMIT:
+                self._scatters.clear()
+            pair = self._scatters[hl, mss] = (Scatter(hl, mss), Scatter(hl, mss))
+        return pair
+
     def _ingress_vnet(
         self, n: int, anc: list[tuple[int, int, bytes]], src: tuple[str, int]
     ) -> None:
+        first, second = self._pair
         gro = _gro_size(anc, n)
         self._received(n, gro)
-        writes, run = receive(self.routes, src[0], src[1], self._ubuf, n, gro, self.drops)
+        if self._rx is self._flat:
+            writes, run = receive(self.routes, src[0], src[1], self._ubuf, n, gro, self.drops)
+        else:
+            writes, run = receive_scattered(self.routes, src[0], src[1], first, n, gro, self.drops)
+        if run is not None and (run.hl, run.mss) != (first.hl, first.mss) and run.dlen == gro:
+            self._pair = self._scatter_pair(run.hl, run.mss)
+        # after a train, expect another one: receive it scattered; after a single datagram
+        # (an ACK, say), in one piece (fewer buffers to hand over)
+        self._rx = self._pair[0].iov if n > gro else self._flat
         for write in writes:
             self._write(write)
         if run is None:
             return
         # The burst's next send may be waiting already: join it into the same super-packet.
         try:
-            n, anc, flags, more = self._sock.recvmsg_into([self._ubuf2], _ANC, _MSG_DONTWAIT)
+            n, anc, flags, more = self._sock.recvmsg_into(second.iov, _ANC, _MSG_DONTWAIT)
         except BlockingIOError:
             self._write(run.write())
             return
@@ -293,7 +284,9 @@ class Datapath:
             run = None
         gro = _gro_size(anc, n)
         self._received(n, gro)
-        writes, run = receive(self.routes, more[0], more[1], self._ubuf2, n, gro, self.drops, run)
+        writes, run = receive_scattered(
+            self.routes, more[0], more[1], second, n, gro, self.drops, run
+        )
         if run is not None:
             writes.append(run.write())
         for write in writes:

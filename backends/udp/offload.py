@@ -7,13 +7,13 @@ partial (`F_NEEDS_CSUM`). `transmit` cuts it into inner packets of the container
 kernel's TSO rules: sequence numbers advance by `gso_size`; CWR only on the first segment, FIN
 and PSH only on the last; a DF packet keeps one IP ID, RFC 6864) so that one `sendmsg` with
 `UDP_SEGMENT` sends up to 44 of them as equal-sized datagrams, each carrying exactly one inner
-IPv4 packet. The datapath reads the TUN into `slot_views`, which leave a header-sized gap
-before each segment's payload; `segment_slots` then writes the headers into the gaps 32-bit
-column by column, so the datagrams lie back to back and no Python object is made per segment
-(`segment` does the same for a packet read in one piece, with one buffer per header and
-payload). A peer that advertised `CAP_PARTIAL_CSUM` gets TCP/UDP checksums unfinished (its
-kernel finishes or skips them); any other peer, such as the reference flanneld, gets them
-computed here.
+IPv4 packet. The headers of all segments are built at once in a buffer of their own (the
+first segment's header repeated, then the columns that differ: sequence numbers, the last
+segment's length and flags); `Gather` keeps, per (header length, MSS), the list that
+alternates header views and views of the payload as read, so `sendmsg` gathers each datagram
+and no Python object is made per segment. A peer that advertised `CAP_PARTIAL_CSUM` gets
+TCP/UDP checksums unfinished (its kernel finishes or skips them); any other peer, such as the
+reference flanneld, gets them computed here.
 
 `receive` takes the datagrams of one `UDP_GRO` read, validates each (`Routes.check`), and
 joins consecutive segments of one TCP stream back into a super-packet written with
@@ -21,9 +21,12 @@ joins consecutive segments of one TCP stream back into a super-packet written wi
 sender's second `sendmsg` lands), so the receiving kernel handles 64 KB per write as well. A
 segment whose header bytes equal those of the already-validated first one but for the
 sequence number, which must follow on, is accepted without re-validation (same bytes, same
-length, same sender, same verdict); whole trains of them are compared 32-bit column by column.
-Between capable peers the TCP/UDP checksum of what is written is declared partial: the outer
-UDP checksum has covered the bytes in transit.
+length, same sender, same verdict); whole trains of them are compared at once. In one flat
+buffer that is done 32-bit column by column; `receive_scattered` takes a receive into a
+`Scatter`, which puts the headers back to back and the payloads back to back, so a train is
+one comparison of its headers and one piece of payload to write. Between capable peers the
+TCP/UDP checksum of what is written is declared partial: the outer UDP checksum has covered
+the bytes in transit.
 """
 
 from __future__ import annotations
@@ -99,9 +102,12 @@ def _ip_csum(h: bytearray, off: int, ihl: int) -> None:
     _U16.pack_into(h, off + 10, checksum(h[off : off + ihl]))
 
 
-def _headers(buf: bytearray, start: int, hl: int, nseg: int, mss: int, partial: bool) -> bytearray:
-    """The nseg headers (hl bytes each, back to back) of the segments of the TCP/IPv4
-    super-packet whose header is buf[start:start+hl], as the kernel's TSO would write them."""
+def _headers(
+    buf: bytearray, start: int, hl: int, nseg: int, mss: int, partial: bool, out: bytearray
+) -> None:
+    """Write the nseg headers (hl bytes each, back to back) of the segments of the TCP/IPv4
+    super-packet whose header is buf[start:start+hl] to the start of `out`, as the kernel's
+    TSO would write them."""
     ihl = t = (buf[start] & 0x0F) * 4
     thl = hl - ihl
     flags = buf[start + t + 13]
@@ -117,7 +123,8 @@ def _headers(buf: bytearray, start: int, hl: int, nseg: int, mss: int, partial: 
     tmpl[t + 13] = flags & ~(FIN | PSH | CWR)
     _ip_csum(tmpl, 0, ihl)
     _U16.pack_into(tmpl, t + 16, ((pseudo + thl + mss) % 0xFFFF or 0xFFFF) if partial else 0)
-    hdrs = tmpl * nseg
+    hdrs = out
+    hdrs[: nseg * hl] = tmpl * nseg
     if nseg > 1:
         _column(hdrs, (t + 4) // 4, hl // 4, _progression(seq0, mss, nseg))
     if not fixed_id:
@@ -134,7 +141,6 @@ def _headers(buf: bytearray, start: int, hl: int, nseg: int, mss: int, partial: 
     _ip_csum(hdrs, last, ihl)
     if partial:
         _U16.pack_into(hdrs, last + t + 16, (pseudo + thl + tail) % 0xFFFF or 0xFFFF)
-    return hdrs
 
 
 def _tcp_csum(buf: Buf, ihl: int, header: Buf, payload: Buf) -> None:
@@ -162,9 +168,45 @@ def _per_send(seg: int) -> int:
     return max(1, min(MAX_SEGMENTS, MAX_UDP_PAYLOAD // seg))
 
 
-def segment(buf: bytearray, start: int, end: int, mss: int, partial: bool) -> list[Send] | None:
+class Gather:
+    """The sendmsg buffers of super-packets at buf[start:] cut into (hl, mss) segments: header
+    i is built in `heads`, and `iov` alternates header i and payload i (a view of `buf`), so
+    the kernel gathers each datagram and no Python object is made per segment."""
+
+    def __init__(self, buf: bytearray, start: int, hl: int, mss: int, count: int) -> None:
+        self.buf, self.start, self.hl, self.mss, self.count = buf, start, hl, mss, count
+        self.heads = bytearray(count * hl)
+        h, p = memoryview(self.heads), memoryview(buf)[start + hl :]
+        self.iov: list[Buf] = [h] * (2 * count)
+        self.iov[0::2] = [h[o : o + hl] for o in range(0, count * hl, hl)]
+        self.iov[1::2] = [p[o : o + mss] for o in range(0, count * mss, mss)]
+
+
+class Gathers:
+    """The `Gather` of each (hl, mss) for packets read to the start of `buf` (a few at most)."""
+
+    LIMIT = 8
+
+    def __init__(self, buf: bytearray) -> None:
+        self.buf = buf
+        self._by: dict[tuple[int, int], Gather] = {}
+
+    def get(self, hl: int, mss: int) -> Gather:
+        g = self._by.get((hl, mss))
+        if g is None:
+            if len(self._by) >= self.LIMIT:
+                self._by.clear()
+            count = -(-(min(len(self.buf), 0xFFFF) - hl) // mss)
+            g = self._by[hl, mss] = Gather(self.buf, 0, hl, mss, count)
+        return g
+
+
+def segment(
+    buf: bytearray, start: int, end: int, mss: int, partial: bool, gathers: Gathers | None = None
+) -> list[Send] | None:
     """Cut the TCP/IPv4 super-packet buf[start:end] into `mss`-byte segments; the sends (at
     most MAX_SEGMENTS datagrams and MAX_UDP_PAYLOAD bytes each), or None if it is malformed.
+    `gathers` holds the buffers for packets read to the start of its buffer.
 
     With `partial`, each segment's TCP checksum field holds its pseudo-header sum (finished by
     the receiver's kernel); otherwise the full checksum is computed."""
@@ -172,78 +214,33 @@ def segment(buf: bytearray, start: int, end: int, mss: int, partial: bool) -> li
     if shape is None:
         return None
     hl, nseg = shape
-    hdrs = _headers(buf, start, hl, nseg, mss, partial)
-    h, p = memoryview(hdrs), memoryview(buf)[start + hl : end]
-    iov: list[Buf] = [h] * (2 * nseg)
-    iov[0::2] = [h[o : o + hl] for o in range(0, nseg * hl, hl)]
-    iov[1::2] = [p[o : o + mss] for o in range(0, end - start - hl, mss)]
+    if gathers is not None and gathers.buf is buf and start == 0:
+        g = gathers.get(hl, mss)
+    else:
+        g = Gather(buf, start, hl, mss, nseg)
+    _headers(buf, start, hl, nseg, mss, partial, g.heads)
+    iov = g.iov[: 2 * nseg]
+    iov[-1] = memoryview(buf)[start + hl + (nseg - 1) * mss : end]
     if not partial:
         ihl = (buf[start] & 0x0F) * 4
-        for i in range(nseg):
-            _tcp_csum(h[i * hl : i * hl + hl], ihl, iov[2 * i], iov[2 * i + 1])
+        for i in range(0, 2 * nseg, 2):
+            _tcp_csum(iov[i], ihl, iov[i], iov[i + 1])
     step = 2 * _per_send(hl + mss)
     return [(iov[i : i + step], hl + mss) for i in range(0, len(iov), step)]
 
 
-def slot_views(buf: bytearray, hl: int, mss: int) -> list[memoryview]:
-    """The readv() buffers that lay a TSO super-packet cut for (hl, mss) out in `buf` the way
-    its datagrams are sent: slot i (hl + mss bytes at i * (hl + mss)) takes segment i's
-    payload after an hl-byte gap for its header (slot 0 takes the packet's own header), for
-    packets up to 64 KB."""
-    seg, mv = hl + mss, memoryview(buf)
-    count = 1 + -(-(0xFFFF - seg) // mss)
-    assert count * seg <= len(buf)
-    return [mv[0:seg]] + [mv[o + hl : o + seg] for o in range(seg, count * seg, seg)]
-
-
-def fits_slots(vnet: Buf, buf: bytearray, hl: int, mss: int) -> bool:
-    """The packet just read into `slot_views(buf, hl, mss)` is a TCP super-packet cut for
-    exactly (hl, mss), so it lies in its slots as `segment_slots` expects."""
-    _, gso_type, _, gso_size, _, _ = VNET.unpack_from(vnet)
-    if gso_type != GSO_TCPV4 or gso_size != mss or buf[9] != IPPROTO_TCP:
-        return False
-    ihl = (buf[0] & 0x0F) * 4
-    return ihl + (buf[ihl + 12] >> 4) * 4 == hl
-
-
-def segment_slots(buf: bytearray, n: int, hl: int, mss: int, partial: bool) -> list[Send] | None:
-    """`segment` for a super-packet of n bytes read into `slot_views(buf, hl, mss)`: the
-    headers go into the gaps (32-bit words, column by column, at C speed), so each send is
-    one contiguous buffer. hl + mss must be a multiple of 4."""
-    if _shape(buf, 0, n, mss) != (hl, -(-(n - hl) // mss)):
-        return None
-    seg, ihl, nseg = hl + mss, (buf[0] & 0x0F) * 4, -(-(n - hl) // mss)
-    hdrs = _headers(buf, 0, hl, nseg, mss, partial)
-    words, hwords = memoryview(buf).cast("I"), memoryview(hdrs).cast("I")
-    stride, hstride = seg // 4, hl // 4
-    for w in range(hstride):
-        words[w : nseg * stride : stride] = hwords[w::hstride]
-    end = (nseg - 1) * seg + hl + (n - hl - (nseg - 1) * mss)
-    mv = memoryview(buf)
-    if not partial:
-        for o in range(0, end, seg):
-            dgram = mv[o : min(o + seg, end)]
-            _tcp_csum(dgram, ihl, dgram[:hl], dgram[hl:])
-    step = _per_send(seg) * seg
-    return [([mv[o : min(o + step, end)]], seg) for o in range(0, end, step)]
-
-
 def transmit(
-    routes: Routes, vnet: Buf, buf: bytearray, n: int, slots: tuple[int, int] | None = None
+    routes: Routes, vnet: Buf, buf: bytearray, n: int, gathers: Gathers | None = None
 ) -> tuple[Peer, list[Send]] | Reply | Drop:
     """What to do with the packet buf[:n] read from the TUN after the virtio-net header
-    `vnet`: the peer and the sends, an ICMP reply, or a drop. With `slots` (hl, mss), the
-    packet is a super-packet laid out by `slot_views` (see `fits_slots`)."""
+    `vnet`: the peer and the sends, an ICMP reply, or a drop. `gathers`: see `segment`."""
     decision = routes.egress(buf, 0, n)
     if not isinstance(decision, Peer):
         return decision
     peer = decision
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET.unpack_from(vnet)
     if gso_type == GSO_TCPV4:
-        if slots is not None:
-            sends = segment_slots(buf, n, slots[0], slots[1], peer.partial_csum)
-        else:
-            sends = segment(buf, 0, n, gso_size, peer.partial_csum)
+        sends = segment(buf, 0, n, gso_size, peer.partial_csum, gathers)
         return (peer, sends) if sends is not None else Drop.BAD_OFFLOAD
     if gso_type != GSO_NONE:
         return Drop.BAD_OFFLOAD
@@ -333,7 +330,7 @@ class Run:
         m = (n - off) // seg - (1 if (n - off) % seg == 0 else 0)
         if m < 2 or seg % 4 or self.done or self.total + m * mss > 0xFFFF:
             return off
-        words = memoryview(buf).cast("I")
+        words = memoryview(buf)[: n - n % 4].cast("I")
         first, stop, stride, seq_word = off // 4, (off + m * seg) // 4, seg // 4, (self.t + 4) // 4
         ref = self.ref
         for w in range(self.hl // 4):
@@ -350,6 +347,27 @@ class Run:
         self.total += m * mss
         self.seq = (self.seq + m * mss) & 0xFFFFFFFF
         return off + m * seg
+
+    def extend_heads(self, sc: Scatter, i: int, j: int) -> int:
+        """`extend_same` for the full-size datagrams i..j-1 of a scattered receive (as many as
+        fit in one super-packet): their headers, back to back in `sc.heads`, must equal the
+        first one's but for the sequence numbers, which must follow on; one comparison for
+        the whole train, all or nothing. The index after what was taken."""
+        hl, mss = self.hl, self.mss
+        if self.done or hl != sc.hl or self.dlen != sc.seg:
+            return i
+        j = min(j, i + (0xFFFF - self.total) // mss)
+        count = j - i
+        if count <= 0:
+            return i
+        want = bytearray(self.ref) * count
+        _column(want, (self.t + 4) // 4, hl // 4, _progression(self.seq, mss, count))
+        if sc.heads[i * hl : j * hl] != want:
+            return i
+        self.parts.append(sc.body_view[i * mss : j * mss])
+        self.total += count * mss
+        self.seq = (self.seq + count * mss) & 0xFFFFFFFF
+        return j
 
     def extend(self, buf: bytearray, off: int, end: int) -> bool:
         """Take a validated segment of the same stream that differs in its IP ID, length,
@@ -443,3 +461,68 @@ def receive(
         writes.append(run.write())
         run = None
     return writes, run
+
+
+class Scatter:
+    """Receive buffers laid out for trains of (hl + mss)-byte datagrams: recvmsg_into(`iov`)
+    puts the first hl bytes of datagram i at heads[i * hl] and the rest at body[i * mss], so
+    the headers of a train can be compared in one go and its payloads lie back to back, ready
+    to be written as one piece. `overflow` catches what does not fit (64 KB and more)."""
+
+    def __init__(self, hl: int, mss: int, size: int = 0x10000) -> None:
+        self.hl, self.mss, self.seg = hl, mss, hl + mss
+        count = -(-size // self.seg)
+        self.heads, self.body = bytearray(count * hl), bytearray(count * mss)
+        self.body_view = memoryview(self.body)
+        h = memoryview(self.heads)
+        self.iov: list[Buf] = [h] * (2 * count)
+        self.iov[0::2] = [h[o : o + hl] for o in range(0, count * hl, hl)]
+        self.iov[1::2] = [self.body_view[o : o + mss] for o in range(0, count * mss, mss)]
+        self.overflow = bytearray(size)
+        self.iov.append(self.overflow)
+        self.capacity = count * self.seg
+
+    def flat(self, start: int, end: int) -> bytearray:
+        """A copy of bytes start..end of what the receive delivered (start a datagram's)."""
+        hl, seg, heads, body = self.hl, self.seg, self.heads, self.body
+        out = bytearray()
+        for o in range(start, min(end, self.capacity), seg):
+            i, size = o // seg, min(seg, end - o)
+            out += heads[i * hl : i * hl + min(hl, size)]
+            if size > hl:
+                out += body[i * self.mss : i * self.mss + size - hl]
+        if end > self.capacity:
+            out += self.overflow[: end - self.capacity]
+        return out
+
+
+def receive_scattered(
+    routes: Routes,
+    ip: str,
+    port: int,
+    sc: Scatter,
+    n: int,
+    seg: int,
+    drops: Counter[Drop],
+    run: Run | None = None,
+) -> tuple[list[list[Buf]], Run | None]:
+    """`receive` for the n bytes a receive into `sc.iov` delivered: the same writes, but a
+    train of segments that continue a run (its first segment validated) is taken with one
+    comparison of its headers and written from `sc.body` in one piece; every other datagram
+    goes through `receive` on a copy."""
+    count = -(-n // seg)
+    if seg != sc.seg or count < 3:
+        return receive(routes, ip, port, sc.flat(0, n), n, seg, drops, run)
+    peer = routes.sender(ip, port)
+    if isinstance(peer, Drop):
+        drops[peer] += count
+        return ([run.write()] if run else []), None
+    writes: list[list[Buf]] = []
+    i = 0
+    if run is None:
+        writes, run = receive(routes, ip, port, sc.flat(0, seg), seg, seg, drops)
+        i = 1
+    if run is not None:  # the last datagram may differ (PSH, shorter): it goes through receive
+        i = run.extend_heads(sc, i, count - 1)
+    more, run = receive(routes, ip, port, sc.flat(i * seg, n), n - i * seg, seg, drops, run)
+    return writes + more, run

@@ -172,7 +172,8 @@ def test_reference_style_node_moves_bulk_tcp_both_ways(cluster):
 
 
 def test_tcp_without_timestamps_is_cut_for_its_own_header_size(cluster):
-    """40-byte TCP/IP headers: the datapath's TUN read layout (made for 52) follows."""
+    """40-byte TCP/IP headers: cut for their own size, and the receive layout (made for 52)
+    follows them."""
     lab = cluster.lab
     n1, n2, _ = lab.nodes
     for node in (n1, n2):

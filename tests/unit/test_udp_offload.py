@@ -93,17 +93,6 @@ class Read:
         return O.transmit(routes, self.vnet, self.buf, self.n)
 
 
-def read_into_slots(pkt: bytes, hl: int = 52, mss: int = 1420) -> bytearray:
-    """What readv() into `slot_views` makes of a packet."""
-    buf = bytearray(1 << 17)
-    pos = 0
-    for view in O.slot_views(buf, hl, mss):
-        take = min(len(view), len(pkt) - pos)
-        view[:take] = pkt[pos : pos + take]
-        pos += take
-    return buf
-
-
 def datagrams(sends: list[O.Send]) -> list[bytes]:
     """What the peer receives from these UDP_SEGMENT sends, one bytes per datagram."""
     out = []
@@ -175,34 +164,34 @@ def test_segment_numbers_ids_without_df() -> None:
 
 @pytest.mark.parametrize("partial", [True, False])
 @pytest.mark.parametrize("paylen", [1421, 14200, 14201, 65483])
-def test_slotted_reads_send_the_same_datagrams(paylen: int, partial: bool) -> None:
-    sp = bytes(tcp_packet(os.urandom(paylen), seq=0xFFFFF000))
+def test_cached_gathers_send_the_same_datagrams_packet_after_packet(
+    paylen: int, partial: bool
+) -> None:
+    """The buffers kept per (hl, mss) for the datapath's read buffer give what fresh ones
+    give, also for a second, shorter packet and one cut for another MSS after it."""
     routes = routes_of(A_NET, B_NET, B_IP, partial)
-    _, expected = Read(sp).transmit(routes)
-    vnet, buf = Read(sp).vnet, read_into_slots(sp)
-    assert O.fits_slots(vnet, buf, 52, 1420)
-    peer, sends = O.transmit(routes, vnet, buf, len(sp), (52, 1420))
-    assert all(len(iov) == 1 for iov, _ in sends)  # one contiguous buffer per send
-    assert datagrams(sends) == datagrams(expected)
-    assert [seg for _, seg in sends] == [seg for _, seg in expected]
+    buf = bytearray(1 << 17)
+    gathers = O.Gathers(buf)
+    for pkt, mss in [
+        (tcp_packet(os.urandom(paylen), seq=0xFFFFF000), 1420),
+        (tcp_packet(os.urandom(paylen // 3 + 1), seq=77), 1420),
+        (tcp_packet(os.urandom(paylen), seq=5), 1000),
+    ]:
+        expected = Read(pkt, gso_size=mss).transmit(routes)
+        vnet = Read(pkt, gso_size=mss).vnet
+        buf[: len(pkt)] = pkt
+        peer, sends = O.transmit(routes, vnet, buf, len(pkt), gathers)
+        assert isinstance(expected, tuple) and peer == expected[0]
+        assert datagrams(sends) == datagrams(expected[1])
+        assert [seg for _, seg in sends] == [seg for _, seg in expected[1]]
+    assert gathers.get(52, 1420) is gathers.get(52, 1420)  # kept, not made per packet
 
 
-@pytest.mark.parametrize(
-    ("vnet", "hl", "mss"),
-    [
-        (O.VNET.pack(1, O.GSO_TCPV4, 52, 1400, 20, 16), 52, 1420),  # another MSS
-        (O.VNET.pack(1, O.GSO_TCPV4, 52, 1420, 20, 16), 40, 1420),  # no timestamps
-        (O.VNET.pack(1, O.GSO_NONE, 0, 0, 20, 16), 52, 1420),
-    ],
-)
-def test_fits_slots_only_for_its_own_cut(vnet: bytes, hl: int, mss: int) -> None:
-    assert not O.fits_slots(vnet, read_into_slots(bytes(tcp_packet(bytes(5000)))), hl, mss)
-
-
-def test_slot_views_hold_a_64k_packet() -> None:
-    views = O.slot_views(bytearray(1 << 17), 52, 1420)
-    assert len(views[0]) == 1472 and all(len(v) == 1420 for v in views[1:])
-    assert sum(len(v) for v in views) >= 0xFFFF
+def test_gathers_stay_few() -> None:
+    gathers = O.Gathers(bytearray(1 << 17))
+    for mss in range(500, 500 + 3 * O.Gathers.LIMIT):
+        gathers.get(52, mss)
+    assert len(gathers._by) <= O.Gathers.LIMIT
 
 
 @pytest.mark.parametrize(
@@ -269,23 +258,54 @@ def test_transmit_unknown_destination_is_answered() -> None:
 # -- ingress: coalescing ----------------------------------------------------------------------
 
 
-def receive(
-    routes: Routes, sender: str, buf: bytearray, n: int, seg: int, drops: Counter[Drop]
-) -> list[list[O.Buf]]:
-    """`O.receive`, with the run it leaves open written too."""
-    writes, run = O.receive(routes, sender, 8285, buf, n, seg, drops)
-    return writes + ([run.write()] if run else [])
+RX_PATHS = ["flat", "own-layout", "other-hl", "other-seg"]
 
 
+def rx(
+    path: str,
+    routes: Routes,
+    sender: str,
+    dgrams: list[bytes],
+    drops: Counter[Drop],
+    run: O.Run | None = None,
+) -> tuple[list[list[O.Buf]], O.Run | None]:
+    """One UDP_GRO receive of `dgrams` (equal-sized but the last) handed to the offload code
+    the way `path` says: in one flat buffer (`receive`), or scattered (`receive_scattered`)
+    into the layout of its own segments, one that splits them at another header length, or
+    one for another segment size."""
+    data, seg = b"".join(dgrams), len(dgrams[0])
+    if path == "flat":
+        buf = bytearray(1 << 17)
+        buf[: len(data)] = data
+        return O.receive(routes, sender, 8285, buf, len(data), seg, drops, run)
+    hl = {"own-layout": 52, "other-hl": 40, "other-seg": 52}[path]
+    sc = O.Scatter(hl, 1420 if path == "other-seg" else max(seg - hl, 4))
+    pos = 0
+    for view in sc.iov:  # what recvmsg_into does
+        take = min(len(view), len(data) - pos)
+        view[:take] = data[pos : pos + take]
+        pos += take
+    return O.receive_scattered(routes, sender, 8285, sc, len(data), seg, drops, run)
+
+
+def rx_all(
+    path: str, dgrams: list[bytes], routes: Routes = B, sender: str = A_IP
+) -> tuple[list[list[O.Buf]], Counter[Drop]]:
+    """`rx`, with the run it leaves open written too; the writes and the drops."""
+    drops: Counter[Drop] = Counter()
+    writes, run = rx(path, routes, sender, dgrams, drops)
+    return writes + ([run.write()] if run else []), drops
+
+
+@pytest.mark.parametrize("path", RX_PATHS)
 @pytest.mark.parametrize("paylen", [1420 * 44, 1420 * 44 + 1, 1420 * 46, 14200, 3000, 1421])
-def test_round_trip_rebuilds_the_super_packet(paylen: int) -> None:
+def test_round_trip_rebuilds_the_super_packet(paylen: int, path: str) -> None:
     payload = os.urandom(paylen)
     sp = tcp_packet(payload)
     _, sends = Read(sp).transmit(A)
     writes, run, drops = [], None, Counter()
     for iov, _ in sends:  # the second send continues the run the first one left open
-        rbuf, m, seg = gro(datagrams([(iov, len(iov[0]) + len(iov[1]))]))
-        more, run = O.receive(B, A_IP, 8285, rbuf, m, seg, drops, run)
+        more, run = rx(path, B, A_IP, datagrams([(iov, len(iov[0]) + len(iov[1]))]), drops, run)
         writes += more
     assert run is None and not drops  # the last segment carries PSH: the run is closed
     assert len(writes) == 1
@@ -299,22 +319,37 @@ def test_round_trip_rebuilds_the_super_packet(paylen: int) -> None:
         assert struct.unpack("!H", packet[36:38])[0] % 0xFFFF == pseudo
 
 
-def test_a_gro_train_becomes_one_write() -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_gro_train_becomes_one_write(path: str) -> None:
     _, [(iov, seg)] = Read(tcp_packet(bytes(1420 * 30))).transmit(A)
-    rbuf, m, seg = gro(datagrams([(iov, seg)]))
-    writes = receive(B, A_IP, rbuf, m, seg, Counter())
-    assert len(writes) == 1 and len(writes[0]) == 2 + 30
+    writes, drops = rx_all(path, datagrams([(iov, seg)]))
+    assert not drops and len(writes) == 1
+    [packet] = packets_of(writes[0])
+    assert len(packet) == 52 + 1420 * 30
+    if path == "own-layout":  # the whole train's payload written from one buffer
+        assert len(writes[0]) <= 5
 
 
-def test_an_open_run_is_returned_and_ends_where_the_next_receive_does_not_follow() -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_an_open_run_is_returned_and_ends_where_the_next_receive_does_not_follow(
+    path: str,
+) -> None:
     first, rest = train(6), train(3, seq=5000 + 6 * 1000 + 1)  # a gap after the first six
-    rbuf, m, seg = gro(first)
-    writes, run = O.receive(B, A_IP, 8285, rbuf, m, seg, Counter())
+    writes, run = rx(path, B, A_IP, first, Counter())
     assert writes == [] and run is not None
-    rbuf2, m2, seg2 = gro(rest)
-    writes, run = O.receive(B, A_IP, 8285, rbuf2, m2, seg2, Counter(), run)
-    assert [len(w) - 2 for w in writes] == [6] and run is not None
-    assert len(run.write()) - 2 == 3
+    writes, run = rx(path, B, A_IP, rest, Counter(), run)
+    assert [len(packets_of(w)[0]) for w in writes] == [52 + 6 * 1000] and run is not None
+    assert len(packets_of(run.write())[0]) == 52 + 3 * 1000
+
+
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_run_continued_by_a_following_train_is_one_write(path: str) -> None:
+    first, rest = train(6), train(4, seq=5000 + 6 * 1000)
+    writes, run = rx(path, B, A_IP, first, Counter())
+    more, run = rx(path, B, A_IP, rest, Counter(), run)
+    assert writes == more == [] and run is not None
+    [packet] = packets_of(run.write())
+    assert packet[52:] == b"".join(d[52:] for d in first + rest)
 
 
 def train(count: int, mss: int = 1000, seq: int = 5000, **kw: int) -> list[bytes]:
@@ -328,22 +363,15 @@ def train(count: int, mss: int = 1000, seq: int = 5000, **kw: int) -> list[bytes
     return out
 
 
-def receive_all(
-    dgrams: list[bytes], routes: Routes = B, sender: str = A_IP
-) -> tuple[list, Counter]:
-    rbuf, m, seg = gro(dgrams)
-    drops: Counter[Drop] = Counter()
-    return receive(routes, sender, rbuf, m, seg, drops), drops
-
-
-def test_a_bad_datagram_in_a_train_is_dropped_and_splits_it() -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_bad_datagram_in_a_train_is_dropped_and_splits_it(path: str) -> None:
     dgrams = train(10)
     bad = bytearray(dgrams[4])
     bad[12:16] = IPv4Address("10.244.3.3").packed  # spoofed source
     bad[10:12] = b"\0\0"
     bad[10:12] = checksum(bad[:20]).to_bytes(2, "big")
     dgrams[4] = bytes(bad)
-    writes, drops = receive_all(dgrams)
+    writes, drops = rx_all(path, dgrams)
     assert drops == Counter({Drop.SPOOFED_SOURCE: 1})
     sizes = [len(w) - 2 for w in writes]
     assert sizes == [4, 5]  # seq 5 no longer follows seq 3: a new run
@@ -361,45 +389,50 @@ def with_field(d: bytes, off: int, value: bytes) -> bytes:
     [(34, b"\x01\xf5"), (28, b"\x00\x00\x07\xd1"), (33, b"\x30"), (1, b"\x10")],
     ids=["window", "ack", "urg", "tos"],
 )
-def test_a_differing_segment_ends_the_run(off: int, value: bytes) -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_differing_segment_ends_the_run(off: int, value: bytes, path: str) -> None:
     dgrams = train(8)
     dgrams[5] = with_field(dgrams[5], off, value)
     if off < 20:
         dgrams[5] = with_field(dgrams[5], 10, b"\0\0")
         dgrams[5] = with_field(dgrams[5], 10, checksum(dgrams[5][:20]).to_bytes(2, "big"))
-    writes, drops = receive_all(dgrams)
+    writes, drops = rx_all(path, dgrams)
     assert not drops and len(writes) >= 2
     payload = b"".join(p[52:] for w in writes for p in packets_of(w))
     assert payload == b"".join(d[52:] for d in dgrams)
 
 
-def test_a_pushed_segment_closes_the_run_and_a_short_one_ends_the_train() -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_pushed_segment_closes_the_run_and_a_short_one_ends_the_train(path: str) -> None:
     dgrams = train(8)
     dgrams[3] = with_field(dgrams[3], 33, bytes([O.ACK | O.PSH]))
     dgrams.append(train(1, mss=300, seq=13000)[0])
-    writes, drops = receive_all(dgrams)
+    writes, drops = rx_all(path, dgrams)
     assert not drops and [len(w) - 2 for w in writes] == [4, 5]
     assert packets_of(writes[0])[0][33] == O.ACK | O.PSH
 
 
-def test_pure_acks_are_written_one_by_one_with_partial_checksum() -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_pure_acks_are_written_one_by_one_with_partial_checksum(path: str) -> None:
     acks = [bytes(tcp_packet(b"", seq=1, flags=O.ACK, ack=2000 + i)) for i in range(3)]
-    writes, drops = receive_all(acks)
+    writes, drops = rx_all(path, acks)
     assert not drops and len(writes) == 3
     for w in writes:
         assert O.VNET.unpack(bytes(w[0])) == (O.F_NEEDS_CSUM, O.GSO_NONE, 0, 0, 20, 16)
 
 
-def test_a_reference_peer_gets_its_checksums_checked_by_the_kernel() -> None:
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_reference_peer_gets_its_checksums_checked_by_the_kernel(path: str) -> None:
     udp = bytes(ip_packet("10.244.1.2", "10.244.2.2"))
-    writes, drops = receive_all([udp], routes=B_REF)
+    writes, drops = rx_all(path, [udp], routes=B_REF)
     assert not drops and bytes(writes[0][0]) == O.PLAIN
-    writes, _ = receive_all([udp])  # a capable peer: declared partial
+    writes, _ = rx_all(path, [udp])  # a capable peer: declared partial
     assert O.VNET.unpack(bytes(writes[0][0]))[4:] == (20, 6)
 
 
-def test_unknown_sender_counts_every_datagram() -> None:
-    writes, drops = receive_all(train(5), sender="192.0.2.99")
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_unknown_sender_counts_every_datagram(path: str) -> None:
+    writes, drops = rx_all(path, train(5), sender="192.0.2.99")
     assert writes == [] and drops == Counter({Drop.UNKNOWN_SENDER: 5})
 
 
@@ -422,7 +455,7 @@ def test_fuzz_receive_writes_only_validated_packets(data: st.DataObject) -> None
     if data.draw(st.booleans()):
         dgrams[-1] = dgrams[-1][: data.draw(st.integers(1, seg))]
     expected = [d for d in dgrams if plain_oracle(d)]
-    writes, drops = receive_all(dgrams)
+    writes, drops = rx_all(data.draw(st.sampled_from(RX_PATHS)), dgrams)
     written = [p for w in writes for p in packets_of(w)]
     assert sum(drops.values()) + len(expected) == len(dgrams)
     payload = b"".join(p[52:] if p[9] == 6 else p for p in written)
