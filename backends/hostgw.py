@@ -58,7 +58,7 @@ class HostGwBackend(KernelBackend):
         return LeaseAttrs(public_ip=ext.ext_addr, backend_type=TYPE)
 
     async def _plan(
-        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease]
+        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
     ) -> tuple[set[Entry], list[str]]:
         routes, warnings = plan(lease, peers, self.ctx.ext.index)
         return set(routes), warnings

@@ -44,9 +44,10 @@ class KernelBackend(Backend):
     # -- what a backend provides ----------------------------------------------------------
     @abstractmethod
     async def _plan(
-        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease]
+        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
     ) -> tuple[set[Entry], list[str]]:
-        """The desired entries and one warning per peer skipped."""
+        """The desired entries and one warning per peer skipped; `full`: a full pass, where
+        whatever the plan reads from the kernel is read afresh."""
 
     @abstractmethod
     async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
@@ -68,8 +69,9 @@ class KernelBackend(Backend):
             ipr = self._socket()
             try:
                 await self._before_pass(ipr, lease)
-                desired, warnings = await self._plan(ipr, lease, peers)
-                if full or not self._view.known:
+                full = full or not self._view.known
+                desired, warnings = await self._plan(ipr, lease, peers, full)
+                if full:
                     self._view.refresh(await self._dump(ipr))
                 actual = self._view.entries()
                 result = ReconcileResult()
@@ -105,7 +107,7 @@ class KernelBackend(Backend):
         async with self._lock:
             ipr = self._socket()
             try:
-                desired, _ = await self._plan(ipr, lease, peers)
+                desired, _ = await self._plan(ipr, lease, peers, True)
                 actual = await self._dump(ipr)
             except Exception:
                 await self.close()

@@ -201,6 +201,9 @@ class VxlanBackend(KernelBackend):
         self._opts = VxlanOptions()  # replaced by the validated options in prepare()
         self.mac = ""
         self.index = 0  # the device's ifindex
+        # DirectRouting: PublicIP → reached without a gateway through the external interface;
+        # asked of the kernel on full passes and for new addresses only
+        self._on_link_known: dict[IPv4Address, bool] = {}
 
     @property
     def mtu(self) -> int:
@@ -329,32 +332,36 @@ class VxlanBackend(KernelBackend):
                 await self.close()
                 raise
 
-    async def _on_link(self, ipr: AsyncIPRoute, addrs: Set[IPv4Address]) -> set[IPv4Address]:
-        """The addresses the kernel reaches without a gateway through the external interface."""
-        direct = set()
-        for addr in addrs:
+    async def _on_link(
+        self, ipr: AsyncIPRoute, addrs: Set[IPv4Address], fresh: bool
+    ) -> set[IPv4Address]:
+        """The addresses the kernel reaches without a gateway through the external interface:
+        one `route get` per address on a `fresh` (full) pass, else only for new addresses."""
+        known = {} if fresh else {a: v for a, v in self._on_link_known.items() if a in addrs}
+        for addr in addrs - known.keys():
             try:
                 routes = await ipr.route("get", dst=str(addr))
             except NetlinkError:
-                continue  # unreachable: not direct
-            if (
+                known[addr] = False  # unreachable: not direct
+                continue
+            known[addr] = (
                 len(routes) == 1
                 and routes[0].get("gateway") is None
                 and routes[0].get("oif") == self.ctx.ext.index
-            ):
-                direct.add(addr)
-        return direct
+            )
+        self._on_link_known = known
+        return {addr for addr, direct in known.items() if direct}
 
     async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         await self._heal_device(ipr, lease)
 
     async def _plan(
-        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease]
+        self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
     ) -> tuple[set[Entry], list[str]]:
         direct = None
         if self._opts.direct_routing:
             candidates = {p.attrs.public_ip for p in peers.values()}
-            direct = await self._on_link(ipr, candidates - {lease.attrs.public_ip})
+            direct = await self._on_link(ipr, candidates - {lease.attrs.public_ip}, full)
         desired, warnings = plan(lease, peers, self.index, direct, self.ctx.ext.index)
         return set(desired), warnings
 

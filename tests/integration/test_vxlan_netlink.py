@@ -278,6 +278,33 @@ async def test_direct_routing_for_on_link_peers_only(ns, tmp_path) -> None:
     assert fdb(ns) == {M3: "198.18.0.13"} and arp(ns) == {"10.244.3.0": M3}
 
 
+async def test_direct_routing_asks_the_kernel_on_full_passes_and_for_new_peers(
+    ns, tmp_path
+) -> None:
+    """Event passes reuse the on-link verdicts of the last full pass (no `route get` per
+    peer per event) but ask for a new peer's address; a full pass asks again."""
+    b = make(ns, tmp_path, DirectRouting=True)
+    p4 = peer("10.244.4.0/24", "192.0.2.14", "0a:00:00:00:00:04")
+    try:
+        await b.prepare()
+        await b.configure(LOCAL)
+        await b.reconcile(LOCAL, peers(P2), full=True)
+        assert routes(ns)["10.244.2.0/24"]["dev"] == "ul0"
+        # P2's address now goes through a router: not on-link any more
+        ip(ns, "route", "add", "192.0.2.11/32", "via", "192.0.2.1", "dev", "ul0")
+        await b.reconcile(LOCAL, peers(P2, p4), full=False)
+        r = routes(ns)
+        assert r["10.244.2.0/24"]["dev"] == "ul0"  # the last full pass's verdict
+        assert (r["10.244.4.0/24"]["gateway"], r["10.244.4.0/24"]["dev"]) == ("192.0.2.14", "ul0")
+        await b.reconcile(LOCAL, peers(P2, p4), full=True)
+        r = routes(ns)
+        assert (r["10.244.2.0/24"]["gateway"], r["10.244.2.0/24"]["dev"]) == ("10.244.2.0", DEV)
+        assert fdb(ns) == {M2: "192.0.2.11"} and arp(ns) == {"10.244.2.0": M2}
+        assert r["10.244.4.0/24"]["dev"] == "ul0"
+    finally:
+        await b.close()
+
+
 async def test_dumps_list_only_permanent_unicast_entries(ns, backend) -> None:
     index = link(ns)["ifindex"]
     run("bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "192.0.2.99")
