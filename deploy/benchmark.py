@@ -56,6 +56,7 @@ from typing import Any
 
 import backends
 from flanneld import subnetenv
+from flanneld.daemon import FULL_PASS_SHARE
 from flanneld.lease import LeaseAttrs
 from flanneld.subnets import first_host, subnet_key
 
@@ -662,10 +663,13 @@ class ScaleLab:
         return 0.0
 
     def full_pass_ms(self) -> float | None:
-        """Wall time of the next periodic (full) reconcile, from the agent's metrics."""
+        """Wall time of the next periodic (full) reconcile, from the agent's metrics. At
+        scale the agent spaces full passes out (`full_pass_period`): up to a minute apart for
+        a 3 s pass."""
         runs = 'flannel_reconcile_runs_total{mode="full"}'
         start = self.metric(runs)
-        if not _poll(lambda: self.metric(runs) > start, SCALE_RECONCILE * 3, 0.2):
+        wait = SCALE_RECONCILE * 3 + 3 / FULL_PASS_SHARE
+        if not _poll(lambda: self.metric(runs) > start, wait, 0.2):
             return None
         return 1000 * self.metric("flannel_reconcile_last_duration_seconds")
 

@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "flanneld.sock"  # in --state-dir: /status and /metrics for flannelctl
 CONFIG_POLL = 1.0
 COALESCE = 0.05  # gather a burst of watch events into one reconcile
+FULL_PASS_SHARE = 0.05  # at most this share of the time goes to full passes (see below)
+
+
+def full_pass_period(interval: float, last_full: float) -> float:
+    """Seconds from the end of one full pass to the next: --reconcile-interval, or longer
+    where a full pass takes long (vxlan with thousands of peers: about 2 s), so that full
+    passes take at most FULL_PASS_SHARE of the time. Peer events are applied at once anyway;
+    only the repair of entries changed behind the agent's back waits longer."""
+    return max(interval, last_full / FULL_PASS_SHARE)
 
 
 def _counts(by_kind: dict[str, int]) -> str:
@@ -260,7 +269,8 @@ class Agent:
         )
 
     async def reconcile_loop(self) -> None:
-        """Event passes as peers change; a full pass every --reconcile-interval."""
+        """Event passes as peers change; a full pass every --reconcile-interval (or less
+        often at scale: `full_pass_period`)."""
         loop = asyncio.get_running_loop()
         next_full = loop.time() + self.opts.reconcile_interval
         while True:
@@ -271,9 +281,10 @@ class Agent:
             except TimeoutError:
                 full = True
             self._trigger.clear()
-            if full:
-                next_full = loop.time() + self.opts.reconcile_interval
             await self.reconcile(full)
+            if full:
+                period = full_pass_period(self.opts.reconcile_interval, self.last_reconcile_seconds)
+                next_full = loop.time() + period
 
     async def status(self) -> dict:
         """What `flannelctl status` shows: lease, backend, peers and their datapath health."""
