@@ -35,6 +35,7 @@ from collections import Counter
 
 from .core import Drop, Peer, Reply, Routes
 from .offload import (
+    LAYOUT_MIN_MSS,
     PLAIN,
     VNET_LEN,
     Buf,
@@ -260,7 +261,12 @@ class Datapath:
             writes, run = receive(self.routes, src[0], src[1], self._ubuf, n, gro, self.drops)
         else:
             writes, run = receive_scattered(self.routes, src[0], src[1], first, n, gro, self.drops)
-        if run is not None and (run.hl, run.mss) != (first.hl, first.mss) and run.dlen == gro:
+        if (
+            run is not None
+            and (run.hl, run.mss) != (first.hl, first.mss)
+            and run.dlen == gro
+            and run.mss >= LAYOUT_MIN_MSS
+        ):
             self._pair = self._scatter_pair(run.hl, run.mss)
         # after a train, expect another one: receive it scattered; after a single datagram
         # (an ACK, say), in one piece (fewer buffers to hand over)

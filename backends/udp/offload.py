@@ -182,8 +182,12 @@ class Gather:
         self.iov[1::2] = [p[o : o + mss] for o in range(0, count * mss, mss)]
 
 
+LAYOUT_MIN_MSS = 256  # smaller segments (TCP allows 88 bytes) get buffers made per packet
+
+
 class Gathers:
-    """The `Gather` of each (hl, mss) for packets read to the start of `buf` (a few at most)."""
+    """The `Gather` of each (hl, mss) for packets read to the start of `buf` (a few at most,
+    for segments of LAYOUT_MIN_MSS bytes and more)."""
 
     LIMIT = 8
 
@@ -214,7 +218,7 @@ def segment(
     if shape is None:
         return None
     hl, nseg = shape
-    if gathers is not None and gathers.buf is buf and start == 0:
+    if gathers is not None and gathers.buf is buf and start == 0 and mss >= LAYOUT_MIN_MSS:
         g = gathers.get(hl, mss)
     else:
         g = Gather(buf, start, hl, mss, nseg)

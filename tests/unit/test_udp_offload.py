@@ -187,11 +187,18 @@ def test_cached_gathers_send_the_same_datagrams_packet_after_packet(
     assert gathers.get(52, 1420) is gathers.get(52, 1420)  # kept, not made per packet
 
 
-def test_gathers_stay_few() -> None:
-    gathers = O.Gathers(bytearray(1 << 17))
+def test_gathers_stay_few_and_small() -> None:
+    buf = bytearray(1 << 17)
+    gathers = O.Gathers(buf)
     for mss in range(500, 500 + 3 * O.Gathers.LIMIT):
         gathers.get(52, mss)
     assert len(gathers._by) <= O.Gathers.LIMIT
+    gathers = O.Gathers(buf)
+    pkt = tcp_packet(os.urandom(3000))
+    buf[: len(pkt)] = pkt
+    sends = O.segment(buf, 0, len(pkt), 88, True, gathers)  # TCP's smallest MSS
+    assert sends is not None and len(datagrams(sends)) == 35
+    assert not gathers._by  # made for this packet, not kept with a list per 88 bytes
 
 
 @pytest.mark.parametrize(
