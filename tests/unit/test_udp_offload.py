@@ -349,6 +349,23 @@ def test_an_open_run_is_returned_and_ends_where_the_next_receive_does_not_follow
     assert len(packets_of(run.write())[0]) == 52 + 3 * 1000
 
 
+@pytest.mark.parametrize(
+    ("first_path", "then_path"), [("flat", "own-layout"), ("own-layout", "flat")]
+)
+def test_a_run_goes_on_across_a_flat_and_a_scattered_receive(
+    first_path: str, then_path: str
+) -> None:
+    """The datapath receives flat after a single datagram and scattered after a train: a
+    super-packet's two sends may arrive one each way."""
+    _, sends = Read(tcp_packet(os.urandom(1420 * 46))).transmit(A)
+    drops: Counter[Drop] = Counter()
+    writes, run = rx(first_path, B, A_IP, datagrams(sends[:1]), drops)
+    more, run = rx(then_path, B, A_IP, datagrams(sends[1:]), drops, run)
+    assert writes == [] and run is None and not drops and len(more) == 1
+    [packet] = packets_of(more[0])
+    assert len(packet) == 52 + 1420 * 46 and valid(packet)
+
+
 @pytest.mark.parametrize("path", RX_PATHS)
 def test_a_run_continued_by_a_following_train_is_one_write(path: str) -> None:
     first, rest = train(6), train(4, seq=5000 + 6 * 1000)
