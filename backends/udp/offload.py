@@ -168,6 +168,14 @@ def _per_send(seg: int) -> int:
     return max(1, min(MAX_SEGMENTS, MAX_UDP_PAYLOAD // seg))
 
 
+def _interleaved(heads: memoryview, body: memoryview, hl: int, mss: int, count: int) -> list[Buf]:
+    """heads[0:hl], body[0:mss], heads[hl:2 * hl], body[mss:2 * mss], ...: `count` pairs."""
+    iov: list[Buf] = [heads] * (2 * count)
+    iov[0::2] = [heads[o : o + hl] for o in range(0, count * hl, hl)]
+    iov[1::2] = [body[o : o + mss] for o in range(0, count * mss, mss)]
+    return iov
+
+
 class Gather:
     """The sendmsg buffers of super-packets at buf[start:] cut into (hl, mss) segments: header
     i is built in `heads`, and `iov` alternates header i and payload i (a view of `buf`), so
@@ -176,10 +184,9 @@ class Gather:
     def __init__(self, buf: bytearray, start: int, hl: int, mss: int, count: int) -> None:
         self.buf, self.start, self.hl, self.mss, self.count = buf, start, hl, mss, count
         self.heads = bytearray(count * hl)
-        h, p = memoryview(self.heads), memoryview(buf)[start + hl :]
-        self.iov: list[Buf] = [h] * (2 * count)
-        self.iov[0::2] = [h[o : o + hl] for o in range(0, count * hl, hl)]
-        self.iov[1::2] = [p[o : o + mss] for o in range(0, count * mss, mss)]
+        self.iov = _interleaved(
+            memoryview(self.heads), memoryview(buf)[start + hl :], hl, mss, count
+        )
 
 
 LAYOUT_MIN_MSS = 256  # smaller segments (TCP allows 88 bytes) get buffers made per packet
@@ -478,10 +485,7 @@ class Scatter:
         count = -(-size // self.seg)
         self.heads, self.body = bytearray(count * hl), bytearray(count * mss)
         self.body_view = memoryview(self.body)
-        h = memoryview(self.heads)
-        self.iov: list[Buf] = [h] * (2 * count)
-        self.iov[0::2] = [h[o : o + hl] for o in range(0, count * hl, hl)]
-        self.iov[1::2] = [self.body_view[o : o + mss] for o in range(0, count * mss, mss)]
+        self.iov = _interleaved(memoryview(self.heads), self.body_view, hl, mss, count)
         self.overflow = bytearray(size)
         self.iov.append(self.overflow)
         self.capacity = count * self.seg
