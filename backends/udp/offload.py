@@ -225,9 +225,10 @@ def segment(
     if shape is None:
         return None
     hl, nseg = shape
+    g = None
     if gathers is not None and gathers.buf is buf and start == 0 and mss >= LAYOUT_MIN_MSS:
         g = gathers.get(hl, mss)
-    else:
+    if g is None or g.count < nseg:
         g = Gather(buf, start, hl, mss, nseg)
     _headers(buf, start, hl, nseg, mss, partial, g.heads)
     iov = g.iov[: 2 * nseg]
