@@ -99,6 +99,12 @@ class Backend(ABC):
         """For each peer, the kernel entries the plan wants that are missing (status)."""
         return {subnet: [] for subnet in peers}
 
+    async def intact(self) -> bool:
+        """False when something the backend made is gone (vxlan: its device), so the agent
+        runs a full pass at once instead of waiting for the next one; must be cheap (it runs
+        every --reconcile-interval). Default: True."""
+        return True
+
     def stats(self) -> dict[str, int]:
         """Datapath counters for metrics (udp); default: none."""
         return {}

@@ -352,6 +352,18 @@ class VxlanBackend(KernelBackend):
         self._on_link_known = known
         return {addr for addr, direct in known.items() if direct}
 
+    async def intact(self) -> bool:
+        """The device is still there (one netlink request)."""
+        async with self._lock:
+            try:
+                [link] = await self._socket().link("get", index=self.index)
+            except NetlinkError:
+                return False
+            except Exception:
+                await self.close()
+                raise
+        return link.get_attr("IFLA_IFNAME") == self._opts.device
+
     async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         await self._heal_device(ipr, lease)
 

@@ -270,21 +270,41 @@ class Agent:
 
     async def reconcile_loop(self) -> None:
         """Event passes as peers change; a full pass every --reconcile-interval (or less
-        often at scale: `full_pass_period`)."""
+        often at scale: `full_pass_period`, with a cheap `Backend.intact` check every
+        interval in between that brings the full pass forward)."""
         loop = asyncio.get_running_loop()
-        next_full = loop.time() + self.opts.reconcile_interval
+        interval = self.opts.reconcile_interval
+        next_full = next_check = loop.time() + interval
         while True:
+            wake = min(next_full, next_check)
             try:
-                await asyncio.wait_for(self._trigger.wait(), max(0.0, next_full - loop.time()))
+                await asyncio.wait_for(self._trigger.wait(), max(0.0, wake - loop.time()))
                 await asyncio.sleep(COALESCE)
-                full = loop.time() >= next_full
             except TimeoutError:
-                full = True
+                pass
+            now = loop.time()
+            full = now >= next_full
+            if not full and not self._trigger.is_set():  # an interval between full passes
+                next_check = now + interval
+                if not await self._intact():
+                    full = True
+                else:
+                    continue
             self._trigger.clear()
             await self.reconcile(full)
             if full:
-                period = full_pass_period(self.opts.reconcile_interval, self.last_reconcile_seconds)
-                next_full = loop.time() + period
+                next_check = loop.time() + interval
+                next_full = loop.time() + full_pass_period(interval, self.last_reconcile_seconds)
+
+    async def _intact(self) -> bool:
+        assert self.backend
+        try:
+            if await self.backend.intact():
+                return True
+        except Exception:  # a check that fails is no reason to skip the repair
+            log.exception("backend check failed")
+        log.warning("%s backend state is gone; reconciling at once", self.backend.type_name)
+        return False
 
     async def status(self) -> dict:
         """What `flannelctl status` shows: lease, backend, peers and their datapath health."""

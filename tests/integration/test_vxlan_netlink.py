@@ -305,6 +305,15 @@ async def test_direct_routing_asks_the_kernel_on_full_passes_and_for_new_peers(
         await b.close()
 
 
+async def test_intact_tells_when_the_device_is_gone(ns, backend) -> None:
+    assert await backend.intact()
+    ip(ns, "link", "del", DEV)
+    assert not await backend.intact()
+    await backend.reconcile(LOCAL, peers(P2), full=False)  # heals, and replays the peers
+    assert await backend.intact()
+    assert fdb(ns) == {M2: "192.0.2.11"} and arp(ns) == {"10.244.2.0": M2}
+
+
 async def test_dumps_list_only_permanent_unicast_entries(ns, backend) -> None:
     index = link(ns)["ifindex"]
     run("bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", DEV, "dst", "192.0.2.99")
