@@ -439,6 +439,9 @@ def receive(
     here (a super-packet cut into two UDP_SEGMENT sends becomes one write again). The run
     still open at the end (its last segment full-size, no PSH) is returned unwritten: the
     caller continues it with the next receive or writes it (`Run.write`)."""
+    if n <= 0 or seg <= 0:  # an empty datagram (it carries no GRO size either)
+        drops[Drop.SHORT] += 1
+        return ([run.write()] if run else []), None
     peer = routes.sender(ip, port)
     if isinstance(peer, Drop):
         drops[peer] += -(-n // seg)
@@ -519,9 +522,9 @@ def receive_scattered(
     train of segments that continue a run (its first segment validated) is taken with one
     comparison of its headers and written from `sc.body` in one piece; every other datagram
     goes through `receive` on a copy."""
-    count = -(-n // seg)
-    if seg != sc.seg or count < 3:
+    if seg != sc.seg or n < 3 * seg:  # not a train (also: an empty datagram)
         return receive(routes, ip, port, sc.flat(0, n), n, seg, drops, run)
+    count = -(-n // seg)
     peer = routes.sender(ip, port)
     if isinstance(peer, Drop):
         drops[peer] += count

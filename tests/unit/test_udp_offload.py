@@ -455,6 +455,20 @@ def test_a_reference_peer_gets_its_checksums_checked_by_the_kernel(path: str) ->
 
 
 @pytest.mark.parametrize("path", RX_PATHS)
+@pytest.mark.parametrize("sender", [A_IP, "192.0.2.99"])
+def test_an_empty_datagram_is_dropped_and_ends_the_open_run(path: str, sender: str) -> None:
+    drops: Counter[Drop] = Counter()
+    _, run = rx(path, B, A_IP, train(4), drops)
+    assert run is not None
+    buf = bytearray(1 << 17)
+    writes, run = O.receive(B, sender, 8285, buf, 0, 0, drops, run)  # no GRO size: seg == n
+    assert run is None and len(writes) == 1 and len(packets_of(writes[0])[0]) == 52 + 4000
+    writes, run = O.receive_scattered(B, sender, 8285, O.Scatter(52, 1000), 0, 0, drops)
+    assert writes == [] and run is None
+    assert drops == Counter({Drop.SHORT: 2})
+
+
+@pytest.mark.parametrize("path", RX_PATHS)
 def test_unknown_sender_counts_every_datagram(path: str) -> None:
     writes, drops = rx_all(path, train(5), sender="192.0.2.99")
     assert writes == [] and drops == Counter({Drop.UNKNOWN_SENDER: 5})
