@@ -353,7 +353,8 @@ class VxlanBackend(KernelBackend):
         return {addr for addr, direct in known.items() if direct}
 
     async def intact(self) -> bool:
-        """The device is still there (one netlink request)."""
+        """The device is still there and up (one netlink request): setting it down flushes
+        the routes through it."""
         async with self._lock:
             try:
                 [link] = await self._socket().link("get", index=self.index)
@@ -362,7 +363,7 @@ class VxlanBackend(KernelBackend):
             except Exception:
                 await self.close()
                 raise
-        return link.get_attr("IFLA_IFNAME") == self._opts.device
+        return link.get_attr("IFLA_IFNAME") == self._opts.device and bool(link["flags"] & IFF_UP)
 
     async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         await self._heal_device(ipr, lease)

@@ -199,6 +199,10 @@ class UdpBackend(Backend):
             self._datapath.drops.update(old.drops)
         self._datapath.start()
 
+    async def intact(self) -> bool:
+        """The datapath thread still runs (it ends when flannel0 is deleted)."""
+        return self._datapath is None or self._datapath.alive
+
     async def _heal(self) -> bool:
         """Re-create the TUN device when the datapath died with it (deleted by hand); True
         when it did."""

@@ -307,6 +307,10 @@ async def test_direct_routing_asks_the_kernel_on_full_passes_and_for_new_peers(
 
 async def test_intact_tells_when_the_device_is_gone(ns, backend) -> None:
     assert await backend.intact()
+    ip(ns, "link", "set", DEV, "down")  # its routes are flushed with it
+    assert not await backend.intact()
+    await backend.reconcile(LOCAL, peers(), full=False)
+    assert await backend.intact()
     ip(ns, "link", "del", DEV)
     assert not await backend.intact()
     await backend.reconcile(LOCAL, peers(P2), full=False)  # heals, and replays the peers
