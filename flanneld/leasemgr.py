@@ -103,21 +103,22 @@ class LeaseManager:
         return lease
 
     def notice(self, changes: list[Change]) -> None:
-        """Peer-watch changes: spot our own key being deleted or taken over."""
+        """Peer-watch changes: spot our own key being deleted, taken over or rewritten under
+        another etcd lease (made a reservation, say): take it again, which adopts what is
+        there (renewal, expiry and attributes with it)."""
         if self.lease is None:
             return
         for ch in changes:
             if ch.subnet != self.lease.subnet:
                 continue
             if ch.kind == "removed" or ch.lease.attrs.public_ip != self.attrs.public_ip:
-                log.warning(
-                    "lease %s was %s in etcd; taking a lease again",
-                    ch.subnet,
-                    "deleted" if ch.kind == "removed" else "taken over",
-                )
-                self._lost.set()
+                how = "deleted" if ch.kind == "removed" else "taken over"
             elif ch.lease.etcd_lease != self.lease.etcd_lease:
-                self.lease = ch.lease
+                how = "rewritten"
+            else:
+                continue
+            log.warning("lease %s was %s in etcd; taking a lease again", ch.subnet, how)
+            self._lost.set()
 
     def renew_now(self) -> None:
         """Renew at once (etcd is back after an outage: make sure the lease is still alive)."""

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -116,6 +117,35 @@ async def test_own_key_deleted_is_reacquired_same_subnet(reg):
     assert lm.lease.subnet == lease.subnet
     assert got.etcd_lease != lease.etcd_lease
     assert await reg.time_to_live(lease.etcd_lease) == -1  # the orphaned etcd lease was revoked
+
+
+async def test_own_lease_made_a_reservation_is_adopted_as_one(reg, etcd_server):
+    """`flannelctl reserve` of a node's own subnet while it runs: the node keeps the subnet
+    as a reservation (no renewal, no expiry, its own attributes), without a busy loop."""
+    lm = LeaseManager(reg, attrs(), CFG, ttl=3, renew_margin=1)
+    lease = await lm.acquire()
+    watcher = PeerWatcher(reg, lm.notice)
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(lm.maintain())]
+    try:
+        await asyncio.wait_for(watcher.synced.wait(), 5)
+        other = LeaseAttrs(ME, "udp")  # a record the watch reports: attributes differ
+        etcd_server.etcdctl("put", reg.key(lease.subnet).decode(), other.encode().decode())
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if lm.lease.is_reservation:
+                break
+        assert lm.lease.subnet == lease.subnet and lm.lease.is_reservation
+        assert lm.expires_at is None
+        await asyncio.sleep(3)  # past the old lease's renewal time
+        renewals, cpu = lm.renewals, time.process_time()
+        await asyncio.sleep(1)
+        assert time.process_time() - cpu < 0.5  # maintain() sleeps; it does not spin
+        assert lm.renewals == renewals
+        got = await reg.get_lease(lease.subnet)
+        assert got is not None and got.etcd_lease == 0 and got.attrs == attrs()
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def test_thirty_racing_agents_get_distinct_subnets(etcd_server, etcd_prefix):
