@@ -233,18 +233,18 @@ class Agent:
         changes), otherwise against what the backend applied (passes after peer events)."""
         assert self.backend and self.leases and self.leases.lease
         lease = self.leases.lease
-        if self._lease_changed:
-            full = True
-            self._lease_changed = False
-            log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
-            await self.backend.configure(lease)
-            if self.masq is not None:
-                self.masq.subnet = lease.subnet
-                await self.masq.ensure()
-            self.write_subnet_env()
         peers = self.peers(lease.subnet)
         t0 = time.perf_counter()
         try:
+            if self._lease_changed:
+                full = True
+                log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
+                await self.backend.configure(lease)
+                if self.masq is not None:
+                    self.masq.subnet = lease.subnet
+                    await self.masq.ensure()
+                self.write_subnet_env()
+                self._lease_changed = False  # only once all of it is done: else retried
             result = await self.backend.reconcile(lease, peers, full)
         except Exception:  # a kernel hiccup must not end the agent; the next period retries
             log.exception("reconcile failed; retrying in %.0f s", self.opts.reconcile_interval)
@@ -286,7 +286,7 @@ class Agent:
             full = now >= next_full
             if not full and not self._trigger.is_set():  # an interval between full passes
                 next_check = now + interval
-                if not await self._intact():
+                if self._lease_changed or not await self._intact():  # (a retry, for the first)
                     full = True
                 else:
                     continue

@@ -67,6 +67,10 @@ async def test_between_spaced_full_passes_a_cheap_check_brings_the_next_one_forw
         s.state_intact = False  # the vxlan device deleted, say
         await until(lambda: len(s.passes) == 3)
         assert s.passes == [True, False, True]
+        s.state_intact = True
+        s.agent._lease_changed = True  # a new subnet whose reconfiguration failed: retried
+        await until(lambda: len(s.passes) == 4)
+        assert s.passes == [True, False, True, True]
     finally:
         loop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
