@@ -455,15 +455,17 @@ class BackendLab:
         self._reset_joiner()
         src, dst = self.n1.containers[0], self.n3.containers[0]
         prober = self.lab.reach_probe(src.ns, dst.ip, JOIN_TIMEOUT, 0.005)
-        with KeyWatch(self.lab, self.joiner_key) as watch:
-            try:
+        try:
+            with KeyWatch(self.lab, self.joiner_key) as watch:
                 started = time.monotonic()
                 self.cluster.start(self.n3)
                 appeared = watch.wait(JOIN_TIMEOUT)
                 answered = self.lab.reach_result(prober, JOIN_TIMEOUT + 5)
-            finally:
-                if "n3" in self.cluster.procs:
-                    self.cluster.stop(self.n3)
+        finally:
+            if prober.poll() is None:  # a failure before its result: it must not probe on
+                _stop(prober)
+            if "n3" in self.cluster.procs:
+                self.cluster.stop(self.n3)
         if answered is None:
             raise BenchError(
                 f"{self.backend}: node 1's container got no answer from node 3's within "
@@ -888,7 +890,11 @@ class Benchmark:
     def datapath(self, stack: ExitStack) -> list[str]:
         labs: list[BackendLab] = []
         for backend in self.s.backends:
-            lab = stack.enter_context(Lab(nodes=3, containers=1, prefix=self.lab_prefix()))
+            try:
+                lab = stack.enter_context(Lab(nodes=3, containers=1, prefix=self.lab_prefix()))
+            except FAILURES as e:  # (Lab cleans up what it built before raising)
+                self.error(f"{backend}: lab set-up", e)
+                continue
             self.progress(f"{backend}: lab {lab.prefix}, etcd, agents on n1 and n2")
             try:
                 lab.start_etcd()

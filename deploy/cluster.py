@@ -128,7 +128,7 @@ class Cluster:
             "import sys, urllib.request as u, urllib.error as e\n"
             "try: r = u.urlopen(sys.argv[1], timeout=5)\n"
             "except e.HTTPError as x: r = x\n"
-            "print(r.status); print(r.read().decode(), end=\"\")"
+            'print(r.status); print(r.read().decode(), end="")'
         )
         url = f"http://127.0.0.1:{port}{path}"
         out = self.lab.run(node.ns, sys.executable, "-c", probe, url).stdout

@@ -61,6 +61,7 @@ class EtcdServer:
                 return
             except subprocess.CalledProcessError:
                 time.sleep(0.1)
+        self.stop()  # a server that never got healthy is not left running
         raise RuntimeError(f"etcd did not become healthy; see {self.dir}/etcd.log")
 
     def stop(self) -> None:
