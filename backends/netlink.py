@@ -9,11 +9,12 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from socket import AF_INET
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
@@ -33,6 +34,30 @@ MAIN_TABLE = 254
 
 # A delete that finds nothing: the entry is already gone, which is what was asked.
 _GONE = {errno.ENOENT, errno.ESRCH}
+
+
+async def own_address_up(
+    ipr: AsyncIPRoute, link: Any, subnet: IPv4Network, network: IPv4Network
+) -> None:
+    """Make `<subnet network address>/32` the only address out of `network` on the device
+    of `link` (a reply of `link get`; other addresses are left alone), and the device up."""
+    index, name = link["index"], link.get_attr("IFLA_IFNAME")
+    want = IPv4Interface(f"{subnet.network_address}/32")
+    have = set()
+    async for msg in await ipr.addr("dump", family=AF_INET, index=index):
+        have.add(IPv4Interface((msg.get("address"), msg["prefixlen"])))
+    for addr in sorted(have - {want}):
+        if addr.ip in network:
+            await ipr.addr(
+                "del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen
+            )
+            log.info("device %s: removed old address %s", name, addr)
+    if want not in have:
+        await ipr.addr("add", index=index, address=str(want.ip), prefixlen=32)
+        log.info("device %s: address %s", name, want)
+    if not link["flags"] & IFF_UP:
+        await ipr.link("set", index=index, state="up")
+        log.info("device %s is up", name)
 
 
 def open_ipr(netns: str | None = None) -> AsyncIPRoute:

@@ -13,8 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from socket import AF_INET
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
@@ -294,24 +293,8 @@ class VxlanBackend(KernelBackend):
 
     async def _configure_device(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         """`<subnet network address>/32` the only flannel address on the device, device up."""
-        name, network = self._opts.device, self.ctx.config.network
-        want = IPv4Interface(f"{lease.subnet.network_address}/32")
-        have = set()
-        async for msg in await ipr.addr("dump", family=AF_INET, index=self.index):
-            have.add(IPv4Interface((msg.get("address"), msg["prefixlen"])))
-        for addr in sorted(have - {want}):
-            if addr.ip in network:
-                await ipr.addr(
-                    "del", index=self.index, address=str(addr.ip), prefixlen=addr.network.prefixlen
-                )
-                log.info("device %s: removed old address %s", name, addr)
-        if want not in have:
-            await ipr.addr("add", index=self.index, address=str(want.ip), prefixlen=32)
-            log.info("device %s: address %s", name, want)
         [link] = await ipr.link("get", index=self.index)
-        if not link["flags"] & IFF_UP:
-            await ipr.link("set", index=self.index, state="up")
-            log.info("device %s is up", name)
+        await netlink.own_address_up(ipr, link, lease.subnet, self.ctx.config.network)
 
     async def _heal_device(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         """The device present, compatible, addressed and up, whatever happened to it."""

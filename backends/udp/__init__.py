@@ -28,7 +28,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Mapping
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 TYPE = "udp"
 DEVICE = "flannel0"
 OFFLOAD_ENV = "FLANNELD_UDP_OFFLOAD"
-IFF_UP = 0x1
 
 
 def parse_port(options: Mapping[str, Any]) -> int:
@@ -230,21 +229,7 @@ class UdpBackend(Backend):
         index = link["index"]
         if link.get("mtu") != self.mtu:
             await ipr.link("set", index=index, mtu=self.mtu)
-        want = IPv4Interface(f"{lease.subnet.network_address}/32")
-        have = set()
-        async for msg in await ipr.addr("dump", family=socket.AF_INET, index=index):
-            have.add(IPv4Interface((msg.get("address"), msg["prefixlen"])))
-        for addr in sorted(have - {want}):
-            if addr.ip in self.ctx.config.network:
-                await ipr.addr(
-                    "del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen
-                )
-                log.info("device %s: removed old address %s", DEVICE, addr)
-        if want not in have:
-            await ipr.addr("add", index=index, address=str(want.ip), prefixlen=32)
-            log.info("device %s: address %s, MTU %d", DEVICE, want, self.mtu)
-        if not link["flags"] & IFF_UP:
-            await ipr.link("set", index=index, state="up")
+        await netlink.own_address_up(ipr, link, lease.subnet, self.ctx.config.network)
         return index
 
     async def _sync_kernel(self, lease: Lease) -> ReconcileResult:
