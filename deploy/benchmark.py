@@ -68,7 +68,6 @@ NETWORK = "10.244.0.0/16"
 UNDERLAY = "underlay"
 HERE = Path(__file__).resolve().parent
 PROBES = str(HERE / "probes.py")
-LAB = str(HERE / "lab.py")
 IPERF_PORT = 5201
 RR_PORT = 7007
 RR_WARMUP = 200

@@ -79,13 +79,18 @@ def _etcd_tool(name: str) -> str:
     return found
 
 
+def namespaces(prefix: str = "") -> list[str]:
+    """The network namespaces whose names start with `prefix`."""
+    out = _sh(["ip", "netns", "list"]).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
 def cleanup(prefix: str) -> list[str]:
     """Delete what a crashed lab with `prefix` left: only names the lab would have made."""
     if not _PREFIX_RE.fullmatch(prefix):
         raise ValueError(f"lab prefix {prefix!r} must match {_PREFIX_RE.pattern}")
     pattern = re.compile(re.escape(prefix) + r"-(sw2?|rt|n\d+(c\d+)?)")
-    names = [line.split()[0] for line in _sh(["ip", "netns", "list"]).stdout.splitlines() if line]
-    leftovers = [ns for ns in names if pattern.fullmatch(ns)]
+    leftovers = [ns for ns in namespaces(prefix) if pattern.fullmatch(ns)]
     for ns in leftovers:
         _delete_ns(ns)
     return leftovers

@@ -6,7 +6,6 @@ gets its own key prefix, so tests share one server without seeing each other's k
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import tempfile
@@ -102,8 +101,3 @@ def etcd_server():
 @pytest.fixture
 def etcd_prefix() -> str:
     return f"/test-{uuid.uuid4().hex[:10]}/network"
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab import cleanup
+from deploy.lab import cleanup, namespaces
 
 from .cluster import need_lab
 
@@ -33,13 +33,6 @@ def prefix():
     yield p
     for lab in range(1, 3):  # after a killed run only: the labs are p01 and p02
         cleanup(f"{p}{lab:02d}")
-
-
-def namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
 def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):

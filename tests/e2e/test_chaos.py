@@ -7,20 +7,15 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
+from deploy.benchmark import cpu_seconds
 from deploy.lab import Lab
 
 from .cluster import PREFIX, Cluster, need_lab, wait_until
 
 OUTAGE = 60
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
 
 
 def streams(lab: Lab, seconds: float) -> list:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy import lab
 from deploy.demo import render_summary
 from deploy.lab import Container, Node
 
@@ -22,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{prefix}-")]
+    return lab.namespaces(f"{prefix}-")
 
 
 def demo(

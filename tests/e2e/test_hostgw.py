@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from .cluster import PREFIX, Cluster, running, wait_until
+from .cluster import PREFIX, running, wait_until
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}
 
@@ -16,14 +16,6 @@ def cluster():
     args = ("--reconcile-interval=2", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
     with running(CONFIG, args) as c:
         yield c
-
-
-def peer_routes(c: Cluster, node, proto: int = 155) -> dict[str, str]:
-    return {
-        r["dst"]: r.get("gateway")
-        for r in c.routes(node)
-        if r.get("protocol") in (proto, str(proto))
-    }
 
 
 def test_every_container_reaches_every_other_node(cluster):

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab import Lab
+from deploy.lab import Lab, namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _namespaces() -> set[str]:
-    out = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
-    )
-    return {line.split()[0] for line in out.stdout.splitlines() if line}
+    return set(namespaces())
 
 
 def _netns_usable() -> bool:
