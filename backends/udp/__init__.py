@@ -248,6 +248,8 @@ class UdpBackend(Backend):
             log.info("route removed: %s via %s", route.dst, route.gateway)
         for route in done.upserted:
             how = "restored" if route in self._desired else "added"
+            if how == "restored":  # as KernelBackend counts it: flannel_entries_total{op=...}
+                result.count(result.repaired, route.kind)
             log.info("route %s: %s dev %s", how, route.dst, DEVICE)
         self._desired = desired
         return result

@@ -221,6 +221,25 @@ def test_spoofed_datagrams_reach_no_container(cluster):
         assert float(line.rsplit(" ", 1)[1]) > 0
 
 
+def repaired_routes(c: Cluster, node: Node) -> float:
+    name = 'flannel_entries_total{kind="route",op="repaired"}'
+    lines = [x for x in c.http_get(node, "/metrics", 8471)[1].splitlines() if x.startswith(name)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_hand_deleted_network_route_is_restored_and_counted(cluster):
+    lab = cluster.lab
+    n1, n2, _ = lab.nodes
+    before = repaired_routes(cluster, n1)
+    lab.run(n1.ns, "ip", "route", "del", "10.244.0.0/16", "dev", "flannel0")
+    wait_until(
+        lambda: lab.ping(n1.containers[0].ns, n2.containers[0].ip, timeout=0.3),
+        5,
+        what="traffic through the restored route",
+    )
+    wait_until(lambda: repaired_routes(cluster, n1) == before + 1, 5, what="the repair counted")
+
+
 def test_hand_deleted_flannel0_is_recreated(cluster):
     lab = cluster.lab
     n1, n2, _ = lab.nodes
