@@ -522,19 +522,25 @@ def receive_scattered(
     train of segments that continue a run (its first segment validated) is taken with one
     comparison of its headers and written from `sc.body` in one piece; every other datagram
     goes through `receive` on a copy."""
-    if seg != sc.seg or n < 3 * seg:  # not a train (also: an empty datagram)
+    if seg != sc.seg or n < seg:  # not datagrams of the layout's size (also: an empty one)
         return receive(routes, ip, port, sc.flat(0, n), n, seg, drops, run)
-    count = -(-n // seg)
     peer = routes.sender(ip, port)
     if isinstance(peer, Drop):
-        drops[peer] += count
+        drops[peer] += -(-n // seg)
         return ([run.write()] if run else []), None
     writes: list[list[Buf]] = []
     i = 0
     if run is None:
         writes, run = receive(routes, ip, port, sc.flat(0, seg), seg, seg, drops)
         i = 1
-    if run is not None:  # the last datagram may differ (PSH, shorter): it goes through receive
-        i = run.extend_heads(sc, i, count - 1)
+    if run is not None:
+        # the full-size datagrams at once; the last of them too unless it carries PSH (its
+        # header differs: it goes through `receive`, as does a shorter last datagram)
+        full = n // seg
+        if full > i and sc.heads[(full - 1) * sc.hl + run.t + 13] != ACK:
+            full -= 1
+        i = run.extend_heads(sc, i, full)
+    if i * seg >= n:
+        return writes, run
     more, run = receive(routes, ip, port, sc.flat(i * seg, n), n - i * seg, seg, drops, run)
     return writes + more, run
