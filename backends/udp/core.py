@@ -113,17 +113,12 @@ def header_ok(buf: bytes | bytearray | memoryview, off: int, ihl: int) -> bool:
     return int.from_bytes(buf[off : off + ihl], "big") % 0xFFFF == 0
 
 
-def _add16(a: int, b: int) -> int:
-    s = a + b
-    return (s & 0xFFFF) + (s >> 16)
-
-
 def decrement_ttl(buf: bytearray, off: int) -> None:
     """TTL -= 1 on the IPv4 header at `off`, patching its checksum incrementally
-    (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), m the TTL/protocol word). TTL must be >= 1."""
-    old = buf[off + 8] << 8 | buf[off + 9]
-    hc = buf[off + 10] << 8 | buf[off + 11]
-    hc = ~_add16(_add16(~hc & 0xFFFF, ~old & 0xFFFF), old - 0x100) & 0xFFFF
+    (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), m the TTL/protocol word). TTL must be >= 1:
+    then m' = m - 0x100 and ~m + m' is 0xFEFF whatever m, so one addition and one fold do."""
+    s = (~(buf[off + 10] << 8 | buf[off + 11]) & 0xFFFF) + 0xFEFF
+    hc = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
     buf[off + 8] -= 1
     buf[off + 10] = hc >> 8
     buf[off + 11] = hc & 0xFF

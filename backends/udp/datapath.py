@@ -139,6 +139,7 @@ class Datapath:
         self._pair = self._scatter_pair(52, max(mtu - 52, 4))
         self._flat: list[Buf] = [self._ubuf]
         self._rx = self._flat  # what the next receive goes into
+        self._cmsg_seg, self._cmsg = 0, [(SOL_UDP, UDP_SEGMENT, b"")]
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="udp-datapath", daemon=True)
@@ -221,27 +222,31 @@ class Datapath:
         else:
             self.drops[out] += 1
 
-    def _sendmsg(self, addr: tuple[str, int], iov: list[Buf], seg: int) -> None:
-        """Send the buffers `iov` as `seg`-byte datagrams (the last may be shorter)."""
-        try:
-            if len(iov) == 1 and len(iov[0]) <= seg:
-                sent = self._sock.sendto(iov[0], addr)
-            else:
-                cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
-                sent = self._sock.sendmsg(iov, cmsg, 0, addr)
-        except OSError:
-            self.drops[Drop.SEND_FAILED] += 1
-            return
-        self.packets_out += -(-sent // seg)
-        self.bytes_out += sent
+    def _segment_cmsg(self, seg: int) -> list[tuple[int, int, bytes]]:
+        """The UDP_SEGMENT ancillary data for `seg`-byte datagrams (kept for the last size)."""
+        if seg != self._cmsg_seg:
+            self._cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
+            self._cmsg_seg = seg
+        return self._cmsg
 
     def _received(self, n: int, gro: int) -> None:
         self.packets_in += -(-n // gro) if gro else 1
         self.bytes_in += n
 
     def _send(self, peer: Peer, sends: list[Send]) -> None:
+        """Send each (buffers, size) as size-byte datagrams (the last may be shorter)."""
+        addr, sock = peer.addr, self._sock
         for iov, seg in sends:
-            self._sendmsg(peer.addr, iov, seg)
+            try:
+                if len(iov) == 1 and len(iov[0]) <= seg:
+                    sent = sock.sendto(iov[0], addr)
+                else:
+                    sent = sock.sendmsg(iov, self._segment_cmsg(seg), 0, addr)
+            except OSError:
+                self.drops[Drop.SEND_FAILED] += 1
+                continue
+            self.packets_out += -(-sent // seg)
+            self.bytes_out += sent
 
     def _scatter_pair(self, hl: int, mss: int) -> tuple[Scatter, Scatter]:
         pair = self._scatters.get((hl, mss))

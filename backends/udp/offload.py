@@ -68,18 +68,36 @@ _LITTLE = sys.byteorder == "little"
 _CSUM_FIELD = {IPPROTO_TCP: (16, 20), IPPROTO_UDP: (6, 8)}  # proto: (field offset, min length)
 
 
-def _progression(first: int, step: int, count: int) -> array[int]:
-    """`count` 32-bit sequence numbers first, first + step, ... (mod 2**32), big-endian."""
-    if first + step * count <= 0x100000000:
-        seqs = array("I", range(first, first + step * count, step))
-    else:
-        seqs = array("I", ((first + step * i) & 0xFFFFFFFF for i in range(count)))
+_RAMPS: dict[tuple[int, int], tuple[int, int]] = {}
+
+
+def _ramp(step: int, count: int) -> tuple[int, int]:
+    """(ones, steps): integers of `count` 32-bit words, most significant first, holding 1 in
+    every word, and 0, step, 2 * step, ... (each below 2**32)."""
+    ramp = _RAMPS.get((step, count))
+    if ramp is None:
+        if len(_RAMPS) >= 64:
+            _RAMPS.clear()
+        ones = int.from_bytes(b"\0\0\0\1" * count, "big")
+        steps = int.from_bytes(b"".join((i * step).to_bytes(4, "big") for i in range(count)), "big")
+        ramp = _RAMPS[step, count] = (ones, steps)
+    return ramp
+
+
+def _progression(first: int, step: int, count: int) -> memoryview:
+    """`count` 32-bit sequence numbers first, first + step, ... (mod 2**32), big-endian, as
+    32-bit items. Without a wrap, one multiplication and addition of big integers: no word
+    carries into the next."""
+    if first + step * (count - 1) <= 0xFFFFFFFF:
+        ones, steps = _ramp(step, count)
+        return memoryview((first * ones + steps).to_bytes(4 * count, "big")).cast("I")
+    seqs = array("I", ((first + step * i) & 0xFFFFFFFF for i in range(count)))
     if _LITTLE:
         seqs.byteswap()
-    return seqs
+    return memoryview(seqs)
 
 
-def _column(buf: bytearray, word: int, stride: int, values: array[int]) -> None:
+def _column(buf: bytearray, word: int, stride: int, values: memoryview) -> None:
     """Store `values` at 32-bit word `word`, `word + stride`, ... of `buf` (at C speed)."""
     memoryview(buf).cast("I")[word::stride][: len(values)] = values
 
@@ -102,6 +120,16 @@ def _ip_csum(h: bytearray, off: int, ihl: int) -> None:
     _U16.pack_into(h, off + 10, checksum(h[off : off + ihl]))
 
 
+def _set_length(h: bytearray, off: int, length: int) -> None:
+    """Set the total length of the IPv4 header at `off` and patch its checksum (RFC 1624
+    eqn. 3: HC' = ~(~HC + ~m + m'))."""
+    old = h[off + 2] << 8 | h[off + 3]
+    s = (~(h[off + 10] << 8 | h[off + 11]) & 0xFFFF) + (~old & 0xFFFF) + length
+    s = (s & 0xFFFF) + (s >> 16)
+    s = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    h[off + 2], h[off + 3], h[off + 10], h[off + 11] = length >> 8, length & 0xFF, s >> 8, s & 0xFF
+
+
 def _headers(
     buf: bytearray, start: int, hl: int, nseg: int, mss: int, partial: bool, out: bytearray
 ) -> None:
@@ -119,9 +147,8 @@ def _headers(
     tail = total - hl - (nseg - 1) * mss  # the last segment's payload (IP length as read)
 
     tmpl = bytearray(buf[start : start + hl])
-    _U16.pack_into(tmpl, 2, hl + mss)
+    _set_length(tmpl, 0, hl + mss)  # the header as read has a valid checksum: patch it
     tmpl[t + 13] = flags & ~(FIN | PSH | CWR)
-    _ip_csum(tmpl, 0, ihl)
     _U16.pack_into(tmpl, t + 16, ((pseudo + thl + mss) % 0xFFFF or 0xFFFF) if partial else 0)
     hdrs = out
     hdrs[: nseg * hl] = tmpl * nseg
@@ -137,8 +164,7 @@ def _headers(
         hdrs[last + t + 13] = flags & ~CWR
     else:
         hdrs[t + 13] = flags
-    _U16.pack_into(hdrs, last + 2, hl + tail)
-    _ip_csum(hdrs, last, ihl)
+    _set_length(hdrs, last, hl + tail)
     if partial:
         _U16.pack_into(hdrs, last + t + 16, (pseudo + thl + tail) % 0xFFFF or 0xFFFF)
 

@@ -123,6 +123,27 @@ def packets_of(write: list) -> list[bytes]:
 # -- egress: segmentation ---------------------------------------------------------------------
 
 
+@given(st.integers(0, 0xFFFFFFFF), st.integers(1, 0xFFFF), st.integers(1, 300))
+def test_progression_is_the_sequence_mod_2_32_in_network_order(
+    first: int, step: int, count: int
+) -> None:
+    """The big-integer fast path and the wrapping path agree with the plain definition."""
+    expected = b"".join(((first + i * step) & 0xFFFFFFFF).to_bytes(4, "big") for i in range(count))
+    got = O._progression(first, step, count)
+    assert got.tobytes() == expected and len(got) == count and got.itemsize == 4
+
+
+@given(st.binary(min_size=20, max_size=20), st.integers(20, 0xFFFF))
+def test_set_length_keeps_the_header_checksum_valid(raw: bytes, length: int) -> None:
+    h = bytearray(raw)
+    h[0] = 0x45
+    h[10:12] = b"\0\0"
+    h[10:12] = checksum(h[:20]).to_bytes(2, "big")
+    O._set_length(h, 0, length)
+    assert struct.unpack("!H", h[2:4])[0] == length
+    assert checksum(h[:20]) == 0  # the words of a valid header sum to negative zero
+
+
 @pytest.mark.parametrize("partial", [True, False])
 @pytest.mark.parametrize(
     ("paylen", "mss"), [(14200, 1420), (14201, 1420), (65483, 1420), (3000, 536)]
