@@ -298,7 +298,7 @@ def _single(buf: bytearray, off: int, end: int, partial: bool) -> list[Buf]:
     checksum declared partial (the field reset to the pseudo-header sum)."""
     decrement_ttl(buf, off)
     vnet = PLAIN
-    if partial and not _is_fragment(buf, off):
+    if partial and not (buf[off + 6] & 0x3F or buf[off + 7]):  # not a fragment
         ihl = (buf[off] & 0x0F) * 4
         proto = buf[off + 9]
         field, minimum = _CSUM_FIELD.get(proto, (0, 0xFFFF))
@@ -330,10 +330,14 @@ class Run:
     @classmethod
     def begin(cls, buf: bytearray, off: int, end: int, partial: bool) -> Run | None:
         """A run starting with this accepted packet, if it is a plain in-order data segment."""
-        if buf[off + 9] != IPPROTO_TCP or _is_fragment(buf, off):
-            return None
         t = (buf[off] & 0x0F) * 4
-        if end - off < t + 20 or buf[off + t + 13] != ACK:
+        if (
+            end - off <= t + 20  # no room for a payload (an ACK, say)
+            or buf[off + 9] != IPPROTO_TCP
+            or buf[off + 6] & 0x3F  # MF or a fragment offset
+            or buf[off + 7]
+            or buf[off + t + 13] != ACK
+        ):
             return None
         hl = t + (buf[off + t + 12] >> 4) * 4
         return cls(buf, off, end, t, hl, partial) if t + 20 <= hl < end - off else None
@@ -473,6 +477,15 @@ def receive(
         drops[peer] += -(-n // seg)
         return ([run.write()] if run else []), None
     partial = peer.partial_csum
+    if run is None and n <= seg:  # one datagram and nothing to continue: the common ACK
+        reason = routes.check(ip, buf, 0, n)
+        if reason is not None:
+            drops[reason] += 1
+            return [], None
+        run = Run.begin(buf, 0, n, partial)
+        if run is None:
+            return [_single(buf, 0, n, partial)], None
+        return [], run  # a data segment: the next receive may continue it
     writes: list[list[Buf]] = []
     off = 0
     if run is not None and run.extend_same(buf, 0, min(seg, n)):
