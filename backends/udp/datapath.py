@@ -3,8 +3,9 @@ between them. Every decision is the pure core's (`core`, `offload`); this module
 sends and writes, many kilobytes per system call where the kernel allows.
 
 One thread does both directions: it sleeps in epoll until the TUN or the socket is readable,
-then reads from each in turn, without blocking, for as long as either has something and for
-`SPIN` s after that (yielding the CPU between empty rounds), before it sleeps again. The next
+then reads once from each that epoll reports readable, round after round, for as long as
+either has something and for `SPIN` s after that (asking epoll without waiting, and yielding
+the CPU between empty rounds), before it sleeps again. The next
 packet of a burst, or the answer to a request that just went out, is so picked up without a
 wake-up, which costs more than the Python work on a small packet (two threads, one per
 direction, measured slower: they contend for the GIL and the CPUs). A TUN read takes the
