@@ -554,14 +554,6 @@ class Masquerade:
         an error."""
         return await self._guarded(self._ensure)
 
-    async def check(self) -> bool:
-        """True when the rules are exactly the desired ones; False on drift or error."""
-        try:
-            return not await self.drift()
-        except MasqError as e:
-            self._error(str(e))
-            return False
-
     async def _repair(self) -> None:
         drift = await self.drift()
         if drift:
