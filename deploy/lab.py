@@ -216,36 +216,52 @@ class Lab:
     def attach_containers(self, node: Node, subnet_cidr: str, mtu: int | None = None) -> None:
         """Give `node` a cni0 bridge addressed `subnet_cidr` (FLANNEL_SUBNET, e.g. 10.244.3.1/24)
         and its containers .2, .3, ...; a repeat call with the same subnet does nothing, one
-        with another subnet rebuilds them."""
+        with another subnet rebuilds them. All or nothing: a failure part way removes what
+        this call built (the node is left with no containers) and raises."""
         if node.subnet == subnet_cidr:
             return
-        if node.subnet is not None:
-            for c in node.containers:
-                self._namespaces.remove(c.ns)
-                _delete_ns(c.ns)
-            self._ip(node.ns, "link del cni0")
-            node.containers.clear()
+        self._detach_containers(node)
         gateway = ipaddress.ip_interface(subnet_cidr)
         mtu_arg = f" mtu {mtu}" if mtu else ""
-        self._ip(
-            node.ns,
-            "link add cni0 type bridge",
-            f"addr add {subnet_cidr} dev cni0",
-            "link set cni0 up",
-        )
-        node.subnet = subnet_cidr
-        for j in range(1, self.containers_per_node + 1):
-            c = Container(f"{node.ns}c{j}", str(gateway.network.network_address + 1 + j))
-            self._add_ns(c.ns)
+        try:
             self._ip(
-                c.ns,
-                f"link add eth0{mtu_arg} type veth peer name vc{j}{mtu_arg} netns {node.ns}",
-                f"addr add {c.ip}/{gateway.network.prefixlen} dev eth0",
-                "link set eth0 up",
-                f"route add default via {gateway.ip}",
+                node.ns,
+                "link add cni0 type bridge",
+                f"addr add {subnet_cidr} dev cni0",
+                "link set cni0 up",
             )
-            self._ip(node.ns, f"link set vc{j} master cni0 up")
-            node.containers.append(c)
+            for j in range(1, self.containers_per_node + 1):
+                c = Container(f"{node.ns}c{j}", str(gateway.network.network_address + 1 + j))
+                self._add_ns(c.ns)
+                node.containers.append(c)
+                self._ip(
+                    c.ns,
+                    f"link add eth0{mtu_arg} type veth peer name vc{j}{mtu_arg} netns {node.ns}",
+                    f"addr add {c.ip}/{gateway.network.prefixlen} dev eth0",
+                    "link set eth0 up",
+                    f"route add default via {gateway.ip}",
+                )
+                self._ip(node.ns, f"link set vc{j} master cni0 up")
+        except BaseException:
+            self._detach_containers(node)
+            raise
+        node.subnet = subnet_cidr  # only once everything exists
+
+    def _detach_containers(self, node: Node) -> None:
+        """Delete the node's containers, their veths and cni0, whichever exist; never raises.
+        (A namespace's own links go when the kernel gets round to it: the veth ends in the
+        node are deleted here so that the node is bare on return.)"""
+        links = ["cni0"]
+        for j, c in enumerate(node.containers, start=1):
+            links.append(f"vc{j}")
+            if c.ns in self._namespaces:
+                self._namespaces.remove(c.ns)
+                _delete_ns(c.ns)
+        node.containers.clear()
+        for link in links:
+            with contextlib.suppress(LabError):
+                _sh(["ip", "-n", node.ns, "link", "del", link], check=False)
+        node.subnet = None
 
     # -- running things ---------------------------------------------------------------------
 

@@ -179,3 +179,23 @@ def test_aborted_process_tears_its_lab_down_at_exit() -> None:
     )
     assert res.returncode == 3 and res.stdout.strip(), res.stderr
     assert not _mine(res.stdout.strip())
+
+
+def test_attach_containers_failing_part_way_leaves_nothing_and_can_be_retried() -> None:
+    with Lab(nodes=1, containers=2) as lab:
+        node = lab.nodes[0]
+        blocker = f"{node.ns}c2"  # the second container's name, taken: its creation fails
+        subprocess.run(["ip", "netns", "add", blocker], check=True)
+        try:
+            with pytest.raises(Exception, match="File exists"):
+                lab.attach_containers(node, "10.244.1.1/24")
+            assert node.containers == [] and node.subnet is None
+            assert f"{node.ns}c1" not in namespaces()  # the first one was removed again
+            links = lab.run(node.ns, "ip", "-br", "link").stdout
+            assert "cni0" not in links and "vc1" not in links
+            assert blocker in namespaces()  # not ours: left alone
+        finally:
+            subprocess.run(["ip", "netns", "del", blocker], check=False)
+        lab.attach_containers(node, "10.244.1.1/24")  # the same subnet again: built now
+        assert [c.ip for c in node.containers] == ["10.244.1.2", "10.244.1.3"]
+        assert lab.ping(node.containers[1].ns, "10.244.1.1")
