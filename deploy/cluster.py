@@ -8,7 +8,6 @@ containers on a cni0 bridge with FLANNEL_SUBNET, as the CNI plugin would.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import TypeVar
 
 from flanneld import subnetenv
 
-from .lab import Lab, Node
+from .lab import Lab, Node, signal_group
 
 PREFIX = "/coreos.com/network"
 
@@ -87,7 +86,7 @@ class Cluster:
         """Stop a node's agent; returns how long it took to exit."""
         proc = self.procs.pop(node.name)
         t0 = time.monotonic()
-        os.killpg(proc.pid, sig)
+        signal_group(proc, sig)
         proc.wait(timeout)
         return time.monotonic() - t0
 

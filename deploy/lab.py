@@ -108,11 +108,21 @@ def _delete_ns(ns: str) -> None:
         pass
 
 
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> bool:
+    """Send `sig` to the process group `proc` leads, only while `proc` is not yet reaped: then
+    its pid, and so the group id, cannot belong to anyone else. False when it had exited."""
+    if proc.poll() is not None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    return True
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, SIGKILL it after 3 s."""
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        if not signal_group(proc, sig):
+            return
         try:
             proc.wait(grace)
             return
