@@ -576,7 +576,7 @@ def receive_scattered(
         # the full-size datagrams at once; the last of them too unless it carries PSH (its
         # header differs: it goes through `receive`, as does a shorter last datagram)
         full = n // seg
-        if full > i and sc.heads[(full - 1) * sc.hl + run.t + 13] != ACK:
+        if full > i and (sc.hl != run.hl or sc.heads[(full - 1) * sc.hl + run.t + 13] != ACK):
             full -= 1
         i = run.extend_heads(sc, i, full)
     if i * seg >= n:

@@ -286,7 +286,7 @@ def test_transmit_unknown_destination_is_answered() -> None:
 # -- ingress: coalescing ----------------------------------------------------------------------
 
 
-RX_PATHS = ["flat", "own-layout", "other-hl", "other-seg"]
+RX_PATHS = ["flat", "own-layout", "other-hl", "other-seg", "short-heads"]
 
 
 def rx(
@@ -299,14 +299,14 @@ def rx(
 ) -> tuple[list[list[O.Buf]], O.Run | None]:
     """One UDP_GRO receive of `dgrams` (equal-sized but the last) handed to the offload code
     the way `path` says: in one flat buffer (`receive`), or scattered (`receive_scattered`)
-    into the layout of its own segments, one that splits them at another header length, or
-    one for another segment size."""
+    into the layout of its own segments, one that splits them at another header length, one
+    whose heads are shorter than any packet header, or one for another segment size."""
     data, seg = b"".join(dgrams), len(dgrams[0])
     if path == "flat":
         buf = bytearray(1 << 17)
         buf[: len(data)] = data
         return O.receive(routes, sender, 8285, buf, len(data), seg, drops, run)
-    hl = {"own-layout": 52, "other-hl": 40, "other-seg": 52}[path]
+    hl = {"own-layout": 52, "other-hl": 40, "other-seg": 52, "short-heads": 2}[path]
     sc = O.Scatter(hl, 1420 if path == "other-seg" else max(seg - hl, 4))
     pos = 0
     for view in sc.iov:  # what recvmsg_into does
