@@ -89,6 +89,11 @@ def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
     drops = CounterMetricFamily(
         "flannel_udp_drops", "Packets dropped, by reason", labels=["reason"]
     )
+    trains = CounterMetricFamily(
+        "flannel_udp_trains",
+        "TCP super-packets sent or received as one train of tagged chunks",
+        labels=["direction"],
+    )
     for key, n in sorted(stats.items()):
         if key.startswith("drop:"):
             drops.add_metric([key[5:]], n)
@@ -96,7 +101,9 @@ def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
             packets.add_metric([key[8:]], n)
         elif key in ("bytes_in", "bytes_out"):
             data.add_metric([key[6:]], n)
-    yield from (packets, data, drops)
+        elif key in ("trains_in", "trains_out"):
+            trains.add_metric([key[7:]], n)
+    yield from (packets, data, drops, trains)
 
 
 def exposition(agent: Agent) -> bytes:

@@ -40,7 +40,7 @@ from flanneld.lease import Lease, LeaseAttrs
 from .. import netlink, register
 from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_reason
 from ..reconcile import Route, diff
-from .core import CAP_PARTIAL_CSUM, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
+from .core import CAP_PARTIAL_CSUM, CAP_TRAIN, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
 from .datapath import Datapath, open_socket, open_tun
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,10 @@ def offload_wanted(environ: Mapping[str, str]) -> bool:
     raise BackendError(f"{OFFLOAD_ENV}={value!r} is not a boolean; set it to true or false")
 
 
-def advertises_partial_csum(backend_data: Any) -> bool:
-    """BackendData `{"Cap": [...]}` (keys in any case) names `CAP_PARTIAL_CSUM`."""
+def advertised(backend_data: Any, cap: str) -> bool:
+    """BackendData `{"Cap": [...]}` (keys in any case) names `cap`."""
     caps = ci_get(backend_data, "Cap") if isinstance(backend_data, dict) else None
-    return isinstance(caps, list) and CAP_PARTIAL_CSUM in caps
+    return isinstance(caps, list) and cap in caps
 
 
 def plan(
@@ -94,8 +94,10 @@ def plan(
         if why := skip_reason(local, subnet, peer, ("", TYPE)):
             warnings.append(why)
         else:
-            partial = advertises_partial_csum(peer.attrs.backend_data)
-            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial))
+            data = peer.attrs.backend_data
+            partial = advertised(data, CAP_PARTIAL_CSUM)
+            train = partial and advertised(data, CAP_TRAIN)
+            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial, train))
     return Routes(network, subnet_len, local.subnet, chosen, port), warnings
 
 
@@ -139,6 +141,8 @@ class UdpBackend(Backend):
             "packets_out": dp.packets_out,
             "bytes_in": dp.bytes_in,
             "bytes_out": dp.bytes_out,
+            "trains_in": dp.trains_in,
+            "trains_out": dp.trains_out,
         }
         out.update({f"drop:{d.name.lower()}": n for d, n in self.drops.items()})
         return out
@@ -178,7 +182,7 @@ class UdpBackend(Backend):
         self.port = parse_port(self.ctx.options)
         self._open_tun(offload_wanted(os.environ))
         self._open_socket()
-        data = {"Cap": [CAP_PARTIAL_CSUM]} if self.vnet else None
+        data = {"Cap": [CAP_PARTIAL_CSUM, CAP_TRAIN]} if self.vnet else None
         return LeaseAttrs(public_ip=self.ctx.ext.ext_addr, backend_data=data)
 
     def _routes(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> Routes:

@@ -32,6 +32,7 @@ from ipaddress import IPv4Address, IPv4Network
 DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8) headers
 CAP_PARTIAL_CSUM = "csum"  # in BackendData "Cap": this node accepts unfinished L4 checksums
+CAP_TRAIN = "train"  # ... and TCP super-packets as trains of tagged chunks (`offload.train`)
 
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreachable, quench, redirect, time, parameter
@@ -55,6 +56,7 @@ class Drop(enum.Enum):
     NO_PEER_SILENT = "no peer holds the destination (no ICMP: ICMP error or fragment)"
     OUTSIDE_NETWORK = "destination outside the cluster network"
     BAD_OFFLOAD = "malformed offload (virtio-net) request from the TUN"
+    BAD_TRAIN = "train chunk out of place, or a train that is not one TCP packet"
     TRUNCATED = "datagram larger than the receive buffer"
     SEND_FAILED = "UDP send failed"
     WRITE_FAILED = "TUN write failed"
@@ -63,12 +65,14 @@ class Drop(enum.Enum):
 @dataclass(frozen=True)
 class Peer:
     """A node we tunnel to: its subnet, where its datagrams come from and go to, and whether
-    it advertised `CAP_PARTIAL_CSUM` (then TCP/UDP checksums are left for its kernel)."""
+    it advertised `CAP_PARTIAL_CSUM` (then TCP/UDP checksums are left for its kernel) and
+    `CAP_TRAIN` too (then TCP super-packets go to it as trains)."""
 
     subnet: IPv4Network
     public_ip: IPv4Address
     port: int = DEFAULT_PORT
     partial_csum: bool = False
+    train: bool = False
     addr: tuple[str, int] = field(init=False, compare=False)  # the sendto() address
 
     def __post_init__(self) -> None:

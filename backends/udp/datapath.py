@@ -14,7 +14,9 @@ apart and views of its payload (`offload.Gather`). A UDP receive after a train o
 goes into an `offload.Scatter` laid out for the train's segments (first expected: 52-byte
 headers, TCP with timestamps, at the TUN MTU; then those last seen), a receive after a single
 datagram into one flat buffer. After a receive that leaves a super-packet open, one more
-non-blocking receive looks for its continuation. The agent swaps `Datapath.routes` by
+non-blocking receive looks for its continuation. A receive that starts with a train
+datagram (`offload.train`, between nodes that both advertise it) goes to `offload.Trains`,
+and the next receive is laid out for trains. The agent swaps `Datapath.routes` by
 assignment; the thread reads the attribute once per read, so each packet sees one whole
 snapshot.
 """
@@ -38,11 +40,14 @@ from .core import Drop, Peer, Reply, Routes
 from .offload import (
     LAYOUT_MIN_MSS,
     PLAIN,
+    TAG_LEN,
+    TRAIN_MAGIC,
     VNET_LEN,
     Buf,
     Gathers,
     Scatter,
     Send,
+    Trains,
     receive,
     receive_scattered,
     transmit,
@@ -132,7 +137,8 @@ class Datapath:
         # TUN reads: [virtio-net header, packet]; a super-packet's segments are gathered
         # from header buffers and views of the packet's payload (`offload.Gather`)
         self._riov: list[Buf] = [self._vbuf, self._rbuf] if vnet else [self._rbuf]
-        self._gathers = Gathers(self._rbuf)
+        self._gathers = Gathers(self._rbuf, mtu)  # a datagram carries up to `mtu` bytes
+        self._trains = Trains(mtu)
         # UDP receives: with offloads into a pair of `offload.Scatter` (the second for a
         # super-packet's continuation) laid out for the segments last seen; expect TCP with
         # timestamps (52 header bytes) at the TUN MTU
@@ -147,6 +153,15 @@ class Datapath:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def trains_in(self) -> int:
+        """Super-packets received as trains (`offload.train`), whole and valid."""
+        return self._trains.written
+
+    @property
+    def trains_out(self) -> int:
+        return self._gathers.trains
 
     @property
     def alive(self) -> bool:
@@ -263,7 +278,11 @@ class Datapath:
         first, second = self._pair
         gro = _gro_size(anc, n)
         self._received(n, gro)
-        if self._rx is self._flat:
+        flat = self._rx is self._flat
+        if n > 0 and (self._ubuf[0] if flat else first.heads[0]) & 0xF0 == TRAIN_MAGIC:
+            self._ingress_trains(n, gro, src)
+            return
+        if flat:
             writes, run = receive(self.routes, src[0], src[1], self._ubuf, n, gro, self.drops)
         else:
             writes, run = receive_scattered(self.routes, src[0], src[1], first, n, gro, self.drops)
@@ -291,6 +310,12 @@ class Datapath:
             self.drops[Drop.TRUNCATED] += 1
             self._write(run.write())
             return
+        if n > 0 and second.heads[0] & 0xF0 == TRAIN_MAGIC:  # trains, no continuation
+            self._write(run.write())
+            gro = _gro_size(anc, n)
+            self._received(n, gro)
+            self._ingress_trains(n, gro, more, second.flat(0, n))
+            return
         if more != src:
             self._write(run.write())
             run = None
@@ -301,6 +326,40 @@ class Datapath:
         )
         if run is not None:
             writes.append(run.write())
+        for write in writes:
+            self._write(write)
+
+    def _ingress_trains(
+        self, n: int, gro: int, src: tuple[str, int], data: Buf | None = None
+    ) -> None:
+        """A receive that starts with a train datagram (`offload.train`): trains reassembled,
+        whatever follows them through `receive`; the next receive laid out for trains.
+        The receive is where the next one goes (`_rx`), or `data` (a copy)."""
+        first = self._pair[0]
+        if data is not None or self._rx is self._flat or (first.hl, first.seg) != (TAG_LEN, gro):
+            if gro <= TAG_LEN:  # no room for a chunk: not a train of ours
+                self.drops[Drop.BAD_TRAIN] += -(-n // gro) if gro > 0 else 1
+                return
+            if data is None:
+                data = self._ubuf[:n] if self._rx is self._flat else first.flat(0, n)
+            self._pair = self._scatter_pair(TAG_LEN, gro - TAG_LEN)
+            first = self._pair[0]
+            first.load(data)  # as a receive into the train layout would have put it
+        self._rx = first.iov if n > gro else self._flat
+        writes, used = self._trains.receive(self.routes, src[0], src[1], first, n, gro, self.drops)
+        if used * gro < n:  # not trains from there on
+            more, run = receive(
+                self.routes,
+                src[0],
+                src[1],
+                first.flat(used * gro, n),
+                n - used * gro,
+                gro,
+                self.drops,
+            )
+            writes += more
+            if run is not None:
+                writes.append(run.write())
         for write in writes:
             self._write(write)
 

@@ -13,7 +13,9 @@ segment's length and flags); `Gather` keeps, per (header length, MSS), the list 
 alternates header views and views of the payload as read, so `sendmsg` gathers each datagram
 and no Python object is made per segment. A peer that advertised `CAP_PARTIAL_CSUM` gets
 TCP/UDP checksums unfinished (its kernel finishes or skips them); any other peer, such as the
-reference flanneld, gets them computed here.
+reference flanneld, gets them computed here. A peer that also advertised `CAP_TRAIN` gets a
+super-packet as one `train` instead: its bytes as read, in tagged chunks, one send (see the
+trains section below); `Trains` puts them back together on the receiving side.
 
 `receive` takes the datagrams of one `UDP_GRO` read, validates each (`Routes.check`), and
 joins consecutive segments of one TCP stream back into a super-packet written with
@@ -224,9 +226,11 @@ class Gathers:
 
     LIMIT = 8
 
-    def __init__(self, buf: bytearray) -> None:
+    def __init__(self, buf: bytearray, dgram: int = 0) -> None:
         self.buf = buf
         self._by: dict[tuple[int, int], Gather] = {}
+        # trains (`train`) of datagrams of up to `dgram` bytes (0: none); the last train id
+        self.dgram, self.train_id, self.trains = dgram, 0, 0
 
     def get(self, hl: int, mss: int) -> Gather:
         g = self._by.get((hl, mss))
@@ -267,6 +271,81 @@ def segment(
     return [(iov[i : i + step], hl + mss) for i in range(0, len(iov), step)]
 
 
+# -- trains: a super-packet in tagged chunks, between peers that both advertise CAP_TRAIN -----
+#
+# A TCP super-packet cut at the inner MSS repeats its 40-60 header bytes in every datagram: a
+# 64 KB one takes 46 datagrams of a 1500-byte MTU, more than one UDP_SEGMENT send carries, so
+# every super-packet cost two sends. A train carries the super-packet as read (its one
+# header, TTL decremented, TCP checksum partial) cut into equal chunks, each behind a 2-byte
+# tag: 0xF0 | train id (4 bits; the high nibble, 15, is no IP version, so no train datagram
+# passes for a packet), then the chunk's index, | TRAIN_LAST on the train's last chunk.
+# 46 datagrams of 1500 bytes carry 65,372 bytes and their tags in one send.
+#
+# The limit of one send is not the IPv4 one (65,507 bytes of UDP payload): a GSO packet the
+# size of a device's gso_max_size (64 KiB, link header included) is cut in software on the
+# way, datagram by datagram. MAX_TRAIN_PAYLOAD leaves room for an Ethernet and a VLAN header.
+
+TAG_LEN: Final = 2
+TRAIN_MAGIC: Final = 0xF0  # first byte & 0xF0 of every train datagram
+TRAIN_LAST: Final = 0x80  # in the index byte
+MAX_TRAIN_PAYLOAD: Final = 0x10000 - 28 - 32
+_LAST_FLAGS = bytes(1 if b & TRAIN_LAST else 0 for b in range(256))
+MIN_TRAIN_MSS = 88  # TCP's smallest MSS (Linux TCP_MIN_MSS): no write cuts finer than that
+_TAGS: dict[int, bytes] = {}
+
+
+def train_tags(count: int, ident: int) -> bytearray:
+    """The tags of a train of `count` chunks, back to back."""
+    tags = _TAGS.get(count)
+    if tags is None:
+        if len(_TAGS) >= 64:
+            _TAGS.clear()
+        last = count - 1
+        tags = _TAGS[count] = b"".join(
+            bytes((TRAIN_MAGIC, i | (TRAIN_LAST if i == last else 0))) for i in range(count)
+        )
+    out = bytearray(tags)
+    out[0::TAG_LEN] = bytes((TRAIN_MAGIC | ident,)) * count
+    return out
+
+
+class _TrainGather(Gather):
+    """`Gather` for trains: `heads` holds the tags, `iov` alternates tag i and chunk i of the
+    packet read to the start of `buf` (chunks of `chunk` bytes)."""
+
+    def __init__(self, buf: bytearray, chunk: int, count: int) -> None:
+        self.buf, self.start, self.hl, self.mss, self.count = buf, 0, TAG_LEN, chunk, count
+        self.heads = bytearray(count * TAG_LEN)
+        self.iov = _interleaved(memoryview(self.heads), memoryview(buf), TAG_LEN, chunk, count)
+
+
+def train(buf: bytearray, n: int, mss: int, gathers: Gathers) -> list[Send] | None:
+    """The send of the TCP/IPv4 super-packet buf[:n] as one train of `gathers.dgram`-byte
+    datagrams; None when it does not fit one send or is malformed (then `segment` it)."""
+    dgram = gathers.dgram
+    chunk = dgram - TAG_LEN
+    count = -(-n // chunk) if chunk >= 68 else 0  # a chunk holds any IPv4 + TCP header
+    if (
+        not 2 <= count <= MAX_SEGMENTS
+        or n + count * TAG_LEN > MAX_TRAIN_PAYLOAD
+        or gathers.buf is not buf
+        or _shape(buf, 0, n, mss) is None
+    ):
+        return None
+    key = (-1, chunk)  # beside the segment layouts, under a key no (hl, mss) has
+    g = gathers._by.get(key)
+    if g is None:
+        if len(gathers._by) >= gathers.LIMIT:
+            gathers._by.clear()
+        g = gathers._by[key] = _TrainGather(buf, chunk, min(MAX_SEGMENTS, len(buf) // chunk))
+    gathers.train_id = ident = (gathers.train_id + 1) & 0x0F
+    gathers.trains += 1
+    g.heads[: count * TAG_LEN] = train_tags(count, ident)
+    iov = g.iov[: 2 * count]
+    iov[-1] = memoryview(buf)[(count - 1) * chunk : n]
+    return [(iov, dgram)]
+
+
 def transmit(
     routes: Routes, vnet: Buf, buf: bytearray, n: int, gathers: Gathers | None = None
 ) -> tuple[Peer, list[Send]] | Reply | Drop:
@@ -278,7 +357,11 @@ def transmit(
     peer = decision
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET.unpack_from(vnet)
     if gso_type == GSO_TCPV4:
-        sends = segment(buf, 0, n, gso_size, peer.partial_csum, gathers)
+        sends = None
+        if peer.train and gathers is not None and gathers.dgram:
+            sends = train(buf, n, gso_size, gathers)
+        if sends is None:
+            sends = segment(buf, 0, n, gso_size, peer.partial_csum, gathers)
         return (peer, sends) if sends is not None else Drop.BAD_OFFLOAD
     if gso_type != GSO_NONE:
         return Drop.BAD_OFFLOAD
@@ -533,6 +616,16 @@ class Scatter:
         self.iov.append(self.overflow)
         self.capacity = count * self.seg
 
+    def load(self, data: Buf) -> None:
+        """Put `data` (a receive as it came) where a receive into `iov` would have."""
+        off = 0
+        for part in self.iov:
+            size = min(len(part), len(data) - off)
+            if size <= 0:
+                break
+            part[:size] = data[off : off + size]
+            off += size
+
     def flat(self, start: int, end: int) -> bytearray:
         """A copy of bytes start..end of what the receive delivered (start a datagram's)."""
         hl, seg, heads, body = self.hl, self.seg, self.heads, self.body
@@ -583,3 +676,146 @@ def receive_scattered(
         return writes, run
     more, run = receive(routes, ip, port, sc.flat(i * seg, n), n - i * seg, seg, drops, run)
     return writes + more, run
+
+
+class _Pending:
+    """A train spread over receives: its id, the next index, the bytes so far."""
+
+    __slots__ = ("ident", "next", "buf", "filled")
+
+    def __init__(self, ident: int) -> None:
+        self.ident, self.next = ident, 0
+        self.buf = bytearray(0x10000)
+        self.filled = 0
+
+
+class Trains:
+    """The receiving end of `train`: reassembles the trains of successive receives, laid out
+    by a `Scatter` of TAG_LEN-byte heads (the tags, back to back) and chunk-sized bodies (the
+    chunks, back to back). A train complete within one receive is written from the receive
+    buffer as one piece; one spread over receives (a real network's receive batches end
+    where they will) is copied aside as it comes. One train in progress per sender: a chunk
+    out of place or a missing one drops what it concerns (TCP resends). A whole train must be
+    one valid TCP/IPv4 packet from the sender's subnet to ours (`Routes.check`), from a peer
+    that advertised CAP_TRAIN; it is written cut at `mtu` (this node's TUN MTU, the inner
+    MTU of every node) less its headers."""
+
+    LIMIT = 64  # senders with a train in progress
+
+    def __init__(self, mtu: int) -> None:
+        self.mtu = mtu
+        self.written = 0  # trains written
+        self._pending: dict[str, _Pending] = {}
+
+    def _drop_pending(self, ip: str, drops: Counter[Drop]) -> None:
+        pending = self._pending.pop(ip, None)
+        if pending is not None:
+            drops[Drop.BAD_TRAIN] += pending.next  # a train cut short: its chunks are lost
+
+    def receive(
+        self,
+        routes: Routes,
+        ip: str,
+        port: int,
+        sc: Scatter,
+        n: int,
+        seg: int,
+        drops: Counter[Drop],
+    ) -> tuple[list[list[Buf]], int]:
+        """The writes for the train datagrams at the start of the n bytes received into `sc`
+        (datagrams of `seg` bytes but the last, sc laid out as (TAG_LEN, seg - TAG_LEN)), and
+        how many datagrams were train datagrams: the caller passes the rest on."""
+        d = -(-n // seg) if seg > 0 else 0
+        peer = routes.sender(ip, port)
+        if isinstance(peer, Drop) or not peer.train:
+            drops[Drop.BAD_TRAIN if isinstance(peer, Peer) else peer] += d
+            return [], d
+        chunk, heads, body = seg - TAG_LEN, sc.heads, sc.body_view
+        last_len = n - (d - 1) * seg  # of the receive's last datagram, tag included
+        writes: list[list[Buf]] = []
+        i = 0
+        while i < d and heads[i * TAG_LEN] & 0xF0 == TRAIN_MAGIC:
+            ident, index = heads[i * TAG_LEN] & 0x0F, heads[i * TAG_LEN + 1] & ~TRAIN_LAST
+            pending = self._pending.get(ip)
+            if pending is not None and (
+                index == 0 or (ident, index) != (pending.ident, pending.next)
+            ):
+                self._drop_pending(ip, drops)
+                pending = None
+            if index != 0 and pending is None:
+                drops[Drop.BAD_TRAIN] += 1  # a chunk of a train not seen from its start
+                i += 1
+                continue
+            # the chunks up to the train's last one (flagged), or to the end of the receive
+            end = heads[i * TAG_LEN + 1 : d * TAG_LEN : TAG_LEN].translate(_LAST_FLAGS).find(1)
+            k, complete = (end + 1, True) if end >= 0 else (d - i, False)
+            end_len = (last_len if i + k == d else seg) - TAG_LEN  # the chunk of i + k - 1
+            tags = train_tags(index + k, ident)[index * TAG_LEN :]
+            if not complete:  # the train goes on: no chunk here is its last
+                tags[-1] &= ~TRAIN_LAST
+            if heads[i * TAG_LEN : (i + k) * TAG_LEN] != tags or (
+                not complete and end_len != chunk
+            ):
+                self._drop_pending(ip, drops)
+                drops[Drop.BAD_TRAIN] += 1
+                i += 1
+                continue
+            view = body[i * chunk : i * chunk + (k - 1) * chunk + end_len]
+            i += k
+            if index == 0 and complete:  # whole here: written from where it lies
+                self._write(routes, ip, view, writes, drops)
+                continue
+            if pending is None:
+                if len(self._pending) >= self.LIMIT:
+                    self._pending.clear()
+                pending = self._pending[ip] = _Pending(ident)
+            if pending.filled + len(view) > len(pending.buf):
+                self._drop_pending(ip, drops)
+                drops[Drop.BAD_TRAIN] += k
+                continue
+            pending.buf[pending.filled : pending.filled + len(view)] = view
+            pending.filled += len(view)
+            pending.next = index + k
+            if complete:
+                del self._pending[ip]
+                self._write(routes, ip, memoryview(pending.buf)[: pending.filled], writes, drops)
+        return writes, i
+
+    def _write(
+        self,
+        routes: Routes,
+        ip: str,
+        pkt: memoryview,
+        writes: list[list[Buf]],
+        drops: Counter[Drop],
+    ) -> None:
+        write = _train_write(routes, ip, pkt, self.mtu, drops)
+        if write is not None:
+            writes.append(write)
+            self.written += 1
+
+
+def _train_write(
+    routes: Routes, ip: str, pkt: memoryview, mtu: int, drops: Counter[Drop]
+) -> list[Buf] | None:
+    """The TUN write of a whole train: one TCP/IPv4 packet (validated here) written as a
+    super-packet of segments that fill `mtu`, TTL decremented, TCP checksum declared partial."""
+    n = len(pkt)
+    reason = routes.check(ip, pkt, 0, n)
+    if reason is not None:
+        drops[reason] += 1
+        return None
+    ihl = (pkt[0] & 0x0F) * 4
+    hl = ihl + (pkt[ihl + 12] >> 4) * 4 if n >= ihl + 20 else 0
+    if (
+        pkt[9] != IPPROTO_TCP
+        or pkt[6] & 0x3F  # MF or a fragment offset
+        or pkt[7]
+        or not ihl + 20 <= hl < n
+        or mtu - hl < MIN_TRAIN_MSS
+    ):
+        drops[Drop.BAD_TRAIN] += 1
+        return None
+    decrement_ttl(pkt, 0)
+    _U16.pack_into(pkt, ihl + 16, pseudo_sum(pkt[12:20], IPPROTO_TCP, n - ihl))
+    return [VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, hl, mtu - hl, ihl, 16), pkt]

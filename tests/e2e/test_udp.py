@@ -153,7 +153,7 @@ def test_devices_routes_and_lease_records(cluster):
     assert records["n3"] == f'{{"PublicIP":"{n3_ip}","PublicIPv6":null}}'  # the reference's
     for name in ("n1", "n2"):
         doc = json.loads(records[name])
-        assert doc["BackendData"] == {"Cap": ["csum"]} and "BackendType" not in doc
+        assert doc["BackendData"] == {"Cap": ["csum", "train"]} and "BackendType" not in doc
 
 
 def test_icmp_and_tcp_between_all_containers(cluster):
@@ -163,6 +163,25 @@ def test_icmp_and_tcp_between_all_containers(cluster):
         for dst in nodes:
             if src is not dst:
                 assert tcp_echo(cluster, src, dst, 300_000) == "ok", f"{src.name}->{dst.name}"
+
+
+def udp_metric(c: Cluster, node: Node, name: str) -> float:
+    lines = [x for x in c.http_get(node, "/metrics", 8471)[1].splitlines() if x.startswith(name)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_capable_nodes_send_super_packets_as_trains_and_others_get_packets(cluster):
+    n1, n2, n3 = cluster.lab.nodes
+    trains = 'flannel_udp_trains_total{direction="%s"}'
+    before = [udp_metric(cluster, n, trains % d) for n, d in ((n1, "out"), (n2, "in"))]
+    assert tcp_echo(cluster, n1, n2, 4_000_000) == "ok"  # echoed back: both ways
+    after = [udp_metric(cluster, n, trains % d) for n, d in ((n1, "out"), (n2, "in"))]
+    assert after[0] > before[0] and after[1] > before[1]
+    assert udp_metric(cluster, n2, trains % "out") > 0  # the echo went back as trains too
+    n3_in = udp_metric(cluster, n3, trains % "in")
+    assert tcp_echo(cluster, n1, n3, 4_000_000) == "ok"
+    assert udp_metric(cluster, n3, trains % "in") == n3_in == 0  # n3 writes as the reference
+    assert "train" not in json.dumps(reported_drops(cluster.log(n2)))
 
 
 def test_reference_style_node_moves_bulk_tcp_both_ways(cluster):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.base import BackendError
-from backends.udp import advertises_partial_csum, parse_port, plan
+from backends.udp import advertised, parse_port, plan
 from backends.udp.core import (
     Drop,
     Peer,
@@ -412,7 +412,7 @@ def test_plan_skips_what_it_cannot_tunnel_to() -> None:
     ],
 )
 def test_capability(data: object, expected: bool) -> None:
-    assert advertises_partial_csum(data) is expected
+    assert advertised(data, "csum") is expected
 
 
 @pytest.mark.parametrize(
