@@ -39,6 +39,7 @@ from collections import Counter
 from .core import Drop, Peer, Reply, Routes
 from .offload import (
     LAYOUT_MIN_MSS,
+    MIN_TRAIN_CHUNK,
     PLAIN,
     TAG_LEN,
     TRAIN_MAGIC,
@@ -69,6 +70,7 @@ BUFFER = 1 << 17  # more than a 64 KB super-packet or GRO batch plus its virtio-
 _ANC = socket.CMSG_SPACE(4)
 _GRO_SIZE = struct.Struct("=i")
 _MSG_DONTWAIT, _MSG_TRUNC = int(socket.MSG_DONTWAIT), int(socket.MSG_TRUNC)
+_IS_TRAIN = bytes(1 if b & 0xF0 == TRAIN_MAGIC else 0 for b in range(256))  # a first byte
 
 
 def _gro_size(anc: list[tuple[int, int, bytes]], n: int) -> int:
@@ -272,6 +274,19 @@ class Datapath:
             pair = self._scatters[hl, mss] = (Scatter(hl, mss), Scatter(hl, mss))
         return pair
 
+    def _train_at(self, sc: Scatter | None, n: int, gro: int) -> int:
+        """The index of the first train datagram among the n bytes just received into `sc`
+        (None: the flat buffer) as `gro`-byte datagrams, or -1."""
+        if n <= 0 or gro <= 0:
+            return -1
+        if sc is None:
+            firsts = self._ubuf[0:n:gro]
+        elif sc.seg == gro:
+            firsts = sc.heads[0 : -(-n // gro) * sc.hl : sc.hl]
+        else:
+            firsts = sc.flat(0, n)[0:n:gro]
+        return firsts.translate(_IS_TRAIN).find(1)
+
     def _ingress_vnet(
         self, n: int, anc: list[tuple[int, int, bytes]], src: tuple[str, int]
     ) -> None:
@@ -279,13 +294,25 @@ class Datapath:
         gro = _gro_size(anc, n)
         self._received(n, gro)
         flat = self._rx is self._flat
-        if n > 0 and (self._ubuf[0] if flat else first.heads[0]) & 0xF0 == TRAIN_MAGIC:
+        trains = self._train_at(None if flat else first, n, gro)
+        if trains == 0:
             self._ingress_trains(n, gro, src)
             return
+        plain = n if trains < 0 else trains * gro  # packets, then perhaps trains (one GRO batch)
         if flat:
-            writes, run = receive(self.routes, src[0], src[1], self._ubuf, n, gro, self.drops)
+            writes, run = receive(self.routes, src[0], src[1], self._ubuf, plain, gro, self.drops)
         else:
-            writes, run = receive_scattered(self.routes, src[0], src[1], first, n, gro, self.drops)
+            writes, run = receive_scattered(
+                self.routes, src[0], src[1], first, plain, gro, self.drops
+            )
+        if trains > 0:
+            if run is not None:
+                writes.append(run.write())
+            for write in writes:
+                self._write(write)
+            rest = self._ubuf[plain:n] if flat else first.flat(plain, n)
+            self._ingress_trains(n - plain, gro, src, rest)
+            return
         if (
             run is not None
             and (run.hl, run.mss) != (first.hl, first.mss)
@@ -310,24 +337,24 @@ class Datapath:
             self.drops[Drop.TRUNCATED] += 1
             self._write(run.write())
             return
-        if n > 0 and second.heads[0] & 0xF0 == TRAIN_MAGIC:  # trains, no continuation
-            self._write(run.write())
-            gro = _gro_size(anc, n)
-            self._received(n, gro)
-            self._ingress_trains(n, gro, more, second.flat(0, n))
-            return
-        if more != src:
-            self._write(run.write())
-            run = None
         gro = _gro_size(anc, n)
         self._received(n, gro)
-        writes, run = receive_scattered(
-            self.routes, more[0], more[1], second, n, gro, self.drops, run
+        trains = self._train_at(second, n, gro)
+        if more != src or trains == 0:  # not a continuation (trains never are)
+            self._write(run.write())
+            run = None
+        plain = n if trains < 0 else trains * gro
+        writes, run = (
+            receive_scattered(self.routes, more[0], more[1], second, plain, gro, self.drops, run)
+            if plain
+            else ([], None)
         )
         if run is not None:
             writes.append(run.write())
         for write in writes:
             self._write(write)
+        if trains >= 0:
+            self._ingress_trains(n - plain, gro, more, second.flat(plain, n))
 
     def _ingress_trains(
         self, n: int, gro: int, src: tuple[str, int], data: Buf | None = None
@@ -335,24 +362,36 @@ class Datapath:
         """A receive that starts with a train datagram (`offload.train`): trains reassembled,
         whatever follows them through `receive`; the next receive laid out for trains.
         The receive is where the next one goes (`_rx`), or `data` (a copy)."""
-        first = self._pair[0]
-        if data is not None or self._rx is self._flat or (first.hl, first.seg) != (TAG_LEN, gro):
-            if gro <= TAG_LEN:  # no room for a chunk: not a train of ours
-                self.drops[Drop.BAD_TRAIN] += -(-n // gro) if gro > 0 else 1
-                return
+        flat, first = self._rx is self._flat, self._pair[0]
+        peer = self.routes.sender(src[0], src[1])
+        if (
+            isinstance(peer, Drop)
+            or not peer.train
+            or n <= TAG_LEN
+            or (n > gro and gro - TAG_LEN < MIN_TRAIN_CHUNK)
+        ):  # decided before any buffer is laid out for it: strangers cost no layout
+            self.drops[peer if isinstance(peer, Drop) else Drop.BAD_TRAIN] += -(-n // gro)
+            self._rx = self._flat
+            return
+        if data is None and not flat and (first.hl, first.seg) == (TAG_LEN, gro):
+            sc = first  # received where trains go
+        else:
             if data is None:
-                data = self._ubuf[:n] if self._rx is self._flat else first.flat(0, n)
-            self._pair = self._scatter_pair(TAG_LEN, gro - TAG_LEN)
-            first = self._pair[0]
-            first.load(data)  # as a receive into the train layout would have put it
-        self._rx = first.iov if n > gro else self._flat
-        writes, used = self._trains.receive(self.routes, src[0], src[1], first, n, gro, self.drops)
+                data = self._ubuf[:n] if flat else first.flat(0, n)
+            if n <= gro:  # one datagram (a train's short last chunk, say): a layout of its own
+                sc = Scatter(TAG_LEN, n - TAG_LEN, n)
+            else:
+                self._pair = self._scatter_pair(TAG_LEN, gro - TAG_LEN)
+                sc = self._pair[0]
+            sc.load(data)  # as a receive into the train layout would have put it
+        self._rx = self._pair[0].iov if n > gro else self._flat
+        writes, used = self._trains.receive(self.routes, src[0], src[1], sc, n, gro, self.drops)
         if used * gro < n:  # not trains from there on
             more, run = receive(
                 self.routes,
                 src[0],
                 src[1],
-                first.flat(used * gro, n),
+                sc.flat(used * gro, n),
                 n - used * gro,
                 gro,
                 self.drops,

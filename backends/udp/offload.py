@@ -277,8 +277,9 @@ def segment(
 # 64 KB one takes 46 datagrams of a 1500-byte MTU, more than one UDP_SEGMENT send carries, so
 # every super-packet cost two sends. A train carries the super-packet as read (its one
 # header, TTL decremented, TCP checksum partial) cut into equal chunks, each behind a 2-byte
-# tag: 0xF0 | train id (4 bits; the high nibble, 15, is no IP version, so no train datagram
-# passes for a packet), then the chunk's index, | TRAIN_LAST on the train's last chunk.
+# tag: 0xF0 | the train id's low 4 bits (the high nibble, 15, is no IP version, so no train
+# datagram passes for a packet), then the chunk's index (6 bits) | the id's fifth bit << 6 |
+# TRAIN_LAST on the train's last chunk.
 # 46 datagrams of 1500 bytes carry 65,372 bytes and their tags in one send.
 #
 # The limit of one send is not the IPv4 one (65,507 bytes of UDP payload): a GSO packet the
@@ -288,24 +289,27 @@ def segment(
 TAG_LEN: Final = 2
 TRAIN_MAGIC: Final = 0xF0  # first byte & 0xF0 of every train datagram
 TRAIN_LAST: Final = 0x80  # in the index byte
+TRAIN_ID_HIGH: Final = 0x40  # in the index byte: the train id's fifth bit
 MAX_TRAIN_PAYLOAD: Final = 0x10000 - 28 - 32
 _LAST_FLAGS = bytes(1 if b & TRAIN_LAST else 0 for b in range(256))
 MIN_TRAIN_MSS = 88  # TCP's smallest MSS (Linux TCP_MIN_MSS): no write cuts finer than that
-_TAGS: dict[int, bytes] = {}
+MIN_TRAIN_CHUNK = 68  # a chunk holds any IPv4 + TCP header; smaller datagrams make no trains
+_TAGS: dict[tuple[int, int], bytes] = {}
 
 
 def train_tags(count: int, ident: int) -> bytearray:
     """The tags of a train of `count` chunks, back to back."""
-    tags = _TAGS.get(count)
+    high = TRAIN_ID_HIGH if ident & 0x10 else 0
+    tags = _TAGS.get((count, high))
     if tags is None:
         if len(_TAGS) >= 64:
             _TAGS.clear()
         last = count - 1
-        tags = _TAGS[count] = b"".join(
-            bytes((TRAIN_MAGIC, i | (TRAIN_LAST if i == last else 0))) for i in range(count)
+        tags = _TAGS[count, high] = b"".join(
+            bytes((TRAIN_MAGIC, i | high | (TRAIN_LAST if i == last else 0))) for i in range(count)
         )
     out = bytearray(tags)
-    out[0::TAG_LEN] = bytes((TRAIN_MAGIC | ident,)) * count
+    out[0::TAG_LEN] = bytes((TRAIN_MAGIC | ident & 0x0F,)) * count
     return out
 
 
@@ -324,7 +328,7 @@ def train(buf: bytearray, n: int, mss: int, gathers: Gathers) -> list[Send] | No
     datagrams; None when it does not fit one send or is malformed (then `segment` it)."""
     dgram = gathers.dgram
     chunk = dgram - TAG_LEN
-    count = -(-n // chunk) if chunk >= 68 else 0  # a chunk holds any IPv4 + TCP header
+    count = -(-n // chunk) if chunk >= MIN_TRAIN_CHUNK else 0
     if (
         not 2 <= count <= MAX_SEGMENTS
         or n + count * TAG_LEN > MAX_TRAIN_PAYLOAD
@@ -338,7 +342,7 @@ def train(buf: bytearray, n: int, mss: int, gathers: Gathers) -> list[Send] | No
         if len(gathers._by) >= gathers.LIMIT:
             gathers._by.clear()
         g = gathers._by[key] = _TrainGather(buf, chunk, min(MAX_SEGMENTS, len(buf) // chunk))
-    gathers.train_id = ident = (gathers.train_id + 1) & 0x0F
+    gathers.train_id = ident = (gathers.train_id + 1) & 0x1F
     gathers.trains += 1
     g.heads[: count * TAG_LEN] = train_tags(count, ident)
     iov = g.iov[: 2 * count]
@@ -695,7 +699,9 @@ class Trains:
     chunks, back to back). A train complete within one receive is written from the receive
     buffer as one piece; one spread over receives (a real network's receive batches end
     where they will) is copied aside as it comes. One train in progress per sender: a chunk
-    out of place or a missing one drops what it concerns (TCP resends). A whole train must be
+    out of place or a missing one drops what it concerns (TCP resends); only a loss of exactly
+    32 equal trains' worth of datagrams, the id's period, could join two trains unnoticed
+    (README, udp options). A whole train must be
     one valid TCP/IPv4 packet from the sender's subnet to ours (`Routes.check`), from a peer
     that advertised CAP_TRAIN; it is written cut at `mtu` (this node's TUN MTU, the inner
     MTU of every node) less its headers."""
@@ -735,7 +741,8 @@ class Trains:
         writes: list[list[Buf]] = []
         i = 0
         while i < d and heads[i * TAG_LEN] & 0xF0 == TRAIN_MAGIC:
-            ident, index = heads[i * TAG_LEN] & 0x0F, heads[i * TAG_LEN + 1] & ~TRAIN_LAST
+            low, high = heads[i * TAG_LEN], heads[i * TAG_LEN + 1]
+            ident, index = low & 0x0F | (high & TRAIN_ID_HIGH) >> 2, high & 0x3F
             pending = self._pending.get(ip)
             if pending is not None and (
                 index == 0 or (ident, index) != (pending.ident, pending.next)

@@ -723,3 +723,15 @@ def test_chunks_out_of_order_are_never_joined(splits) -> None:
     dgrams[7], dgrams[8] = dgrams[8], dgrams[7]
     writes, drops = receive_trains(dgrams, splits)
     assert writes == [] and drops[Drop.BAD_TRAIN] > 0
+
+
+@pytest.mark.parametrize("ident", [0, 15, 16, 31])
+def test_train_ids_use_five_bits_and_round_trip(ident: int) -> None:
+    tags = O.train_tags(3, ident)
+    assert [tags[i] & 0x0F | (tags[i + 1] & 0x40) >> 2 for i in (0, 2, 4)] == [ident] * 3
+    assert [tags[i + 1] & 0x3F for i in (0, 2, 4)] == [0, 1, 2] and tags[5] & 0x80
+    dgrams, sent = train_of(tcp_packet(os.urandom(4000), flags=O.ACK))
+    dgrams = [bytes(tags[2 * i : 2 * i + 2]) + d[2:] for i, d in enumerate(dgrams)]
+    writes, drops = receive_trains(dgrams, [1, 2])
+    assert not drops and len(writes) == 1
+    assert_train_write(writes[0], sent)
