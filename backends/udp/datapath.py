@@ -49,6 +49,7 @@ from .offload import (
     Scatter,
     Send,
     Trains,
+    kept,
     receive,
     receive_scattered,
     transmit,
@@ -267,12 +268,9 @@ class Datapath:
             self.bytes_out += sent
 
     def _scatter_pair(self, hl: int, mss: int) -> tuple[Scatter, Scatter]:
-        pair = self._scatters.get((hl, mss))
-        if pair is None:
-            if len(self._scatters) >= Gathers.LIMIT:
-                self._scatters.clear()
-            pair = self._scatters[hl, mss] = (Scatter(hl, mss), Scatter(hl, mss))
-        return pair
+        return kept(
+            self._scatters, (hl, mss), lambda: (Scatter(hl, mss), Scatter(hl, mss)), Gathers.LIMIT
+        )
 
     def _train_at(self, sc: Scatter | None, n: int, gro: int) -> int:
         """The index of the first train datagram among the n bytes just received into `sc`

@@ -37,7 +37,8 @@ import struct
 import sys
 from array import array
 from collections import Counter
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 from .core import (
     IPPROTO_TCP,
@@ -204,17 +205,30 @@ def _interleaved(heads: memoryview, body: memoryview, hl: int, mss: int, count: 
     return iov
 
 
-class Gather:
-    """The sendmsg buffers of super-packets at buf[start:] cut into (hl, mss) segments: header
-    i is built in `heads`, and `iov` alternates header i and payload i (a view of `buf`), so
-    the kernel gathers each datagram and no Python object is made per segment."""
+K, V = TypeVar("K"), TypeVar("V")
 
-    def __init__(self, buf: bytearray, start: int, hl: int, mss: int, count: int) -> None:
-        self.buf, self.start, self.hl, self.mss, self.count = buf, start, hl, mss, count
+
+def kept(cache: dict[K, V], key: K, make: Callable[[], V], limit: int) -> V:
+    """cache[key], made by `make` when missing; a full cache is emptied first (few keys are
+    live at a time: the buffer layouts for the segments last seen)."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= limit:
+            cache.clear()
+        value = cache[key] = make()
+    return value
+
+
+class Gather:
+    """The sendmsg buffers of `count` datagrams: hl bytes built in `heads` (a segment's
+    header, a train chunk's tag), then mss bytes of `payload` (a view of the packet as read);
+    `iov` alternates the two, so the kernel gathers each datagram and no Python object is
+    made per datagram."""
+
+    def __init__(self, payload: memoryview, hl: int, mss: int, count: int) -> None:
+        self.hl, self.mss, self.count = hl, mss, count
         self.heads = bytearray(count * hl)
-        self.iov = _interleaved(
-            memoryview(self.heads), memoryview(buf)[start + hl :], hl, mss, count
-        )
+        self.iov = _interleaved(memoryview(self.heads), payload, hl, mss, count)
 
 
 LAYOUT_MIN_MSS = 256  # smaller segments (TCP allows 88 bytes) get buffers made per packet
@@ -233,13 +247,25 @@ class Gathers:
         self.dgram, self.train_id, self.trains = dgram, 0, 0
 
     def get(self, hl: int, mss: int) -> Gather:
-        g = self._by.get((hl, mss))
-        if g is None:
-            if len(self._by) >= self.LIMIT:
-                self._by.clear()
-            count = -(-(min(len(self.buf), 0xFFFF) - hl) // mss)
-            g = self._by[hl, mss] = Gather(self.buf, 0, hl, mss, count)
-        return g
+        """For segments: headers of hl bytes, payloads after the packet's header."""
+        count = -(-(min(len(self.buf), 0xFFFF) - hl) // mss)
+        return kept(
+            self._by,
+            (hl, mss),
+            lambda: Gather(memoryview(self.buf)[hl:], hl, mss, count),
+            self.LIMIT,
+        )
+
+    def train(self, chunk: int) -> Gather:
+        """For trains: tags, and chunks of the whole packet (beside the segment layouts,
+        under a key no (hl, mss) has)."""
+        count = min(MAX_SEGMENTS, len(self.buf) // chunk)
+        return kept(
+            self._by,
+            (-1, chunk),
+            lambda: Gather(memoryview(self.buf), TAG_LEN, chunk, count),
+            self.LIMIT,
+        )
 
 
 def segment(
@@ -259,7 +285,7 @@ def segment(
     if gathers is not None and gathers.buf is buf and start == 0 and mss >= LAYOUT_MIN_MSS:
         g = gathers.get(hl, mss)
     if g is None or g.count < nseg:
-        g = Gather(buf, start, hl, mss, nseg)
+        g = Gather(memoryview(buf)[start + hl :], hl, mss, nseg)
     _headers(buf, start, hl, nseg, mss, partial, g.heads)
     iov = g.iov[: 2 * nseg]
     iov[-1] = memoryview(buf)[start + hl + (nseg - 1) * mss : end]
@@ -313,16 +339,6 @@ def train_tags(count: int, ident: int) -> bytearray:
     return out
 
 
-class _TrainGather(Gather):
-    """`Gather` for trains: `heads` holds the tags, `iov` alternates tag i and chunk i of the
-    packet read to the start of `buf` (chunks of `chunk` bytes)."""
-
-    def __init__(self, buf: bytearray, chunk: int, count: int) -> None:
-        self.buf, self.start, self.hl, self.mss, self.count = buf, 0, TAG_LEN, chunk, count
-        self.heads = bytearray(count * TAG_LEN)
-        self.iov = _interleaved(memoryview(self.heads), memoryview(buf), TAG_LEN, chunk, count)
-
-
 def train(buf: bytearray, n: int, mss: int, gathers: Gathers) -> list[Send] | None:
     """The send of the TCP/IPv4 super-packet buf[:n] as one train of `gathers.dgram`-byte
     datagrams; None when it does not fit one send or is malformed (then `segment` it)."""
@@ -336,12 +352,7 @@ def train(buf: bytearray, n: int, mss: int, gathers: Gathers) -> list[Send] | No
         or _shape(buf, 0, n, mss) is None
     ):
         return None
-    key = (-1, chunk)  # beside the segment layouts, under a key no (hl, mss) has
-    g = gathers._by.get(key)
-    if g is None:
-        if len(gathers._by) >= gathers.LIMIT:
-            gathers._by.clear()
-        g = gathers._by[key] = _TrainGather(buf, chunk, min(MAX_SEGMENTS, len(buf) // chunk))
+    g = gathers.train(chunk)
     gathers.train_id = ident = (gathers.train_id + 1) & 0x1F
     gathers.trains += 1
     g.heads[: count * TAG_LEN] = train_tags(count, ident)
