@@ -13,9 +13,12 @@ nftables table `ip flannel-ipv4`: installs them, repairs drift, and removes them
 # Every rule lives in a chain (or table) of our own, so installing means flushing and refilling
 # it in one transaction: rules of a previous network or subnet (subnet.env) vanish with it, and
 # order and duplicates come out right by construction. The one rule outside, the jump from
-# POSTROUTING (FORWARD), must exist exactly once and come first; any other rule that jumps to
-# our chain or carries our comment (a duplicate, an old flannel's rule in POSTROUTING) is
-# deleted in the same transaction. In nftables mode the whole table is replaced atomically.
+# POSTROUTING (FORWARD), is appended as the reference does and must exist exactly once, wherever
+# it is: rules above it (an admin's DROP, Docker's DOCKER-USER jump) stay above it, and an
+# existing jump is never moved. A missing jump is appended; of duplicates the last one is kept;
+# any other rule that jumps to our chain or carries our comment (an old flannel's rule in
+# POSTROUTING) is deleted in the same transaction. In nftables mode the whole table is replaced
+# atomically.
 #
 # `Masquerade` runs the commands: `ensure()` installs, `check()` compares, `resync()` repairs
 # when they differ, `cleanup()` removes everything of both modes. Errors end in one log line
@@ -185,9 +188,12 @@ def _refs(chain: Chain, saved: dict[str, list[str]]) -> list[tuple[str, str]]:
     ]
 
 
-def _jump_ok(chain: Chain, saved: dict[str, list[str]]) -> bool:
-    jump = _jump(chain)
-    return _refs(chain, saved) == [(chain.hook, jump)] and saved[chain.hook][0] == jump
+def _jumps(chain: Chain, saved: dict[str, list[str]]) -> tuple[int, list[tuple[str, str]]]:
+    """How many copies of our jump the hook chain holds (anywhere in it), and the other rules
+    outside `chain` that refer to it."""
+    jump = (chain.hook, _jump(chain))
+    refs = _refs(chain, saved)
+    return refs.count(jump), [ref for ref in refs if ref != jump]
 
 
 def _section(template: Chain, want: Chain | None, saved: dict[str, list[str]]) -> str:
@@ -195,9 +201,12 @@ def _section(template: Chain, want: Chain | None, saved: dict[str, list[str]]) -
     lines: list[str] = []
     if want is not None:
         lines.append(f":{want.name} - [0:0]")  # with --noflush: creates or flushes it
-        if not _jump_ok(want, saved):
-            lines += [f"-D {name} {spec}" for name, spec in refs]
-            lines.append(f"-I {want.hook} 1 {_jump(want)}")
+        copies, others = _jumps(want, saved)
+        lines += [f"-D {name} {spec}" for name, spec in others]
+        # `-D` by spec deletes the first copy: the last one stays where it is
+        lines += [f"-D {want.hook} {_jump(want)}"] * max(copies - 1, 0)
+        if copies == 0:
+            lines.append(f"-A {want.hook} {_jump(want)}")
         lines += [f"-A {want.name} {iptables_rule(r, want.comment)}" for r in want.rules]
     else:
         lines += [f"-D {name} {spec}" for name, spec in refs]
@@ -246,8 +255,11 @@ def iptables_drift(ruleset: RuleSet, saved: Mapping[str, str]) -> list[str]:
             continue
         specs = [iptables_rule(r, want.comment) for r in want.rules]
         out += _diff(want.name, tables[want.name], specs)
-        if not _jump_ok(want, tables):
-            out.append(f"{want.hook}: the jump to {want.name} is not alone at the top")
+        copies, others = _jumps(want, tables)
+        if copies != 1:
+            out.append(f"{want.hook}: {copies} jumps to {want.name}, want 1")
+        if others:
+            out.append(f"{len(others)} other rule(s) refer to {want.name}")
     return out
 
 

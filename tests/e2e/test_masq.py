@@ -144,9 +144,8 @@ def test_iptables_resync_restores_deleted_rules_and_order(node):
     res = masq(node, "resync", mode="iptables")
     assert res.returncode == 0
     assert res.stderr.count("masquerade rules repaired") == 1
-    assert (
-        rules(node, "nat") == [NAT_RULES[0], "-A POSTROUTING -o eth0 -j MASQUERADE"] + NAT_RULES[1:]
-    )
+    # of the two jumps the one below the stranger's rule stays; it is not moved to the top
+    assert rules(node, "nat") == ["-A POSTROUTING -o eth0 -j MASQUERADE", *NAT_RULES]
     assert rules(node, "filter") == FILTER_RULES
     again = masq(node, "resync", mode="iptables")
     assert again.returncode == 0 and "repaired" not in again.stderr
@@ -162,6 +161,61 @@ def test_iptables_new_subnet_replaces_the_old_rules(node):
     assert len(nat) == 7 and not any("10.244.3.0" in r for r in nat)
     assert sum("10.244.9.0/24" in r for r in nat) == 3
     assert rules(node, "filter") == []
+
+
+# An admin's rules and Docker's jump, there before flannel starts: they must stay above ours.
+ADMIN_FILTER = [
+    ["-I", "FORWARD", "1", "-s", "192.0.2.66", "-j", "DROP"],
+    ["-A", "FORWARD", "-j", "DOCKER-USER"],
+]
+ADMIN_NAT = [
+    ["-I", "POSTROUTING", "1", "-s", "172.17.0.0/16", "!", "-o", "docker0", "-j", "MASQUERADE"]
+]
+
+
+def test_iptables_jumps_are_appended_below_rules_already_there_and_left_there(node):
+    need("iptables")
+    ipt(node, "-N", "DOCKER-USER")
+    for args in ADMIN_FILTER:
+        ipt(node, *args)
+    for args in ADMIN_NAT:
+        ipt(node, "-t", "nat", *args)
+    admin_filter, admin_nat = rules(node, "filter"), rules(node, "nat")
+    assert masq(node, "ensure", mode="iptables").returncode == 0
+    assert rules(node, "filter") == admin_filter + FILTER_RULES
+    assert rules(node, "nat") == admin_nat + NAT_RULES
+    assert masq(node, "check", mode="iptables").returncode == 0  # not first, and no drift
+    for _ in range(3):
+        assert masq(node, "resync", mode="iptables").returncode == 0
+        assert masq(node, "ensure", mode="iptables").returncode == 0
+    assert rules(node, "filter") == admin_filter + FILTER_RULES
+    assert rules(node, "nat") == admin_nat + NAT_RULES
+
+
+def test_iptables_resync_leaves_a_jump_where_the_admin_put_rules_above_it(node):
+    need("iptables")
+    masq(node, "ensure", mode="iptables")
+    ipt(node, "-I", "FORWARD", "1", "-j", "DROP")  # an admin's rule, after flannel started
+    ipt(node, "-t", "nat", "-I", "POSTROUTING", "1", "-o", "eth0", "-j", "MASQUERADE")
+    assert masq(node, "check", mode="iptables").returncode == 0
+    for _ in range(3):
+        assert masq(node, "resync", mode="iptables").returncode == 0
+    assert rules(node, "filter") == ["-A FORWARD -j DROP", *FILTER_RULES]
+    assert rules(node, "nat") == ["-A POSTROUTING -o eth0 -j MASQUERADE", *NAT_RULES]
+
+
+def test_iptables_resync_appends_a_deleted_jump_and_keeps_one_of_duplicates(node):
+    need("iptables")
+    masq(node, "ensure", mode="iptables")
+    ipt(node, "-I", "FORWARD", "1", "-j", "DROP")
+    ipt(node, "-D", "FORWARD", *shlex.split(FILTER_RULES[0])[2:])  # the forward jump gone
+    ipt(node, "-t", "nat", "-I", "POSTROUTING", "1", "-o", "eth0", "-j", "MASQUERADE")
+    ipt(node, "-t", "nat", "-A", "POSTROUTING", *shlex.split(NAT_RULES[0])[2:])  # a second jump
+    assert masq(node, "check", mode="iptables").returncode == 1
+    assert masq(node, "resync", mode="iptables").returncode == 0
+    assert rules(node, "filter") == ["-A FORWARD -j DROP", *FILTER_RULES]
+    assert rules(node, "nat") == ["-A POSTROUTING -o eth0 -j MASQUERADE", *NAT_RULES]
+    assert masq(node, "check", mode="iptables").returncode == 0
 
 
 @pytest.mark.parametrize("foreign", [False, True], ids=["pristine", "with-foreign-rules"])

@@ -74,12 +74,12 @@ def test_payload_with_forward_rules(random_fully):
     assert payload.splitlines() == [
         "*nat",
         ":FLANNEL-POSTRTG - [0:0]",
-        f"-I POSTROUTING 1 {COMMENT} -j FLANNEL-POSTRTG",
+        JUMP,  # appended, as the reference does: rules already there stay above it
         *masq_rules(random_fully),
         "COMMIT",
         "*filter",
         ":FLANNEL-FWD - [0:0]",
-        f"-I FORWARD 1 {FWD_COMMENT} -j FLANNEL-FWD",
+        FWD_JUMP,
         *FWD_RULES,
         "COMMIT",
     ]
@@ -96,7 +96,7 @@ def test_forward_rules_alone_remove_a_masquerade_chain_left_over():
     assert iptables_payload(want).splitlines() == [
         "*filter",
         ":FLANNEL-FWD - [0:0]",
-        f"-I FORWARD 1 {FWD_COMMENT} -j FLANNEL-FWD",
+        FWD_JUMP,
         *FWD_RULES,
         "COMMIT",
     ]
@@ -124,20 +124,53 @@ def test_payload_on_an_installed_node_refills_the_chains_and_keeps_the_jumps():
     ]
 
 
-def test_payload_deletes_duplicate_and_misplaced_jumps_and_old_flannel_rules():
+def test_payload_deletes_duplicate_jumps_and_old_flannel_rules_and_keeps_one_jump_in_place():
     foreign = "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE"
     old = f"-A POSTROUTING -s 10.1.0.0/16 -d 10.1.0.0/16 {COMMENT} -j RETURN"  # flannel < 0.15
-    state = saved([foreign, JUMP, old, JUMP, *masq_rules(True)])
+    stray = "-A POSTROUTING -j FLANNEL-POSTRTG"  # a jump to our chain without our comment
+    state = saved([foreign, JUMP, old, stray, JUMP, *masq_rules(True)])
     nat = iptables_payload(rules(C, P, True, False), state).split("COMMIT")[0].splitlines()
-    assert nat[:6] == [
+    assert nat == [
         "*nat",
         ":FLANNEL-POSTRTG - [0:0]",
-        f"-D POSTROUTING {COMMENT} -j FLANNEL-POSTRTG",
         f"-D POSTROUTING -s 10.1.0.0/16 -d 10.1.0.0/16 {COMMENT} -j RETURN",
-        f"-D POSTROUTING {COMMENT} -j FLANNEL-POSTRTG",
-        f"-I POSTROUTING 1 {COMMENT} -j FLANNEL-POSTRTG",
+        "-D POSTROUTING -j FLANNEL-POSTRTG",
+        f"-D POSTROUTING {COMMENT} -j FLANNEL-POSTRTG",  # the first copy; the second stays
+        *masq_rules(True),
     ]
-    assert not any("docker0" in line for line in nat)
+
+
+@pytest.mark.parametrize(
+    "filt",
+    [
+        ["-A FORWARD -j DROP", FWD_JUMP, *FWD_RULES],  # an admin's rule, above ours
+        ["-A FORWARD -j DOCKER-USER", FWD_JUMP, "-A FORWARD -o docker0 -j ACCEPT", *FWD_RULES],
+        [FWD_JUMP, "-A FORWARD -j DROP", *FWD_RULES],  # moved up by the admin: fine too
+    ],
+    ids=["below-admin-drop", "below-docker-user", "first"],
+)
+def test_a_single_jump_anywhere_in_the_hook_is_no_drift_and_is_left_where_it_is(filt):
+    state = saved(["-A POSTROUTING -o eth0 -j MASQUERADE", JUMP, *masq_rules(True)], filt)
+    want = rules(C, P, True, True)
+    assert iptables_drift(want, state) == []
+    lines = iptables_payload(want, state).splitlines()
+    touched = [line.split()[1] for line in lines if line.startswith("-")]
+    assert set(touched) == {"FLANNEL-POSTRTG", "FLANNEL-FWD"}  # the hooks are not touched
+
+
+def test_a_missing_jump_is_appended_below_the_rules_there():
+    state = saved(
+        ["-A POSTROUTING -o eth0 -j MASQUERADE", *masq_rules(True)],
+        ["-A FORWARD -j DROP", *FWD_RULES],
+    )
+    want = rules(C, P, True, True)
+    assert iptables_drift(want, state) == [
+        "POSTROUTING: 0 jumps to FLANNEL-POSTRTG, want 1",
+        "FORWARD: 0 jumps to FLANNEL-FWD, want 1",
+    ]
+    lines = iptables_payload(want, state).splitlines()
+    assert JUMP in lines and FWD_JUMP in lines
+    assert not any(line.startswith(("-D ", "-I ")) for line in lines)
 
 
 def test_cleanup_payload_removes_jumps_then_chains_and_nothing_else():
@@ -181,15 +214,12 @@ def test_no_drift_when_exact():
         ([JUMP, *masq_rules(True)[::-1]], "FLANNEL-POSTRTG: out of order"),
         ([JUMP, *masq_rules(True), masq_rules(True)[0]], "FLANNEL-POSTRTG: 1 unexpected"),
         ([JUMP, *masq_rules(False)], "FLANNEL-POSTRTG: 2 rule(s) missing, 2 unexpected"),
+        ([JUMP, JUMP, *masq_rules(True)], "POSTROUTING: 2 jumps to FLANNEL-POSTRTG, want 1"),
+        ([*masq_rules(True)], "POSTROUTING: 0 jumps to FLANNEL-POSTRTG, want 1"),
         (
-            ["-A POSTROUTING -j MASQUERADE", JUMP, *masq_rules(True)],
-            "POSTROUTING: the jump to FLANNEL-POSTRTG is not alone at the top",
+            ["-A POSTROUTING -j FLANNEL-POSTRTG", JUMP, *masq_rules(True)],
+            "1 other rule(s) refer to FLANNEL-POSTRTG",
         ),
-        (
-            [JUMP, JUMP, *masq_rules(True)],
-            "POSTROUTING: the jump to FLANNEL-POSTRTG is not alone at the top",
-        ),
-        ([*masq_rules(True)], "POSTROUTING: the jump to FLANNEL-POSTRTG is not alone at the top"),
         ([], "FLANNEL-POSTRTG missing"),
     ],
 )
