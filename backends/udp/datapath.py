@@ -134,7 +134,12 @@ class Datapath:
         # datagrams and their bytes, counted per system call (not per packet) for metrics
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         self.error: BaseException | None = None  # what ended the thread, unless stop() did
-        self._tun, self._sock, self._vnet = tun, sock, vnet
+        self._tun, self._sock, self._sock_fd, self._vnet = tun, sock, sock.fileno(), vnet
+        self._egress, self._ingress = (
+            (self._egress_vnet, self._ingress_vnet)
+            if vnet
+            else (self._egress_plain, self._ingress_plain)
+        )
         self._vbuf = bytearray(VNET_LEN)
         self._rbuf, self._ubuf = bytearray(BUFFER), bytearray(BUFFER)
         # TUN reads: [virtio-net header, packet]; a super-packet's segments are gathered
@@ -183,17 +188,11 @@ class Datapath:
 
     def _run(self) -> None:
         ep = select.epoll()
-        tun, sock = self._tun, self._sock.fileno()
         try:
-            for fd in (tun, sock, self._wake_r):
+            for fd in (self._tun, self._sock_fd, self._wake_r):
                 ep.register(fd, select.EPOLLIN)
-            egress, ingress = (
-                (self._egress_vnet, self._ingress_vnet)
-                if self._vnet
-                else (self._egress_plain, self._ingress_plain)
-            )
-            readv, clock, yield_cpu, poll = os.readv, time.perf_counter, os.sched_yield, ep.poll
-            recv = self._sock.recvmsg_into
+            clock, yield_cpu, poll = time.perf_counter, os.sched_yield, ep.poll
+            readable = self._readable
             timeout, last = -1.0, 0.0
             while not self._stopping:
                 # ask epoll what is readable instead of trying each fd: a read that fails
@@ -207,27 +206,32 @@ class Datapath:
                     continue
                 timeout, last = 0.0, clock()
                 for fd, _ in ready:
-                    if fd == tun:
-                        try:
-                            n = readv(tun, self._riov)
-                        except BlockingIOError:
-                            continue
-                        egress(n)
-                    elif fd == sock:
-                        try:
-                            n, anc, flags, src = recv(self._rx, _ANC, _MSG_DONTWAIT)
-                        except BlockingIOError:
-                            continue
-                        if flags & _MSG_TRUNC:
-                            self.drops[Drop.TRUNCATED] += 1
-                        else:
-                            ingress(n, anc, src)
+                    readable(fd)
         except Exception as e:  # a dead fd (device deleted) or a bug: the agent re-creates us
             self.error = e
             if not isinstance(e, OSError):
                 log.error("udp datapath failed", exc_info=sys.exc_info())
         finally:
             ep.close()
+
+    def _readable(self, fd: int) -> None:
+        """One read from `fd`, which epoll reported readable (the TUN, the socket, or the wake-up
+        pipe), and what it asks for."""
+        if fd == self._tun:
+            try:
+                n = os.readv(fd, self._riov)
+            except BlockingIOError:
+                return
+            self._egress(n)
+        elif fd == self._sock_fd:
+            try:
+                n, anc, flags, src = self._sock.recvmsg_into(self._rx, _ANC, _MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if flags & _MSG_TRUNC:
+                self.drops[Drop.TRUNCATED] += 1
+            else:
+                self._ingress(n, anc, src)
 
     # -- with a virtio-net header: offloads both ways ----------------------------------------
     def _egress_vnet(self, n: int) -> None:
