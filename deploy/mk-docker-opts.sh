@@ -55,20 +55,49 @@ if [ $indiv_opts = false ] && [ $combined_opts = false ]; then
   combined_opts=true
 fi
 
-# Read the file as data (KEY=VALUE lines), never execute it.
-FLANNEL_SUBNET="" FLANNEL_MTU="" FLANNEL_IPMASQ=""
+# Read the file as data (KEY=VALUE lines, a last line without a newline too), never execute
+# it; a value may be in one pair of double or single quotes.
+FLANNEL_NETWORK="" FLANNEL_SUBNET="" FLANNEL_MTU="" FLANNEL_IPMASQ=""
 if [ -f "$flannel_env" ]; then
-  while IFS='=' read -r key value; do
+  while IFS='=' read -r key value || [ -n "$key" ]; do
     value=${value%$'\r'}
-    value=${value#\"}
-    value=${value%\"}
+    if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
+      value=${BASH_REMATCH[1]}
+    fi
     case $key in
+      FLANNEL_NETWORK) FLANNEL_NETWORK=$value ;;
       FLANNEL_SUBNET) FLANNEL_SUBNET=$value ;;
       FLANNEL_MTU) FLANNEL_MTU=$value ;;
       FLANNEL_IPMASQ) FLANNEL_IPMASQ=$value ;;
     esac
   done <"$flannel_env"
 fi
+
+# Every field is checked in full before it is used or anything is written: the values end up in
+# an env file that shells and systemd read, and the subnet's last octet in shell arithmetic.
+octet='(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])' # no leading zero: 010 would be octal
+cidr="^$octet\\.$octet\\.$octet\\.$octet/(3[0-2]|[12]?[0-9])\$"
+refuse() { # field, its value, what is wrong with it
+  printf '%s: %s=%q in %s %s; fix the file (flanneld writes it when it starts) and run again\n' \
+    "$0" "$1" "$2" "$flannel_env" "$3" >&2
+  exit 1
+}
+not_cidr="is not an IPv4 address and prefix length like 10.244.3.1/24"
+[ -z "$FLANNEL_NETWORK" ] || [[ $FLANNEL_NETWORK =~ $cidr ]] ||
+  refuse FLANNEL_NETWORK "$FLANNEL_NETWORK" "$not_cidr"
+[ -z "$FLANNEL_SUBNET" ] || [[ $FLANNEL_SUBNET =~ $cidr ]] ||
+  refuse FLANNEL_SUBNET "$FLANNEL_SUBNET" "$not_cidr"
+if [ -n "$FLANNEL_MTU" ]; then
+  # the pattern first: only then is the value known to be a plain decimal number
+  if ! [[ $FLANNEL_MTU =~ ^[1-9][0-9]{1,4}$ ]] || [ "$FLANNEL_MTU" -lt 68 ] ||
+    [ "$FLANNEL_MTU" -gt 65535 ]; then
+    refuse FLANNEL_MTU "$FLANNEL_MTU" "is not a number from 68 to 65535"
+  fi
+fi
+case $FLANNEL_IPMASQ in
+  "" | true | false) ;;
+  *) refuse FLANNEL_IPMASQ "$FLANNEL_IPMASQ" "is neither true nor false" ;;
+esac
 
 # name=value pairs in the reference's order (its loop walks the variables sorted by name)
 opts=()
@@ -77,10 +106,6 @@ if [ -n "$FLANNEL_IPMASQ" ] && [ $ipmasq = true ]; then
   case $FLANNEL_IPMASQ in
     true) opts+=("DOCKER_OPT_IPMASQ=--ip-masq=false") ;;
     false) opts+=("DOCKER_OPT_IPMASQ=--ip-masq=true") ;;
-    *)
-      echo "Invalid value of FLANNEL_IPMASQ: $FLANNEL_IPMASQ" >&2
-      exit 1
-      ;;
   esac
 fi
 [ -z "$FLANNEL_MTU" ] || opts+=("DOCKER_OPT_MTU=--mtu=$FLANNEL_MTU")
@@ -103,7 +128,7 @@ docker_opts=${!combined_opts_key:-}
 # (a stale host-gw route would steal the containers' traffic).
 if [ -n "$FLANNEL_SUBNET" ] && command -v ip >/dev/null 2>&1; then
   network=$(
-    IFS=./ read -r a b c d len <<<"$FLANNEL_SUBNET"
+    IFS=./ read -r a b c d len <<<"$FLANNEL_SUBNET" # digits only: checked above
     echo "$a.$b.$c.$((d - 1))/$len"
   )
   route=$(ip route show exact "$network" 2>/dev/null | grep ' via ' || true)
