@@ -2,7 +2,8 @@
 
 The codec writes exactly what the reference writes (`LeaseAttrs` field order, compact JSON,
 `PublicIPv6` always present, the rest omitted when empty) and reads records of either
-implementation, key names case-insensitive. A record that does not parse raises `RecordError`.
+implementation, key names case-insensitive. A record that does not parse raises `RecordError`,
+and so does one too big or too deeply nested to be a lease record (any node can write them).
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Any
 
+from .bounded import load_bounded
 from .config import ci_get
+
+MAX_RECORD = 64 * 1024  # bytes: a real record is about 150
+MAX_DEPTH = 16  # nesting of JSON arrays/objects: a real record has 2
 
 
 class RecordError(ValueError):
-    """A lease record in etcd is malformed; the message says what is wrong with it."""
+    """A lease record in etcd is malformed or breaks a rule; the message says what is wrong
+    with it, `rule` names the rule for metrics ("malformed", "key", "outside_network", ...)."""
+
+    def __init__(self, message: str, rule: str = "malformed") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -40,9 +50,9 @@ class LeaseAttrs:
     @classmethod
     def decode(cls, raw: bytes) -> LeaseAttrs:
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RecordError(f"not valid JSON ({e})") from None
+            doc = load_bounded(raw, "the record", MAX_RECORD, MAX_DEPTH)
+        except ValueError as e:
+            raise RecordError(str(e)) from None
         if not isinstance(doc, dict):
             raise RecordError("not a JSON object")
         pip = ci_get(doc, "PublicIP")
@@ -63,12 +73,14 @@ class LeaseAttrs:
 
 @dataclass(frozen=True)
 class Lease:
-    """A subnet lease as seen in etcd. `etcd_lease == 0` means a reservation (no TTL)."""
+    """A subnet lease as seen in etcd. `etcd_lease == 0` means a reservation (no TTL).
+    `create_revision` orders claims: of two records for overlapping space, the older wins."""
 
     subnet: IPv4Network
     attrs: LeaseAttrs
     etcd_lease: int = 0
     mod_revision: int = 0
+    create_revision: int = 0
 
     @property
     def is_reservation(self) -> bool:

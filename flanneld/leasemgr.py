@@ -120,6 +120,13 @@ class LeaseManager:
             log.warning("lease %s was %s in etcd; taking a lease again", ch.subnet, how)
             self._lost.set()
 
+    def etcd_lost_data(self) -> None:
+        """etcd came back without its data: put this node's lease back at once (the same
+        subnet: it is free in an empty etcd), before peers take it for a free one."""
+        if self.lease is not None:
+            log.warning("etcd lost its data; writing lease %s again", self.lease.subnet)
+            self._lost.set()
+
     def renew_now(self) -> None:
         """Renew at once (etcd is back after an outage: make sure the lease is still alive)."""
         self._renew_now.set()

@@ -23,6 +23,7 @@ from aetcd import exceptions as etcd_exc
 from aetcd import rpc
 
 from .lease import Lease, LeaseAttrs, RecordError
+from .peers import Rejected, Snapshot, WatchEvent
 from .subnets import parse_subnet_key, subnet_key
 
 log = logging.getLogger(__name__)
@@ -136,29 +137,37 @@ _TRANSIENT = (
 )
 
 
-def _lease_from_kv(prefix: bytes, kv: Any) -> Lease:
-    """Build a Lease from an etcd key/value; RecordError if the key or value is malformed."""
-    name = kv.key[len(prefix) :].decode(errors="replace")
+def _subnet_of(name: str) -> IPv4Network:
+    """The subnet a key under subnets/ stands for; RecordError unless the key is one this
+    agent uses. Only one key may name a subnet: a put or a delete on any other (a
+    non-canonical spelling, a dual-stack key) must not stand in for the real lease's."""
     subnet = parse_subnet_key(name)
     if subnet is None:
-        raise RecordError(f"key {name!r} is not a subnet key like 10.244.3.0-24")
-    return Lease(subnet, LeaseAttrs.decode(kv.value), kv.lease, kv.mod_revision)
+        raise RecordError(
+            f"key {name!r} is not a subnet key in canonical form like 10.244.3.0-24", "key"
+        )
+    if "&" in name:
+        raise RecordError(
+            f"key {name!r} has an IPv6 part, but this agent runs IPv4 overlays only", "key"
+        )
+    return subnet
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    leases: dict[IPv4Network, Lease]
-    bad: dict[str, str]  # key under subnets/ -> why it was skipped
-    revision: int
+def _lease_from_kv(prefix: bytes, kv: Any) -> Lease:
+    """Build a Lease from an etcd key/value; RecordError (with its rule) if the key or the
+    value is not one to use. Any failure to decode is that record's alone."""
+    subnet = _subnet_of(kv.key[len(prefix) :].decode(errors="replace"))
+    try:
+        attrs = LeaseAttrs.decode(kv.value)
+    except RecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a hostile record triggers
+        raise RecordError(f"cannot be decoded ({type(e).__name__}: {e})") from None
+    return Lease(subnet, attrs, kv.lease, kv.mod_revision, kv.create_revision)
 
 
-@dataclass(frozen=True)
-class WatchEvent:
-    key: str
-    subnet: IPv4Network | None
-    lease: Lease | None  # None for a delete, or for a put whose record is malformed
-    error: str = ""  # why a put was not understood
-    revision: int = 0
+def _rejected(e: RecordError) -> Rejected:
+    return Rejected(e.rule, str(e))
 
 
 class EtcdRegistry:
@@ -284,15 +293,15 @@ class EtcdRegistry:
     async def snapshot(self) -> Snapshot:
         rng = await self.call(lambda c: c.get_prefix(self.subnets_prefix))
         leases: dict[IPv4Network, Lease] = {}
-        bad: dict[str, str] = {}
+        bad: dict[str, Rejected] = {}
         for kv in rng:
             try:
                 lease = _lease_from_kv(self.subnets_prefix, kv)
             except RecordError as e:
-                bad[kv.key[len(self.subnets_prefix) :].decode(errors="replace")] = str(e)
+                bad[kv.key[len(self.subnets_prefix) :].decode(errors="replace")] = _rejected(e)
                 continue
             leases[lease.subnet] = lease
-        return Snapshot(leases, bad, rng.header.revision)
+        return Snapshot(leases, bad, rng.header.revision, rng.header.cluster_id)
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
         got = await self.call(lambda c: c.get(self.key(subnet)))
@@ -359,14 +368,12 @@ class EtcdRegistry:
             async for ev in w:
                 kv = ev.kv
                 key = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
-                subnet = parse_subnet_key(key)
-                if ev.kind == "DELETE":
-                    yield WatchEvent(key, subnet, None, revision=kv.mod_revision)
-                    continue
                 try:
-                    lease = _lease_from_kv(self.subnets_prefix, kv)
-                except RecordError as e:
-                    yield WatchEvent(key, subnet, None, str(e), kv.mod_revision)
+                    subnet = _subnet_of(key)
+                    lease = None if ev.kind == "DELETE" else _lease_from_kv(self.subnets_prefix, kv)
+                except RecordError as e:  # a delete of such a key was never in the table
+                    error = None if ev.kind == "DELETE" else _rejected(e)
+                    yield WatchEvent(key, None, None, error, kv.mod_revision)
                     continue
                 yield WatchEvent(key, subnet, lease, revision=kv.mod_revision)
         finally:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 
 # The reference's key grammar: an IPv4 part and an optional IPv6 part joined by '&'.
-_KEY_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?$")
+_KEY_RE = re.compile(r"^([0-9.]+)-([0-9]+)(?:&([0-9a-f:]+)-([0-9]+))?$")
 
 
 def subnet_key(net: IPv4Network) -> str:
@@ -20,19 +20,24 @@ def subnet_key(net: IPv4Network) -> str:
 
 
 def parse_subnet_key(key: str) -> IPv4Network | None:
-    """The IPv4 subnet named by a key suffix, or None when the key is not a subnet key.
-
-    A dual-stack key (`10.5.52.0-24&fc00:0:0:5::-64`) yields its IPv4 part. Host bits set in
-    the key (`10.1.1.5-24`) make it invalid: the reference never writes such keys.
-    """
+    """The IPv4 subnet named by a key suffix, or None when the key is not one the reference
+    writes: host bits set (`10.1.1.5-24`), or not in canonical form (`10.244.3.0-024`,
+    `010.244.3.0-24`): such a key would name the same subnet as another key, so a put or a
+    delete on it could stand in for the real lease's. A dual-stack key
+    (`10.5.52.0-24&fc00:0:0:5::-64`) yields its IPv4 part; its IPv6 part must be canonical too
+    (compressed, lower case, no host bits)."""
     m = _KEY_RE.match(key)
     if not m:
         return None
     try:
         net = ip_network(f"{m.group(1)}/{m.group(2)}", strict=True)
+        v6 = ip_network(f"{m.group(3)}/{m.group(4)}", strict=True) if m.group(3) else None
     except ValueError:
         return None
-    return net if isinstance(net, IPv4Network) else None
+    if not isinstance(net, IPv4Network) or (v6 is not None and not isinstance(v6, IPv6Network)):
+        return None
+    canonical = subnet_key(net) + (f"&{v6.network_address}-{v6.prefixlen}" if v6 else "")
+    return net if key == canonical else None
 
 
 def first_host(net: IPv4Network) -> str:

@@ -54,3 +54,24 @@ def test_encode_omits_empty_fields_like_the_reference():
 def test_malformed_records(raw, words):
     with pytest.raises(RecordError, match=words):
         LeaseAttrs.decode(raw)
+
+
+def test_deeply_nested_record_is_one_malformed_record():
+    """A 4 KB record nesting BackendData 2,000 deep raised RecursionError, which the watcher
+    took for a broken stream and re-listed forever (issue 12, item 2)."""
+    raw = b'{"PublicIP":"192.0.2.5","BackendData":' + b"[" * 2000 + b"]" * 2000 + b"}"
+    with pytest.raises(RecordError, match="nests deeper") as e:
+        LeaseAttrs.decode(raw)
+    assert e.value.rule == "malformed"
+
+
+def test_nesting_a_real_record_never_needs_is_refused_too():
+    raw = b'{"PublicIP":"192.0.2.5","BackendData":' + b"[" * 40 + b"]" * 40 + b"}"
+    with pytest.raises(RecordError, match="nests deeper"):
+        LeaseAttrs.decode(raw)
+
+
+def test_oversized_record_is_refused_before_decoding():
+    raw = b'{"PublicIP":"192.0.2.5","BackendData":"' + b"x" * 70_000 + b'"}'
+    with pytest.raises(RecordError, match="bytes"):
+        LeaseAttrs.decode(raw)

@@ -1,8 +1,7 @@
 from ipaddress import IPv4Address, IPv4Network
 
 from flanneld.lease import Lease, LeaseAttrs
-from flanneld.peers import PeerTable
-from flanneld.registry import Snapshot, WatchEvent
+from flanneld.peers import PeerTable, Rejected, Snapshot, WatchEvent
 
 A, B, C = (IPv4Network(f"10.5.{i}.0/24") for i in (1, 2, 3))
 
@@ -31,15 +30,15 @@ def test_reset_unchanged_is_silent():
 def test_bad_record_in_snapshot_keeps_last_good():
     t = PeerTable()
     t.reset(Snapshot({A: lease(A)}, {}, 1))
-    assert t.reset(Snapshot({}, {key(A): "not valid JSON"}, 2)) == []
+    assert t.reset(Snapshot({}, {key(A): Rejected("malformed", "not valid JSON")}, 2)) == []
     assert A in t.leases
 
 
 def test_empty_snapshot_after_bad_events_is_not_inferred():
     t = PeerTable()
     t.reset(Snapshot({A: lease(A), B: lease(B)}, {}, 1))
-    assert t.apply(WatchEvent("garbage", None, None, "bad key", 3)) == []
-    assert t.apply(WatchEvent(key(A), A, None, "not valid JSON", 4)) == []
+    assert t.apply(WatchEvent("garbage", None, None, Rejected("key", "bad key"), 3)) == []
+    assert t.apply(WatchEvent(key(A), A, None, Rejected("malformed", "not valid JSON"), 4)) == []
     assert set(t.leases) == {A, B}
 
 
