@@ -60,6 +60,7 @@ class Drop(enum.Enum):
     TRUNCATED = "datagram larger than the receive buffer"
     SEND_FAILED = "UDP send failed"
     WRITE_FAILED = "TUN write failed"
+    INTERNAL = "internal error (a bug; logged with its traceback)"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,12 @@ datagram (`offload.train`, between nodes that both advertise it) goes to `offloa
 and the next receive is laid out for trains. The agent swaps `Datapath.routes` by
 assignment; the thread reads the attribute once per read, so each packet sees one whole
 snapshot.
+
+Whatever a peer sends costs at most what it sent: an exception other than an OSError while
+handling one read (a bug met by a packet) drops that read, counted as `internal` in the drop
+counters, and the thread goes on with the next; it is logged with its traceback the first
+time, then at most once per `INTERNAL_LOG_EVERY` s. An OSError (the TUN device deleted) ends
+the thread; the agent re-creates the device and starts a new one.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOCKET_BUFFER = 4 << 20
 
 SPIN = 200e-6  # s of polling on after the last packet before sleeping in epoll
+INTERNAL_LOG_EVERY = 60.0  # s between two log lines about internal errors (the first: at once)
 BUFFER = 1 << 17  # more than a 64 KB super-packet or GRO batch plus its virtio-net header
 _ANC = socket.CMSG_SPACE(4)
 _GRO_SIZE = struct.Struct("=i")
@@ -155,6 +162,8 @@ class Datapath:
         self._flat: list[Buf] = [self._ubuf]
         self._rx = self._flat  # what the next receive goes into
         self._cmsg_seg, self._cmsg = 0, [(SOL_UDP, UDP_SEGMENT, b"")]
+        self._internal_logged_at: float | None = None  # see `_internal_error`
+        self._internal_unlogged = 0
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name="udp-datapath", daemon=True)
@@ -207,7 +216,7 @@ class Datapath:
                 timeout, last = 0.0, clock()
                 for fd, _ in ready:
                     readable(fd)
-        except Exception as e:  # a dead fd (device deleted) or a bug: the agent re-creates us
+        except Exception as e:  # a dead fd (device deleted) or epoll failed: the agent heals us
             self.error = e
             if not isinstance(e, OSError):
                 log.error("udp datapath failed", exc_info=sys.exc_info())
@@ -216,22 +225,55 @@ class Datapath:
 
     def _readable(self, fd: int) -> None:
         """One read from `fd`, which epoll reported readable (the TUN, the socket, or the wake-up
-        pipe), and what it asks for."""
-        if fd == self._tun:
-            try:
-                n = os.readv(fd, self._riov)
-            except BlockingIOError:
-                return
-            self._egress(n)
-        elif fd == self._sock_fd:
-            try:
-                n, anc, flags, src = self._sock.recvmsg_into(self._rx, _ANC, _MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            if flags & _MSG_TRUNC:
-                self.drops[Drop.TRUNCATED] += 1
-            else:
-                self._ingress(n, anc, src)
+        pipe), and what it asks for. An OSError (the TUN deleted) ends the thread; any other
+        exception is a bug met by what was read: that read is counted as dropped
+        (`Drop.INTERNAL`) and the thread goes on with the next one (`_internal_error`)."""
+        try:
+            if fd == self._tun:
+                try:
+                    n = os.readv(fd, self._riov)
+                except BlockingIOError:
+                    return
+                self._egress(n)
+            elif fd == self._sock_fd:
+                try:
+                    n, anc, flags, src = self._sock.recvmsg_into(self._rx, _ANC, _MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+                if flags & _MSG_TRUNC:
+                    self.drops[Drop.TRUNCATED] += 1
+                else:
+                    self._ingress(n, anc, src)
+        except OSError:
+            raise
+        except Exception:
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        """Count the read being handled as dropped (`internal`) and start the next receive
+        afresh; log the first error with its traceback, later ones at most once per
+        INTERNAL_LOG_EVERY s, with how many there were (a peer could make one per packet).
+        Called in the handler of the exception."""
+        self.drops[Drop.INTERNAL] += 1
+        self._rx = self._flat
+        now = time.monotonic()
+        if self._internal_logged_at is None:
+            log.error(
+                "udp datapath: dropped a packet it failed to handle (counted as internal); "
+                "further such errors are logged at most every %.0f s",
+                INTERNAL_LOG_EVERY,
+                exc_info=True,
+            )
+        elif now - self._internal_logged_at >= INTERNAL_LOG_EVERY:
+            log.error(
+                "udp datapath: %d more packets dropped as internal errors, the last: %r",
+                self._internal_unlogged + 1,
+                sys.exc_info()[1],
+            )
+        else:
+            self._internal_unlogged += 1
+            return
+        self._internal_logged_at, self._internal_unlogged = now, 0
 
     # -- with a virtio-net header: offloads both ways ----------------------------------------
     def _egress_vnet(self, n: int) -> None:

@@ -514,11 +514,11 @@ class Run:
         checksums or PSH (the last one of a burst); it ends the run if short or pushed."""
         r, t, hl = self.ref, self.t, self.hl
         size = end - off - hl
+        if self.done or not 0 < size <= self.mss:  # first: a shorter packet has no TCP flags
+            return False
         flags = buf[off + t + 13]
         if (
-            self.done
-            or not 0 < size <= self.mss
-            or flags & ~PSH != ACK
+            flags & ~PSH != ACK
             or buf[off] != r[0]
             or buf[off + 1] != r[1]
             or buf[off + 6 : off + 10] != r[6:10]

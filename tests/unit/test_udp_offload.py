@@ -495,6 +495,51 @@ def test_unknown_sender_counts_every_datagram(path: str) -> None:
     assert writes == [] and drops == Counter({Drop.UNKNOWN_SENDER: 5})
 
 
+def short_packet(size: int, proto: int = 1, src: str = "10.244.1.2") -> bytes:
+    """A valid IPv4 packet of `size` bytes (20..33: shorter than an IPv4 + TCP header) from A's
+    subnet to B's; 28 bytes of ICMP is what `ping -s 0` sends."""
+    body = (b"\x08\x00\xf7\xff\x00\x00\x00\x00" if proto == 1 else b"") + bytes(13)
+    return bytes(ip_packet(src, "10.244.2.2", proto=proto, payload=body[: size - 20]))
+
+
+@pytest.mark.parametrize("size", [20, 28, 33])
+@pytest.mark.parametrize("proto", [1, 6, 17])
+@pytest.mark.parametrize("path", RX_PATHS)
+def test_a_short_packet_after_an_open_run_ends_it_and_is_written(
+    path: str, proto: int, size: int
+) -> None:
+    """Issue 12, 3: a peer's next datagram shorter than 34 bytes (`ping -s 0`) while a TCP run
+    from it is open, in the next receive or at the end of the same GRO batch."""
+    short = short_packet(size, proto)
+    drops: Counter[Drop] = Counter()
+    _, run = rx(path, B, A_IP, train(4), drops)
+    assert run is not None
+    writes, run = rx(path, B, A_IP, [short], drops, run)
+    assert run is None and not drops
+    assert [len(packets_of(w)[0]) for w in writes] == [52 + 4 * 1000, size]
+    writes, drops = rx_all(path, [*train(4, seq=90000), short])
+    assert not drops and [len(packets_of(w)[0]) for w in writes] == [52 + 4 * 1000, size]
+
+
+def with_full_csum(pkt: bytes) -> bytes:
+    """`pkt` with its TCP checksum complete, as a node without `csum` (the reference) sends it."""
+    b = bytearray(pkt)
+    b[36:38] = b"\0\0"
+    seg = bytes(b[20:])
+    b[36:38] = reference_checksum(
+        bytes(b[12:20]) + struct.pack("!BBH", 0, 6, len(seg)) + seg
+    ).to_bytes(2, "big")
+    assert tcp_valid(b)
+    return bytes(b)
+
+
+def corrupted(d: bytes, at: int = 300) -> bytes:
+    """`d` with one payload bit flipped and its checksums left as they were."""
+    b = bytearray(d)
+    b[at] ^= 0x04
+    return bytes(b)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_fuzz_receive_writes_only_validated_packets(data: st.DataObject) -> None:
