@@ -1,5 +1,6 @@
 """Operator tools in a 3-node lab: `flannelctl status` (drift visible until repaired), the
-Prometheus metrics, JSON logs, and the etcd tools (leases, config, reservations)."""
+Prometheus metrics, JSON logs, the etcd tools (leases, config, reservations), and what the
+health port serves and withstands."""
 
 from __future__ import annotations
 
@@ -143,3 +144,57 @@ def test_lease_and_config_tools(cluster, tmp_path):
     own = cluster.env(n2)["FLANNEL_SUBNET"].replace(".1/", ".0/")
     live = ctl(cluster, n1, "unreserve", own, check=False)
     assert live.returncode == 2 and "--force" in live.stderr
+
+
+IDLE_FLOOD = r"""
+import contextlib, json, os, resource, socket, sys, time
+agent, port, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < count + 256:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
+fds = lambda: len(os.listdir(f"/proc/{agent}/fd"))
+baseline, socks = fds(), []
+try:
+    for i in range(count):
+        s = socket.socket()
+        socks.append(s)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        if i % 2:
+            with contextlib.suppress(OSError):
+                s.send(b"GET /healthz HTTP/1.1\r\n")
+        if i % 100 == 99:
+            time.sleep(0.01)
+    time.sleep(0.5)
+    held = fds() - baseline
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := probe.recv(4096):
+            answer += chunk
+    elapsed = time.monotonic() - start
+finally:
+    for s in socks:
+        s.close()
+print(json.dumps({"held": held, "status": int(answer.split()[1]), "elapsed": elapsed}))
+"""
+
+
+def test_health_port_serves_no_status_and_withstands_idle_connections(cluster):
+    """The TCP port serves /healthz, /readyz and /metrics, never /status (peers, etcd); 1,000
+    idle connections to it leave /healthz answering at once and the agent holding at most 64
+    of them, and `flannelctl status` (the unix socket) still answers."""
+    n1 = cluster.lab.nodes[0]
+    assert cluster.http_get(n1, "/status", 8471)[0] == 404
+    assert cluster.http_get(n1, "/healthz", 8471)[0] == 200
+    assert cluster.http_get(n1, "/readyz", 8471)[0] == 200
+    assert cluster.http_get(n1, "/metrics", 8471)[0] == 200
+    agent = cluster.procs[n1.name].pid
+    out = cluster.lab.run(
+        n1.ns, sys.executable, "-c", IDLE_FLOOD, str(agent), "8471", "1000", timeout=60
+    ).stdout
+    probe = json.loads(out)
+    assert probe["status"] == 200 and probe["elapsed"] < 1.0, probe
+    assert probe["held"] <= 64 + 8, probe
+    assert json.loads(ctl(cluster, n1, "status", "--json").stdout)["ready"]
