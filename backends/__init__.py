@@ -28,7 +28,7 @@ def get_backend(name: str) -> type[Backend]:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise BackendError(
-            f"unknown backend type: {name!r}; set Backend.Type to one of: {known}"
+            f"network config: unknown backend type {name!r}; set Backend.Type to one of: {known}"
         ) from None
 
 

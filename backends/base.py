@@ -1,6 +1,6 @@
 """The contract between the agent and a backend, and the external interface it runs on.
 
-Lifecycle, driven by the agent:
+Lifecycle, driven by the agent (after `parse_options()` accepted the config's Backend object):
   1. `prepare()`    before the lease: check the host, create devices whose identity goes into
                     the lease record (vxlan's VTEP MAC); returns the record to publish.
   2. `configure(l)` once a lease is held (and again if it ever changes): addresses, MTU.
@@ -31,13 +31,15 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExternalInterface:
-    """The underlay NIC: its name, index, own address, the address advertised, its MTU."""
+    """The underlay NIC: its name, index, own address, the address advertised, its MTU, and
+    the network of its address (None when unknown)."""
 
     name: str
     index: int
     iface_addr: IPv4Address
     ext_addr: IPv4Address
     mtu: int
+    underlay: IPv4Network | None = None
 
 
 @dataclass
@@ -74,6 +76,13 @@ class Backend(ABC):
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> Any:
+        """Validate the config's Backend object, touching nothing (pure): BackendError naming
+        the key and the fix. `flannelctl config validate|set` and the agent (before it changes
+        anything) call it, so a bad option never reaches a running node. Default: none."""
+        return None
 
     @property
     @abstractmethod

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 TYPE = "vxlan"
 DEFAULT_PORT = 8472  # the kernel's default, which the reference's Port 0 means
 ENCAP_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+MIN_IPV4_MTU = 68
 MAX_VNI = 9_999_999  # "flannel." + 7 digits fills the kernel's 15-character interface name
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
@@ -83,13 +84,21 @@ def parse_options(options: Mapping[str, Any]) -> VxlanOptions:
     """
     obj = dict(options)
     vni = _int(obj, "VNI", 0, MAX_VNI)
+    mtu = _int(obj, "MTU", 0, 65535)
+    if mtu and mtu - ENCAP_OVERHEAD < MIN_IPV4_MTU:
+        raise _invalid(
+            "MTU",
+            mtu,
+            f"leaves less than {MIN_IPV4_MTU} bytes after {ENCAP_OVERHEAD} bytes of VXLAN overhead",
+            f"use 0 (the interface's) or at least {MIN_IPV4_MTU + ENCAP_OVERHEAD}",
+        )
     return VxlanOptions(
         vni=1 if vni is None else vni,
         port=_int(obj, "Port", 0, 65535) or DEFAULT_PORT,
         gbp=_bool(obj, "GBP"),
         learning=_bool(obj, "Learning"),
         direct_routing=_bool(obj, "DirectRouting"),
-        mtu=_int(obj, "MTU", 0, 65535) or None,
+        mtu=mtu or None,
     )
 
 
@@ -124,7 +133,8 @@ def plan(
     (VtepMAC → PublicIP) and an onlink route via that address on the VXLAN device; a peer whose
     PublicIP is in `direct` (DirectRouting on, peer on-link) gets only a route via its PublicIP
     on the external interface. Skipped: our own subnet or PublicIP, another backend type, a
-    missing or invalid VtepMAC, a VtepMAC already taken (ours, or a peer's with a lower subnet).
+    missing or invalid VtepMAC, a VtepMAC already taken (ours, or an older lease's: the one
+    created first keeps it, so a record copying a peer's MAC cannot take its traffic).
     """
     entries: set[Entry] = set()
     warnings: list[str] = []
@@ -132,7 +142,7 @@ def plan(
     own_mac = peer_mac(local)
     if own_mac:
         owners[own_mac] = "ours"
-    for subnet, peer in sorted(peers.items()):
+    for subnet, peer in sorted(peers.items(), key=lambda kv: (kv[1].create_revision, kv[0])):
         public_ip = peer.attrs.public_ip
         mac = peer_mac(peer)
         skip = f"skipping peer lease {subnet} (PublicIP {public_ip}): "
@@ -195,6 +205,10 @@ _CREATE_HINTS = {
 
 @register(TYPE)
 class VxlanBackend(KernelBackend):
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> VxlanOptions:
+        return parse_options(options)
+
     def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
         super().__init__(ctx, netns)
         self._opts = VxlanOptions()  # replaced by the validated options in prepare()
@@ -210,11 +224,11 @@ class VxlanBackend(KernelBackend):
 
     async def prepare(self) -> LeaseAttrs:
         self._opts = parse_options(self.ctx.options)
-        if self.mtu < 68:
-            base = "Backend.MTU" if self._opts.mtu else f"the MTU of {self.ctx.ext.name}"
+        if self.mtu < MIN_IPV4_MTU:
             raise BackendError(
-                f"{base} ({self.mtu + ENCAP_OVERHEAD}) leaves less than 68 bytes after "
-                f"{ENCAP_OVERHEAD} bytes of VXLAN overhead; set Backend.MTU to at least 118"
+                f"the MTU of {self.ctx.ext.name} ({self.ctx.ext.mtu}) leaves less than "
+                f"{MIN_IPV4_MTU} bytes after {ENCAP_OVERHEAD} bytes of VXLAN overhead; set "
+                f"Backend.MTU to at least {MIN_IPV4_MTU + ENCAP_OVERHEAD}"
             )
         self.mac = vtep_mac(self.ctx.ext.ext_addr, self._opts.vni)
         async with self._lock:

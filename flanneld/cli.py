@@ -148,8 +148,8 @@ def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None 
         raise FlagError("--healthz-port must be between 0 and 65535")
     if opts.iptables_resync <= 0:
         raise FlagError("--iptables-resync must be a positive number of seconds")
-    if opts.reconcile_interval <= 0:
-        raise FlagError("--reconcile-interval must be a positive number of seconds")
+    if not 0.1 <= opts.reconcile_interval <= 86400:  # also refuses nan and inf
+        raise FlagError("--reconcile-interval must be from 0.1 to 86400 seconds")
     if opts.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise FlagError("--log-level must be debug, info, warning or error")
     if opts.log_format not in ("text", "json"):

@@ -1,18 +1,33 @@
 """The network config stored at `<etcd-prefix>/config`: parsing, defaults and validation.
 
 Follows the reference's rules (keys case-insensitive, SubnetLen/SubnetMin/SubnetMax defaults,
-range and alignment checks) and adds SubnetMin <= SubnetMax. Every error is a `ConfigError`
-whose message names the key and the fix in one line.
+range and alignment checks) and adds what keeps a host working: SubnetMin <= SubnetMax, a
+Network clear of the special ranges (default route, loopback, link-local, multicast,
+reserved) and of the underlay's own network, a bounded document. Every error is a
+`ConfigError` whose message names the key and the fix in one line.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from typing import Any
 
+from .bounded import load_bounded
+
 DEFAULT_BACKEND = "udp"  # the reference's code default when "Backend" is absent
+MAX_CONFIG = 64 * 1024  # bytes
+MAX_DEPTH = 16  # nesting of JSON arrays and objects
+# Ranges an overlay must not claim: routes for them would break the host itself.
+SPECIAL_RANGES = {
+    IPv4Network("0.0.0.0/8"): "'this network' (0.0.0.0/8, and 0.0.0.0/0 is every address)",
+    IPv4Network("127.0.0.0/8"): "loopback",
+    IPv4Network("169.254.0.0/16"): "link-local",
+    IPv4Network("224.0.0.0/4"): "multicast",
+    IPv4Network("240.0.0.0/4"): "reserved (and broadcast)",
+}
 
 
 class ConfigError(ValueError):
@@ -92,11 +107,9 @@ def _ipv4(obj: dict[str, Any], key: str) -> IPv4Address | None:
 def parse_config(raw: bytes | str) -> NetworkConfig:
     """Parse and validate the JSON network config, filling in the reference's defaults."""
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(
-            f"network config is not valid JSON ({e}); fix the JSON document"
-        ) from None
+        obj = load_bounded(raw, "network config", MAX_CONFIG, MAX_DEPTH)
+    except ValueError as e:
+        raise ConfigError(f"{e}; fix the JSON document") from None
     if not isinstance(obj, dict):
         raise ConfigError(
             'network config must be a JSON object such as {"Network": "10.244.0.0/16"}'
@@ -135,6 +148,14 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             f"is an invalid IPv4 CIDR format (got {json.dumps(net_s)})",
             'write it like "10.244.0.0/16"',
         )
+
+    for special, name in SPECIAL_RANGES.items():
+        if network.overlaps(special):
+            raise _bad(
+                "Network",
+                f"{network} overlaps the {name} range {special}",
+                'use a private range such as "10.244.0.0/16"',
+            )
 
     subnet_len = _uint(obj, "SubnetLen")
     plen = network.prefixlen
@@ -196,4 +217,22 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
 
     return NetworkConfig(
         network, subnet_len, subnet_min, subnet_max, backend_type, backend, enable_nftables
+    )
+
+
+def underlay_problem(
+    network: IPv4Network, underlay: IPv4Network | None, addrs: Iterable[IPv4Address]
+) -> str:
+    """Why `network` cannot be the overlay on a node whose underlay interface sits in
+    `underlay` and has or advertises `addrs` ("" when it can): overlay routes would capture
+    the nodes' own traffic. The message names the fix."""
+    if underlay is not None and network.overlaps(underlay):
+        where = f"the underlay network {underlay}"
+    elif hit := next((a for a in addrs if a in network), None):
+        where = f"this node's address {hit}"
+    else:
+        return ""
+    return (
+        f"network config: Network {network} overlaps {where}; pick a Network that holds no "
+        "node address"
     )

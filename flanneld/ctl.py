@@ -27,12 +27,15 @@ import backends
 from backends.base import BackendError
 from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
 
+from .admission import PeerRules
 from .cli import ENV_PREFIX, Options
 from .config import ConfigError, parse_config
 from .daemon import SOCKET_NAME
-from .lease import LeaseAttrs
+from .lease import LeaseAttrs, RecordError
 from .masq import Masquerade
+from .peers import Rejected
 from .registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
+from .subnets import subnet_key
 
 # The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
 _OWNED_LINKS = {"vxlan": re.compile(r"flannel\.\d+"), "tun": re.compile(r"flannel\d+")}
@@ -107,7 +110,15 @@ def fetch_status(state_dir: str) -> dict:
             f"cannot reach the agent at {path} ({e.strerror or e}); is flanneld running with "
             "this --state-dir (env FLANNELD_STATE_DIR)?"
         ) from None
-    return json.loads(data.partition(b"\r\n\r\n")[2])
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        return json.loads(body)
+    except ValueError:
+        first = head.split(b"\r\n", 1)[0].decode(errors="replace") or "nothing"
+        raise CtlError(
+            f"the agent at {path} answered {first!r}, not a status: "
+            f"{body[:200].decode(errors='replace')!r}; see its log"
+        ) from None
 
 
 def _ago(ts: float | None) -> str:
@@ -144,6 +155,11 @@ def render_status(doc: dict) -> str:
     etcd = doc["etcd"]
     state = "reachable" if etcd["reachable"] else f"UNREACHABLE: {etcd['last_error']}"
     lines.append(f"{'etcd':<9} {etcd['endpoint']} {state}")
+    config = doc.get("config") or {}
+    if config.get("source") == "saved":
+        lines.append("config    the last good one, saved on this node (etcd's is not valid)")
+    if config.get("problem"):
+        lines.append(f"config    {config['problem']}")
     if doc.get("datapath_error"):
         lines.append(f"datapath  cannot be inspected: {doc['datapath_error']}")
     rows = [("PEER SUBNET", "PUBLIC IP", "BACKEND", "LAST CHANGE", "DATAPATH")]
@@ -161,6 +177,8 @@ def render_status(doc: dict) -> str:
     ]
     if len(rows) == 1:
         lines.append("(no peers)")
+    for r in doc.get("rejected", []):
+        lines.append(f"REJECTED  {r['key']} ({r['rule']}): {r['why']}")
     return "\n".join(lines)
 
 
@@ -192,9 +210,9 @@ def validate_config(raw: bytes) -> str:
     """The agent's own validation; returns a one-line summary or raises ConfigError."""
     config = parse_config(raw)
     try:
-        backends.get_backend(config.backend_type)
+        backends.get_backend(config.backend_type).parse_options(config.backend)
     except BackendError as e:
-        raise ConfigError(f"network config: {e}") from None
+        raise ConfigError(str(e)) from None
     return (
         f"network {config.network}, subnets /{config.subnet_len} from {config.subnet_min} "
         f"to {config.subnet_max}, backend {config.backend_type}"
@@ -229,8 +247,19 @@ async def _leases(args: argparse.Namespace) -> int:
     reg = _registry(args)
     try:
         snap = await reg.snapshot()
-        rows = []
+        raw = await reg.get_config()
+        rows, bad = [], dict(snap.bad)
+        try:
+            rules = PeerRules(parse_config(raw)) if raw is not None else None
+        except ConfigError:
+            rules = None  # `flannelctl config show` says what is wrong with it
         for subnet, lease in sorted(snap.leases.items()):
+            try:
+                if rules is not None:
+                    rules.check(lease)
+            except RecordError as e:
+                bad[subnet_key(subnet)] = Rejected(e.rule, str(e))
+                continue
             ttl = None if lease.is_reservation else await reg.time_to_live(lease.etcd_lease)
             rows.append(
                 {
@@ -243,8 +272,9 @@ async def _leases(args: argparse.Namespace) -> int:
             )
     finally:
         await reg.close()
+    rejected = {key: {"rule": r.rule, "why": r.why} for key, r in sorted(bad.items())}
     if args.json:
-        print(json.dumps({"leases": rows, "malformed": snap.bad}, indent=2))
+        print(json.dumps({"leases": rows, "rejected": rejected}, indent=2))
         return 0
     table = [("SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
     table += [
@@ -259,8 +289,8 @@ async def _leases(args: argparse.Namespace) -> int:
     widths = [max(len(t[i]) for t in table) for i in range(3)]
     for t in table:
         print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=False)) + "  " + t[3])
-    for key, why in sorted(snap.bad.items()):
-        print(f"malformed: {key}: {why}")
+    for key, r in rejected.items():
+        print(f"REJECTED {key} ({r['rule']}): {r['why']}")
     return 0
 
 

@@ -22,9 +22,10 @@ import backends
 from backends.base import Backend, BackendContext, BackendError, ExternalInterface
 
 from . import __version__, metrics, sdnotify, subnetenv
+from .admission import PeerRules
 from .allocation import OutOfSubnets
 from .cli import Options
-from .config import ConfigError, NetworkConfig, parse_config
+from .config import ConfigError, NetworkConfig, parse_config, underlay_problem
 from .health import HealthServer, Response
 from .iface import InterfaceError, discover, select
 from .lease import Lease
@@ -37,6 +38,7 @@ from .watcher import PeerWatcher
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "flanneld.sock"  # in --state-dir: /status and /metrics for flannelctl
+SAVED_CONFIG = "network-config.json"  # in --state-dir: the last good config, for restarts
 CONFIG_POLL = 1.0
 COALESCE = 0.05  # gather a burst of watch events into one reconcile
 FULL_PASS_SHARE = 0.05  # at most this share of the time goes to full passes (see below)
@@ -64,6 +66,10 @@ class Agent:
         self.registry = registry
         self.ready = False
         self.config: NetworkConfig | None = None
+        self.config_raw: bytes | None = None  # the config running, as read
+        self.config_source = ""  # "etcd", or "saved": the last good one, etcd's was not
+        self.config_problem = ""  # why etcd's config is not the one running ("": it is)
+        self.ext: ExternalInterface | None = None
         self.backend: Backend | None = None
         self.leases: LeaseManager | None = None
         self.watcher: PeerWatcher | None = None
@@ -77,8 +83,36 @@ class Agent:
         self._lease_changed = False
 
     # -- startup ----------------------------------------------------------------------------
-    async def wait_for_config(self) -> NetworkConfig:
-        """Poll `<prefix>/config` until it parses and names a known backend (like the reference)."""
+    def validate(self, raw: bytes, ext: ExternalInterface) -> NetworkConfig:
+        """The whole config as this node would run it, checked before anything is touched:
+        the JSON, the backend's options, the Network against this node's underlay."""
+        config = parse_config(raw)
+        try:
+            backends.get_backend(config.backend_type).parse_options(config.backend)
+        except BackendError as e:
+            raise ConfigError(str(e)) from None
+        if why := underlay_problem(config.network, ext.underlay, (ext.iface_addr, ext.ext_addr)):
+            raise ConfigError(why)
+        return config
+
+    @property
+    def saved_config(self) -> Path:
+        return Path(self.opts.state_dir) / SAVED_CONFIG
+
+    def _last_good(self, ext: ExternalInterface) -> NetworkConfig | None:
+        """The config this node last ran with, if it is still valid here."""
+        try:
+            raw = self.saved_config.read_bytes()
+            config = self.validate(raw, ext)
+        except (OSError, ConfigError):
+            return None
+        self.config_raw, self.config_source = raw, "saved"
+        return config
+
+    async def wait_for_config(self, ext: ExternalInterface) -> NetworkConfig:
+        """Poll `<prefix>/config` until it is valid (like the reference). A missing or invalid
+        one is logged once; if this node ran with a valid config before (saved in the state
+        directory), the agent runs with that one instead of waiting, and says so."""
         last = ""
         while True:
             try:
@@ -89,17 +123,60 @@ class Agent:
                         "create it, e.g. etcdctl put <prefix>/config "
                         '\'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}\''
                     )
-                config = parse_config(raw)
-                backends.get_backend(config.backend_type)
-                return config
-            except (ConfigError, BackendError, EtcdConfigError) as e:
+                config = self.validate(raw, ext)
+            except (ConfigError, EtcdConfigError) as e:
+                if (config := self._last_good(ext)) is not None:
+                    log.error(
+                        "%s; running with the last good config, saved in %s",
+                        e,
+                        self.saved_config,
+                    )
+                    self.config_problem = str(e)
+                    return config
                 msg = str(e)
             except Exception as e:  # noqa: BLE001 - etcd unreachable: keep waiting
                 msg = f"cannot read the network config from etcd: {e}"
+            else:
+                self.config_raw, self.config_source = raw, "etcd"
+                self._save_config(raw)
+                return config
             if msg != last:
                 log.error("%s (waiting for a valid config)", msg)
                 last = msg
             await asyncio.sleep(CONFIG_POLL)
+
+    def _save_config(self, raw: bytes) -> None:
+        try:
+            subnetenv.write(str(self.saved_config), raw.decode(errors="replace"))
+        except OSError as e:
+            log.warning("cannot save the network config in %s (%s)", self.saved_config, e)
+
+    async def watch_config(self) -> None:
+        """Say when the config in etcd stops being the one running: changed (a restart
+        applies it), invalid or missing (the agent goes on with the one it runs)."""
+        assert self.ext is not None
+        while True:
+            await asyncio.sleep(self.opts.reconcile_interval)
+            try:
+                raw = await self.registry.get_config()
+            except Exception:  # noqa: BLE001 - etcd trouble is the watcher's to report
+                continue
+            if raw == self.config_raw:
+                problem = ""
+            elif raw is None:
+                problem = "the network config was deleted from etcd"
+            else:
+                try:
+                    self.validate(raw, self.ext)
+                    problem = "the network config in etcd changed; restart flanneld to apply it"
+                except ConfigError as e:
+                    problem = str(e)
+            if problem != self.config_problem:
+                if problem:
+                    log.error("%s; running with the config it started with", problem)
+                else:
+                    log.info("the network config in etcd is the running one again")
+                self.config_problem = problem
 
     async def pick_interface(self) -> ExternalInterface:
         async with AsyncIPRoute() as ipr:
@@ -158,7 +235,11 @@ class Agent:
 
     async def start(self) -> None:
         opts = self.opts
-        self.config = config = await self.wait_for_config()
+        try:
+            self.ext = ext = await self.pick_interface()
+        except InterfaceError as e:
+            raise FatalError(str(e)) from None
+        self.config = config = await self.wait_for_config(ext)
         log.info(
             "network %s, subnets /%d in %s..%s, backend %s",
             config.network,
@@ -167,10 +248,6 @@ class Agent:
             config.subnet_max,
             config.backend_type,
         )
-        try:
-            ext = await self.pick_interface()
-        except InterfaceError as e:
-            raise FatalError(str(e)) from None
         ctx = BackendContext(ext, config, Path(opts.state_dir), config.backend)
         try:
             self.backend = backends.get_backend(config.backend_type)(ctx)
@@ -190,7 +267,14 @@ class Agent:
         self._lease_changed = False
         await self.backend.configure(lease)
         await self.start_rules(config, lease)
-        self.watcher = PeerWatcher(self.registry, self._on_peers, self.leases.renew_now)
+        self.watcher = PeerWatcher(
+            self.registry,
+            self._on_peers,
+            self.leases.renew_now,
+            check=PeerRules(config, ext.ext_addr).check,
+            on_data_loss=self.leases.etcd_lost_data,
+            grace=opts.subnet_lease_renew_margin * 60,
+        )
 
     async def start_rules(self, config: NetworkConfig, lease: Lease) -> None:
         """flannel's masquerade (--ip-masq) and FORWARD accept rules, kept by a resync loop."""
@@ -220,6 +304,7 @@ class Agent:
             self.write_subnet_env()
             tg.create_task(self.leases.maintain())
             tg.create_task(self.reconcile_loop())
+            tg.create_task(self.watch_config())
             if self.masq is not None:
                 tg.create_task(self.masq.run(self.opts.iptables_resync))
 
@@ -321,8 +406,18 @@ class Agent:
                 "reachable": not self.registry.last_error,
                 "last_error": self.registry.last_error or None,
             },
+            "config": {
+                "source": self.config_source or None,
+                "problem": self.config_problem or None,
+            },
             "lease": None,
             "peers": [],
+            "rejected": [
+                {"key": key, "rule": r.rule, "why": r.why}
+                for key, r in sorted(self.watcher.table.rejected.items())
+            ]
+            if self.watcher
+            else [],
         }
         if lease is None or backend is None:
             return doc
@@ -399,12 +494,7 @@ async def run(opts: Options) -> int:
     async def metrics_page() -> Response:
         return 200, metrics.CONTENT_TYPE, metrics.exposition(agent)
 
-    health = HealthServer(
-        opts.healthz_ip,
-        opts.healthz_port,
-        lambda: agent.ready,
-        {"/status": status, "/metrics": metrics_page},
-    )
+    health = HealthServer(lambda: agent.ready, status, metrics_page)  # /status: unix socket only
     try:
         Path(opts.state_dir).mkdir(parents=True, exist_ok=True)
         await health.start_unix(str(Path(opts.state_dir) / SOCKET_NAME))
@@ -412,7 +502,7 @@ async def run(opts: Options) -> int:
         log.warning("no status socket in %s (%s); flannelctl status needs it", opts.state_dir, e)
     if opts.healthz_port:
         try:
-            await health.start()
+            await health.start(opts.healthz_ip, opts.healthz_port)
         except OSError as e:
             log.error(
                 "cannot listen on %s:%d (%s); fix --healthz-ip/--healthz-port",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 
 from backends.base import ExternalInterface
 
@@ -24,6 +24,7 @@ class Link:
     index: int
     mtu: int
     addrs: tuple[IPv4Address, ...]
+    nets: tuple[IPv4Network, ...] = ()  # the networks of those addresses
 
 
 def _parse_ip(s: str) -> IPv4Address | None:
@@ -90,17 +91,28 @@ def select(
     link, addr = chosen
     if not link.mtu:
         raise InterfaceError(f"interface {link.name} reports MTU 0; fix the interface")
-    return ExternalInterface(link.name, link.index, addr, pub or addr, link.mtu)
+    underlay = next((net for net in link.nets if addr in net), None)
+    return ExternalInterface(link.name, link.index, addr, pub or addr, link.mtu, underlay)
 
 
 async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - AsyncIPRoute
-    addrs: dict[int, list[IPv4Address]] = {}
+    addrs: dict[int, list[IPv4Interface]] = {}
     async for msg in await ipr.addr("dump", family=socket.AF_INET):
-        addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get("address")))
-    links = [
-        Link(m.get("ifname"), m["index"], m.get("mtu") or 0, tuple(addrs.get(m["index"], ())))
-        async for m in await ipr.link("dump")
-    ]
+        addrs.setdefault(msg["index"], []).append(
+            IPv4Interface(f"{msg.get('address')}/{msg['prefixlen']}")
+        )
+    links = []
+    async for m in await ipr.link("dump"):
+        ifaddrs = addrs.get(m["index"], [])
+        links.append(
+            Link(
+                m.get("ifname"),
+                m["index"],
+                m.get("mtu") or 0,
+                tuple(a.ip for a in ifaddrs),
+                tuple(a.network for a in ifaddrs),
+            )
+        )
     best: tuple[int, int] | None = None  # (metric, oif): the lowest metric wins
     async for r in await ipr.route("dump", family=socket.AF_INET, table=254):
         if r["dst_len"] == 0 and r.get("oif"):

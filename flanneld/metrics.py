@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .admission import RULES
+
 if TYPE_CHECKING:
     from .daemon import Agent
 
@@ -51,6 +53,26 @@ class AgentCollector:
             yield CounterMetricFamily(
                 "flannel_watch_resyncs", "Full listings of the leases", a.watcher.resyncs
             )
+            yield CounterMetricFamily(
+                "flannel_etcd_data_losses",
+                "Times etcd came back without its data (revision went back, new cluster ID)",
+                a.watcher.data_losses,
+            )
+            rejected = GaugeMetricFamily(
+                "flannel_lease_records_rejected",
+                "Lease records skipped now, by the rule they break",
+                labels=["rule"],
+            )
+            by_rule = a.watcher.table.rejected_by_rule()
+            for rule in RULES:
+                rejected.add_metric([rule], by_rule.get(rule, 0))
+            yield rejected
+        yield GaugeMetricFamily(
+            "flannel_config_current",
+            "1 while the network config in etcd is the one running; 0 when it changed, is "
+            "invalid or missing (the agent goes on with the one it runs)",
+            0 if a.config_problem else 1,
+        )
         yield CounterMetricFamily(
             "flannel_etcd_request_errors", "Failed etcd requests", a.registry.errors
         )

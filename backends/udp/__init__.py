@@ -57,7 +57,8 @@ def parse_port(options: Mapping[str, Any]) -> int:
         return DEFAULT_PORT
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise BackendError(
-            f"Backend.Port {port!r} is not a UDP port; set it to 1..65535 or omit it"
+            f"network config: Backend.Port {port!r} is not a UDP port; set it to 1..65535 or "
+            "omit it"
         )
     return port
 
@@ -109,6 +110,10 @@ def drops_summary(now: Counter[Drop], before: Counter[Drop]) -> str:
 
 @register(TYPE)
 class UdpBackend(Backend):
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> int:
+        return parse_port(options)
+
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.port = DEFAULT_PORT

@@ -50,6 +50,10 @@ def test_cli_false_beats_env_true():
         ([], {"FLANNELD_HEALTHZ_PORT": "x"}, "--healthz-port"),
         (["--ip-masq=maybe"], {}, "--ip-masq"),
         (["--log-level=loud"], {}, "--log-level"),
+        (["--reconcile-interval=nan"], {}, "--reconcile-interval"),  # was a hot loop
+        (["--reconcile-interval=inf"], {}, "--reconcile-interval"),
+        ([], {"FLANNELD_RECONCILE_INTERVAL": "0"}, "--reconcile-interval"),
+        (["--reconcile-interval=1e9"], {}, "--reconcile-interval"),
     ],
 )
 def test_bad_flags(argv, env, words):

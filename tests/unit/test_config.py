@@ -1,8 +1,10 @@
+import json
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flanneld.config import ConfigError, parse_config
+from flanneld.config import ConfigError, parse_config, underlay_problem
+from flanneld.ctl import validate_config
 
 
 @pytest.mark.parametrize(
@@ -95,3 +97,78 @@ def test_invalid_configs_name_the_key(raw, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+@pytest.mark.parametrize(
+    "network, words",
+    [
+        ("0.0.0.0/0", "0.0.0.0/8"),
+        ("0.0.0.0/8", "0.0.0.0/8"),
+        ("127.0.0.0/8", "loopback"),
+        ("127.1.0.0/16", "loopback"),
+        ("224.0.0.0/4", "multicast"),
+        ("239.1.0.0/16", "multicast"),
+        ("169.254.0.0/16", "link-local"),
+        ("240.0.0.0/4", "reserved"),
+        ("128.0.0.0/1", "link-local"),
+    ],
+)
+def test_networks_that_would_break_the_host_are_refused(network, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        parse_config(json.dumps({"Network": network}))
+    assert "Network" in str(e.value)
+
+
+def test_config_nesting_and_size_are_bounded():
+    deep = '{"Network": "10.3.0.0/16", "Backend": {"Type": "vxlan", "x": ' + "[" * 3000
+    with pytest.raises(ConfigError, match="deeper"):
+        parse_config(deep + "]" * 3000 + "}}")
+    big = json.dumps({"Network": "10.3.0.0/16", "pad": "x" * 70_000})
+    with pytest.raises(ConfigError, match="bytes"):
+        parse_config(big)
+
+
+@pytest.mark.parametrize(
+    "underlay, addrs, words",
+    [
+        ("10.0.0.0/8", ["10.0.0.5"], "underlay network 10.0.0.0/8"),
+        ("10.3.5.0/24", ["10.3.5.9"], "underlay network 10.3.5.0/24"),
+        (None, ["10.3.9.9"], "address 10.3.9.9"),
+        ("192.0.2.0/24", ["192.0.2.5", "10.3.0.7"], "address 10.3.0.7"),
+    ],
+)
+def test_network_overlapping_the_underlay_is_refused(underlay, addrs, words):
+    net = IPv4Network("10.3.0.0/16")
+    under = IPv4Network(underlay) if underlay else None
+    why = underlay_problem(net, under, [IPv4Address(a) for a in addrs])
+    assert words in why and "pick a Network" in why
+
+
+def test_network_clear_of_the_underlay_is_accepted():
+    net = IPv4Network("10.3.0.0/16")
+    assert underlay_problem(net, IPv4Network("192.0.2.0/24"), [IPv4Address("192.0.2.5")]) == ""
+
+
+@pytest.mark.parametrize(
+    "backend, words",
+    [
+        ({"Type": "vxlan", "VNI": "x"}, "Backend.VNI"),
+        ({"Type": "vxlan", "Port": 70000}, "Backend.Port"),
+        ({"Type": "vxlan", "MTU": 100}, "Backend.MTU"),
+        ({"Type": "vxlan", "DirectRouting": "yes"}, "Backend.DirectRouting"),
+        ({"Type": "udp", "Port": "8285"}, "Backend.Port"),
+        ({"Type": "udp", "Port": -1}, "Backend.Port"),
+        ({"Type": "wormhole"}, "unknown backend type"),
+    ],
+)
+def test_backend_options_are_validated_before_any_agent_sees_them(backend, words):
+    """`flannelctl config validate|set` runs the backend's pure parse_options: a bad option
+    used to pass and then crash-loop every agent under systemd (issue 12, item 6)."""
+    raw = json.dumps({"Network": "10.3.0.0/16", "Backend": backend}).encode()
+    with pytest.raises(ConfigError, match=words):
+        validate_config(raw)
+
+
+def test_valid_backend_options_pass_validation():
+    raw = b'{"Network": "10.3.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4, "MTU": 1400}}'
+    assert "backend vxlan" in validate_config(raw)

@@ -18,12 +18,16 @@ VX, EXT = 5, 2
 M1, M2, M3 = "0a:00:00:00:00:01", "0a:00:00:00:00:02", "0a:00:00:00:00:03"
 
 
-def lease(net: str, ip: str, data: object = None, backend: str = "vxlan") -> Lease:
-    return Lease(IPv4Network(net), LeaseAttrs(IPv4Address(ip), backend, data))
+def lease(
+    net: str, ip: str, data: object = None, backend: str = "vxlan", created: int = 0
+) -> Lease:
+    return Lease(
+        IPv4Network(net), LeaseAttrs(IPv4Address(ip), backend, data), create_revision=created
+    )
 
 
-def vx(net: str, ip: str, mac: str) -> Lease:
-    return lease(net, ip, {"VNI": 1, "VtepMAC": mac})
+def vx(net: str, ip: str, mac: str, created: int = 0) -> Lease:
+    return lease(net, ip, {"VNI": 1, "VtepMAC": mac}, created=created)
 
 
 def entries(net: str, ip: str, mac: str) -> set:
@@ -77,9 +81,13 @@ CASES = [
      set(), [["10.244.4.0/24", "VtepMAC"]]),
     ("VtepMAC all zeros", [vx("10.244.4.0/24", "192.0.2.14", "00:00:00:00:00:00")], None,
      set(), [["10.244.4.0/24", "VtepMAC"]]),
-    ("VtepMAC of two peers: the lower subnet wins",
+    ("VtepMAC of two peers created together: the lower subnet wins",
      [vx("10.244.4.0/24", "192.0.2.14", M2), P2], None,
      entries("10.244.2.0/24", "192.0.2.11", M2), [["10.244.4.0/24", "also that of 10.244.2.0/24"]]),
+    ("a later record copying a peer's VtepMAC from a lower subnet does not take it",
+     [vx("10.244.2.0/24", "192.0.2.66", M3, created=90), vx("10.244.3.0/24", "198.18.0.13", M3, 7)],
+     None, entries("10.244.3.0/24", "198.18.0.13", M3),
+     [["10.244.2.0/24", "also that of 10.244.3.0/24"]]),
     ("VtepMAC equal to ours", [vx("10.244.4.0/24", "192.0.2.14", M1)], None, set(),
      [["10.244.4.0/24", "is also ours"]]),
     ("bad peers skipped one warning each",
