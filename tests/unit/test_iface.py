@@ -1,4 +1,4 @@
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -45,3 +45,19 @@ def test_select(ifaces, regexes, default_oif, public_ip, name, addr, ext):
 def test_select_errors(ifaces, regexes, default_oif, public_ip, words):
     with pytest.raises(InterfaceError, match=words):
         select(LINKS, ifaces, regexes, default_oif, public_ip)
+
+
+def test_selected_interface_carries_the_network_of_its_address():
+    """The agent refuses a Network overlapping this (config.underlay_problem)."""
+    links = [
+        Link(
+            "eth1",
+            3,
+            1500,
+            (IPv4Address("198.18.0.5"), IPv4Address("10.1.0.5")),
+            (IPv4Network("198.18.0.0/24"), IPv4Network("10.1.0.0/16")),
+        )
+    ]
+    assert select(links, ["10.1.0.5"], [], None).underlay == IPv4Network("10.1.0.0/16")
+    assert select(links, ["eth1"], [], None).underlay == IPv4Network("198.18.0.0/24")
+    assert select(LINKS, ["eth0"], [], None).underlay is None  # networks not known
