@@ -17,29 +17,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from flanneld.config import NetworkConfig
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import NetworkConfig
+from flanneld.core.interfaces import ExternalInterface
+from flanneld.core.lease import Lease, LeaseAttrs
 
 
 class BackendError(RuntimeError):
     """The backend cannot run on this host as configured; the message says why and the fix."""
-
-
-@dataclass(frozen=True)
-class ExternalInterface:
-    """The underlay NIC: its name, index, own address, the address advertised, its MTU, and
-    the network of its address (None when unknown)."""
-
-    name: str
-    index: int
-    iface_addr: IPv4Address
-    ext_addr: IPv4Address
-    mtu: int
-    underlay: IPv4Network | None = None
 
 
 @dataclass

@@ -12,12 +12,13 @@ from ipaddress import IPv4Network
 
 from pyroute2 import AsyncIPRoute
 
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.lease import Lease, LeaseAttrs
 
-from . import netlink, register
+from . import netlink
 from .base import BackendError, skip_reason
 from .kernel import KernelBackend
 from .reconcile import Entry, Route
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from ipaddress import IPv4Network
 
 from pyroute2 import AsyncIPRoute
 
-from flanneld.lease import Lease
+from flanneld.core.lease import Lease
 
 from . import netlink
 from .base import Backend, BackendContext, ReconcileResult

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from flanneld.lease import Lease
+    from flanneld.core.lease import Lease
 
 RANK: dict[str, int] = {"arp": 0, "fdb": 1, "route": 2}
 

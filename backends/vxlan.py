@@ -19,13 +19,14 @@ from typing import Any
 from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
-from flanneld.config import ci_get
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import ci_get
+from flanneld.core.lease import Lease, LeaseAttrs
 
-from . import netlink, register
+from . import netlink
 from .base import BackendContext, BackendError, skip_reason
 from .kernel import KernelBackend
 from .reconcile import Fdb, Neigh, Route
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import backends
-from flanneld import subnetenv
-from flanneld.daemon import FULL_PASS_SHARE
-from flanneld.lease import LeaseAttrs
-from flanneld.subnets import first_host, subnet_key
+from flanneld.core.lease import LeaseAttrs
+from flanneld.core.schedule import FULL_PASS_SHARE
+from flanneld.core.subnets import first_host, subnet_key
+from flanneld.edges import subnetenv
 
 from .cluster import PREFIX, AgentExited, Cluster, wait_until
 from .demo import Progress, _signals_interrupt, _table

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from flanneld import subnetenv
+from flanneld.edges import subnetenv
 
 from .lab import Lab, Node, signal_group
 

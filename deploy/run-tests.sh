@@ -14,4 +14,5 @@ need_debian_packages python3:python3 ip:iproute2 sysctl:procps ping:iputils-ping
 setup_venv -e '.[test,bench]'
 
 .venv/bin/ruff check flanneld backends deploy tests
+.venv/bin/lint-imports  # the layers and no-I/O contracts in pyproject.toml
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -34,12 +34,13 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
-from flanneld.config import ci_get
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import ci_get
+from flanneld.core.lease import Lease, LeaseAttrs
 
-from .. import netlink, register
+from .. import netlink
 from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_reason
 from ..reconcile import Route, diff
+from ..registry import register
 from .core import CAP_PARTIAL_CSUM, CAP_TRAIN, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
 from .datapath import Datapath, open_socket, open_tun
 

@@ -59,7 +59,7 @@ def test_cleanup_removes_only_what_the_agent_owns():
         ours = [r for r in before if r.get("protocol") == 155 or r.get("dev") == "flannel.1"]
         assert ours, before
 
-        out = lab.run(n1.ns, sys.executable, "-m", "flanneld.ctl", "cleanup").stdout
+        out = lab.run(n1.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup").stdout
         assert "device flannel.1 (vxlan)" in out
         after = table(lab, n1.ns)
         assert [r for r in before if r not in ours] == after
@@ -68,6 +68,6 @@ def test_cleanup_removes_only_what_the_agent_owns():
 
         if rules:
             assert "FLANNEL" not in lab.run(n1.ns, "iptables-save").stdout
-        again = lab.run(n1.ns, sys.executable, "-m", "flanneld.ctl", "cleanup").stdout
+        again = lab.run(n1.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup").stdout
         assert "no route or device of the agent's left" in again
         assert table(lab, n1.ns) == after

@@ -27,7 +27,7 @@ def status(c: Cluster, node) -> dict:
         node.ns,
         sys.executable,
         "-m",
-        "flanneld.ctl",
+        "flanneld.face.ctl",
         "status",
         "--json",
         "--state-dir",

@@ -37,7 +37,7 @@ def ctl(c: Cluster, node, *args: str, check: bool = True):
         if args[0] == "status"
         else (() if args[0] == "cleanup" else ("--etcd-endpoints", c.lab.etcd_endpoint))
     )
-    return c.lab.run(node.ns, sys.executable, "-m", "flanneld.ctl", *args, *extra, check=check)
+    return c.lab.run(node.ns, sys.executable, "-m", "flanneld.face.ctl", *args, *extra, check=check)
 
 
 def metrics(c: Cluster, node) -> str:
@@ -120,7 +120,7 @@ def test_lease_and_config_tools(cluster, tmp_path):
         n1.ns,
         sys.executable,
         "-m",
-        "flanneld.ctl",
+        "flanneld.face.ctl",
         "config",
         "set",
         "-",

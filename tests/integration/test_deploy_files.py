@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flanneld.cli import Options, parse_options
+from flanneld.core.options import Options, parse_options
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -14,9 +14,9 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from deploy.lab import _etcd_tool
-from flanneld.lease import LeaseAttrs
-from flanneld.registry import EtcdRegistry
-from flanneld.watcher import PeerWatcher
+from flanneld.agent.watcher import PeerWatcher
+from flanneld.core.lease import LeaseAttrs
+from flanneld.edges.registry import EtcdRegistry
 
 from ..conftest import _free_port
 

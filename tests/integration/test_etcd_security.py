@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flanneld.registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
+from flanneld.edges.registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
 
 from ..conftest import EtcdServer
 

@@ -7,12 +7,12 @@ import asyncio
 import shutil
 from ipaddress import IPv4Address, IPv4Network
 
-from flanneld.admission import PeerRules
-from flanneld.config import parse_config
-from flanneld.lease import LeaseAttrs
-from flanneld.leasemgr import LeaseManager
-from flanneld.registry import EtcdRegistry
-from flanneld.watcher import PeerWatcher
+from flanneld.agent.leasemgr import LeaseManager
+from flanneld.agent.watcher import PeerWatcher
+from flanneld.core.admission import PeerRules
+from flanneld.core.config import parse_config
+from flanneld.core.lease import LeaseAttrs
+from flanneld.edges.registry import EtcdRegistry
 
 from ..conftest import EtcdServer
 

@@ -12,12 +12,12 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from aetcd.exceptions import RevisionCompactedError
 
-from flanneld.allocation import OutOfSubnets
-from flanneld.config import parse_config
-from flanneld.lease import LeaseAttrs
-from flanneld.leasemgr import LeaseManager
-from flanneld.registry import EtcdRegistry
-from flanneld.watcher import PeerWatcher
+from flanneld.agent.leasemgr import LeaseManager
+from flanneld.agent.watcher import PeerWatcher
+from flanneld.core.allocation import OutOfSubnets
+from flanneld.core.config import parse_config
+from flanneld.core.lease import LeaseAttrs
+from flanneld.edges.registry import EtcdRegistry
 
 CFG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
 ME = IPv4Address("192.0.2.11")

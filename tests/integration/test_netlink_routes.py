@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from backends import netlink
-from backends.base import BackendContext, ExternalInterface
+from backends.base import BackendContext
 from backends.hostgw import HostGwBackend
 from backends.reconcile import Route
-from flanneld.config import parse_config
-from flanneld.iface import InterfaceError, discover, select
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import parse_config
+from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
+from flanneld.core.lease import Lease, LeaseAttrs
+from flanneld.edges.netif import discover
 
 pytestmark = [
     pytest.mark.root,

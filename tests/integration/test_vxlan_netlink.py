@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from backends import netlink
-from backends.base import BackendContext, BackendError, ExternalInterface
+from backends.base import BackendContext, BackendError
 from backends.reconcile import Fdb, Neigh
 from backends.vxlan import VxlanBackend, vtep_mac
-from flanneld.config import parse_config
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import parse_config
+from flanneld.core.interfaces import ExternalInterface
+from flanneld.core.lease import Lease, LeaseAttrs
 
 pytestmark = [
     pytest.mark.root,

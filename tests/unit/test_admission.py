@@ -13,11 +13,11 @@ from backends.hostgw import plan as hostgw_plan
 from backends.reconcile import Route
 from backends.udp import plan as udp_plan
 from backends.vxlan import plan as vxlan_plan
-from flanneld.admission import PeerRules
-from flanneld.config import parse_config
-from flanneld.lease import Lease, LeaseAttrs, RecordError
-from flanneld.peers import PeerTable, Rejected, Snapshot, WatchEvent
-from flanneld.subnets import parse_subnet_key, subnet_key
+from flanneld.core.admission import PeerRules
+from flanneld.core.config import parse_config
+from flanneld.core.lease import Lease, LeaseAttrs, RecordError
+from flanneld.core.peers import PeerTable, Rejected, Snapshot, WatchEvent
+from flanneld.core.subnets import parse_subnet_key, subnet_key
 
 CFG = parse_config(b'{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
 RULES = PeerRules(CFG, IPv4Address("192.0.2.10"))

@@ -3,9 +3,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flanneld.allocation import CANDIDATES, OutOfSubnets, choose_subnet
-from flanneld.config import parse_config
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.allocation import CANDIDATES, OutOfSubnets, choose_subnet
+from flanneld.core.config import parse_config
+from flanneld.core.lease import Lease, LeaseAttrs
 
 CFG = parse_config('{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.200.0"}')
 ME = IPv4Address("192.0.2.11")

@@ -8,8 +8,8 @@ from ipaddress import IPv4Network
 import pytest
 
 from deploy import benchmark as bm
-from flanneld.lease import LeaseAttrs
-from flanneld.subnets import parse_subnet_key
+from flanneld.core.lease import LeaseAttrs
+from flanneld.core.subnets import parse_subnet_key
 
 
 def test_percentile_interpolates_between_ranks():

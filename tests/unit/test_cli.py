@@ -1,6 +1,7 @@
 import pytest
 
-from flanneld.cli import FlagError, main, parse_options
+from flanneld.core.options import FlagError, parse_options
+from flanneld.face.cli import main
 
 
 def test_defaults_match_the_reference():

@@ -3,8 +3,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flanneld.config import ConfigError, parse_config, underlay_problem
-from flanneld.ctl import validate_config
+from flanneld.core.config import ConfigError, parse_config, underlay_problem
+from flanneld.face.ctl import validate_config
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@ import contextlib
 
 import pytest
 
-from flanneld.cli import Options
-from flanneld.daemon import FULL_PASS_SHARE, Agent, full_pass_period
+from flanneld.agent.daemon import Agent
+from flanneld.core.options import Options
+from flanneld.core.schedule import FULL_PASS_SHARE, full_pass_period
 
 
 @pytest.mark.parametrize(

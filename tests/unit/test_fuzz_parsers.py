@@ -11,9 +11,9 @@ from ipaddress import IPv4Address, IPv4Network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flanneld.config import ConfigError, parse_config
-from flanneld.lease import LeaseAttrs, RecordError
-from flanneld.subnets import parse_subnet_key, subnet_key
+from flanneld.core.config import ConfigError, parse_config
+from flanneld.core.lease import LeaseAttrs, RecordError
+from flanneld.core.subnets import parse_subnet_key, subnet_key
 
 json_values = st.recursive(
     st.none()

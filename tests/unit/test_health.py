@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from flanneld.health import MAX_CONNS, HealthServer, Response
+from flanneld.edges.health import MAX_CONNS, HealthServer, Response
 
 Addr = tuple[str, int] | str  # TCP on 127.0.0.1, or a unix socket path
 

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 
 from backends import get_backend
-from backends.base import BackendContext, BackendError, ExternalInterface
+from backends.base import BackendContext, BackendError
 from backends.hostgw import HostGwBackend, plan
 from backends.reconcile import Route
-from flanneld.config import parse_config
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import parse_config
+from flanneld.core.interfaces import ExternalInterface
+from flanneld.core.lease import Lease, LeaseAttrs
 
 OIF = 3
 LOCAL = Lease(IPv4Network("10.244.1.0/24"), LeaseAttrs(IPv4Address("192.0.2.10"), "host-gw"))

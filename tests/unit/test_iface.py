@@ -2,7 +2,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flanneld.iface import InterfaceError, Link, select
+from flanneld.core.interfaces import InterfaceError, Link, select
 
 LINKS = [
     Link("lo", 1, 65536, (IPv4Address("127.0.0.1"),)),

@@ -3,7 +3,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from flanneld.lease import LeaseAttrs, RecordError
+from flanneld.core.lease import LeaseAttrs, RecordError
 
 REFERENCE_VXLAN = (
     b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'

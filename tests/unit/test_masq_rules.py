@@ -1,5 +1,6 @@
-"""flanneld.masq's pure part: the rule set, its iptables-restore and nft renderings, and the drift
-found in `iptables-save` / `nft -j list` output; plus error handling without the real tools."""
+"""flanneld.edges.masq's pure part: the rule set, its iptables-restore and nft renderings, and
+the drift found in `iptables-save` / `nft -j list` output; plus error handling without the
+real tools."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flanneld import masq
-from flanneld.masq import (
+from flanneld.edges import masq
+from flanneld.edges.masq import (
     NOTHING,
     Masquerade,
     iptables_drift,
@@ -318,7 +319,7 @@ async def test_resync_never_raises_and_logs_a_lasting_error_once(monkeypatch, ca
 
     monkeypatch.setattr(masq, "_exec", failing)
     m = Masquerade(C, P, mode="iptables")
-    with caplog.at_level(logging.INFO, logger="flanneld.masq"):
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
         for _ in range(3):
             assert await m.resync() is False
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -345,7 +346,7 @@ async def test_resync_logs_repaired_only_when_it_repaired(monkeypatch, caplog):
     monkeypatch.setattr(masq, "_exec", fake)
     monkeypatch.setattr(masq.shutil, "which", lambda tool: None)  # no nft to clean up
     m = Masquerade(C, P, mode="iptables")
-    with caplog.at_level(logging.INFO, logger="flanneld.masq"):
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
         assert await m.resync() is True
         assert await m.resync() is True
     repaired = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
@@ -375,7 +376,7 @@ async def test_rules_that_never_read_back_right_are_one_error_not_a_repair_per_p
     monkeypatch.setattr(masq, "_exec", ignoring)
     monkeypatch.setattr(masq.shutil, "which", lambda tool: None)
     m = Masquerade(C, P, mode="iptables")
-    with caplog.at_level(logging.INFO, logger="flanneld.masq"):
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
         assert await m.resync() is False
         assert await m.resync() is False
     assert not any("repaired" in r.getMessage() for r in caplog.records)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flanneld import subnetenv
+from flanneld.edges import subnetenv
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "mk-docker-opts.sh"
 SAMPLE = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\n"

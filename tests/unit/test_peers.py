@@ -1,7 +1,7 @@
 from ipaddress import IPv4Address, IPv4Network
 
-from flanneld.lease import Lease, LeaseAttrs
-from flanneld.peers import PeerTable, Rejected, Snapshot, WatchEvent
+from flanneld.core.lease import Lease, LeaseAttrs
+from flanneld.core.peers import PeerTable, Rejected, Snapshot, WatchEvent
 
 A, B, C = (IPv4Network(f"10.5.{i}.0/24") for i in (1, 2, 3))
 

@@ -114,7 +114,7 @@ def test_kernel_view_follows_what_was_applied():
 
 
 def test_missing_by_peer_groups_entries_by_the_peer_they_serve():
-    from flanneld.lease import Lease, LeaseAttrs
+    from flanneld.core.lease import Lease, LeaseAttrs
 
     s2, s3 = IPv4Network("10.244.2.0/24"), IPv4Network("10.244.3.0/24")
     ip2, ip3 = IPv4Address("192.0.2.2"), IPv4Address("192.0.2.3")

@@ -2,7 +2,7 @@ import os
 import stat
 from ipaddress import IPv4Network
 
-from flanneld import subnetenv
+from flanneld.edges import subnetenv
 
 
 def test_render_matches_reference_format():

@@ -2,7 +2,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flanneld.subnets import OverlapIndex, first_host, iter_range, parse_subnet_key, subnet_key
+from flanneld.core.subnets import OverlapIndex, first_host, iter_range, parse_subnet_key, subnet_key
 
 
 @pytest.mark.parametrize(

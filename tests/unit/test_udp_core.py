@@ -22,7 +22,7 @@ from backends.udp.core import (
     ones_sum,
     pseudo_sum,
 )
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.lease import Lease, LeaseAttrs
 
 NETWORK = IPv4Network("10.244.0.0/16")
 LOCAL = IPv4Network("10.244.1.0/24")

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from backends import get_backend
-from backends.base import BackendContext, BackendError, ExternalInterface
+from backends.base import BackendContext, BackendError
 from backends.reconcile import Fdb, Neigh, Route, diff
 from backends.vxlan import VxlanBackend, VxlanOptions, mismatches, parse_options, plan, vtep_mac
-from flanneld.config import parse_config
-from flanneld.lease import Lease, LeaseAttrs
+from flanneld.core.config import parse_config
+from flanneld.core.interfaces import ExternalInterface
+from flanneld.core.lease import Lease, LeaseAttrs
 
 VX, EXT = 5, 2
 M1, M2, M3 = "0a:00:00:00:00:01", "0a:00:00:00:00:02", "0a:00:00:00:00:03"

@@ -1,4 +1,4 @@
-"""Command line: flannel's flag names and defaults, each also read from `FLANNELD_<NAME>`.
+"""The agent's options: flannel's flag names and defaults, each also read from `FLANNELD_<NAME>`.
 
 Like the reference, flags may be written with one or two dashes and `--flag=value`; a flag
 given on the command line wins over its environment variable; a repeatable flag's variable
@@ -8,17 +8,13 @@ adds one value. A bad value ends with one line naming the flag and the fix (exit
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 
-from . import __version__
-
 ENV_PREFIX = "FLANNELD_"
+# in --state-dir
+SOCKET_NAME = "flanneld.sock"  # /status and /metrics for flannelctl
+SAVED_CONFIG = "network-config.json"  # the last good network config, for restarts
 
 
 class FlagError(ValueError):
@@ -155,45 +151,3 @@ def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None 
     if opts.log_format not in ("text", "json"):
         raise FlagError("--log-format must be text or json")
     return opts
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers; times in UTC."""
-
-    converter = time.gmtime
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        opts = parse_options(argv)
-    except FlagError as e:
-        print(f"flanneld: {e}", file=sys.stderr)
-        return 2
-    if opts.version:
-        print(__version__, file=sys.stderr)
-        return 0
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if opts.log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=opts.log_level.upper(), handlers=[handler])
-    from .daemon import run
-
-    return asyncio.run(run(opts))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Literal
 
-from .lease import Lease, RecordError
-from .subnets import subnet_key
+from flanneld.core.lease import Lease, RecordError
+from flanneld.core.subnets import subnet_key
 
 log = logging.getLogger(__name__)
 

@@ -26,16 +26,14 @@ from pyroute2 import AsyncIPRoute, NetlinkError
 import backends
 from backends.base import BackendError
 from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
-
-from .admission import PeerRules
-from .cli import ENV_PREFIX, Options
-from .config import ConfigError, parse_config
-from .daemon import SOCKET_NAME
-from .lease import LeaseAttrs, RecordError
-from .masq import Masquerade
-from .peers import Rejected
-from .registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
-from .subnets import subnet_key
+from flanneld.core.admission import PeerRules
+from flanneld.core.config import ConfigError, parse_config
+from flanneld.core.lease import LeaseAttrs, RecordError
+from flanneld.core.options import ENV_PREFIX, SOCKET_NAME, Options
+from flanneld.core.peers import Rejected
+from flanneld.core.subnets import subnet_key
+from flanneld.edges.masq import Masquerade
+from flanneld.edges.registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
 
 # The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
 _OWNED_LINKS = {"vxlan": re.compile(r"flannel\.\d+"), "tun": re.compile(r"flannel\d+")}

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from .config import NetworkConfig
-from .lease import Lease
-from .subnets import OverlapIndex, iter_range
+from flanneld.core.config import NetworkConfig
+from flanneld.core.lease import Lease
+from flanneld.core.subnets import OverlapIndex, iter_range
 
 CANDIDATES = 100
 

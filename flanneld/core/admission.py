@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
-from .config import NetworkConfig
-from .lease import Lease, RecordError
+from flanneld.core.config import NetworkConfig
+from flanneld.core.lease import Lease, RecordError
 
 RULES = ("malformed", "key", "outside_network", "subnet_len", "public_ip")
 _BROADCAST = IPv4Address("255.255.255.255")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Any
 
-from .bounded import load_bounded
-from .config import ci_get
+from flanneld.core.bounded import load_bounded
+from flanneld.core.config import ci_get
 
 MAX_RECORD = 64 * 1024  # bytes: a real record is about 150
 MAX_DEPTH = 16  # nesting of JSON arrays/objects: a real record has 2

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Network
 
-from .allocation import OutOfSubnets, choose_subnet
-from .config import NetworkConfig
-from .lease import Lease, LeaseAttrs
-from .peers import Change
-from .registry import EtcdRegistry
+from flanneld.core.allocation import OutOfSubnets, choose_subnet
+from flanneld.core.config import NetworkConfig
+from flanneld.core.lease import Lease, LeaseAttrs
+from flanneld.core.peers import Change
+from flanneld.edges.registry import EtcdRegistry
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .admission import RULES
+from flanneld.core.admission import RULES
 
 if TYPE_CHECKING:
-    from .daemon import Agent
+    from flanneld.agent.daemon import Agent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

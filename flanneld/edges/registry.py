@@ -22,9 +22,9 @@ import grpc
 from aetcd import exceptions as etcd_exc
 from aetcd import rpc
 
-from .lease import Lease, LeaseAttrs, RecordError
-from .peers import Rejected, Snapshot, WatchEvent
-from .subnets import parse_subnet_key, subnet_key
+from flanneld.core.lease import Lease, LeaseAttrs, RecordError
+from flanneld.core.peers import Rejected, Snapshot, WatchEvent
+from flanneld.core.subnets import parse_subnet_key, subnet_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from typing import Any
 
-from .bounded import load_bounded
+from flanneld.core.bounded import load_bounded
 
 DEFAULT_BACKEND = "udp"  # the reference's code default when "Backend" is absent
 MAX_CONFIG = 64 * 1024  # bytes

@@ -1,17 +1,27 @@
 """Choosing the external interface: `--iface`, `--iface-regex`, `--public-ip`, default route.
 
-`select()` is pure (it works on a list of `Link`s); `discover()` reads the links, addresses and
-the default route from the kernel with one dump each.
+Pure: `select()` works on a list of `Link`s (`flanneld.edges.netif.discover()` reads them from
+the kernel) and gives the `ExternalInterface` the backends run on.
 """
 
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, ip_address
 
-from backends.base import ExternalInterface
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The underlay NIC: its name, index, own address, the address advertised, its MTU, and
+    the network of its address (None when unknown)."""
+
+    name: str
+    index: int
+    iface_addr: IPv4Address
+    ext_addr: IPv4Address
+    mtu: int
+    underlay: IPv4Network | None = None
 
 
 class InterfaceError(RuntimeError):
@@ -93,29 +103,3 @@ def select(
         raise InterfaceError(f"interface {link.name} reports MTU 0; fix the interface")
     underlay = next((net for net in link.nets if addr in net), None)
     return ExternalInterface(link.name, link.index, addr, pub or addr, link.mtu, underlay)
-
-
-async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - AsyncIPRoute
-    addrs: dict[int, list[IPv4Interface]] = {}
-    async for msg in await ipr.addr("dump", family=socket.AF_INET):
-        addrs.setdefault(msg["index"], []).append(
-            IPv4Interface(f"{msg.get('address')}/{msg['prefixlen']}")
-        )
-    links = []
-    async for m in await ipr.link("dump"):
-        ifaddrs = addrs.get(m["index"], [])
-        links.append(
-            Link(
-                m.get("ifname"),
-                m["index"],
-                m.get("mtu") or 0,
-                tuple(a.ip for a in ifaddrs),
-                tuple(a.network for a in ifaddrs),
-            )
-        )
-    best: tuple[int, int] | None = None  # (metric, oif): the lowest metric wins
-    async for r in await ipr.route("dump", family=socket.AF_INET, table=254):
-        if r["dst_len"] == 0 and r.get("oif"):
-            cand = (r.get("priority") or 0, r.get("oif"))
-            best = cand if best is None else min(best, cand)
-    return links, best[1] if best else None

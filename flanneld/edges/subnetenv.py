@@ -11,7 +11,7 @@ import tempfile
 from ipaddress import IPv4Network, ip_interface
 from pathlib import Path
 
-from .subnets import first_host
+from flanneld.core.subnets import first_host
 
 
 def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:

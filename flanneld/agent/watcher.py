@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from aetcd.exceptions import RevisionCompactedError
 
-from .backoff import Backoff, Outage
-from .peers import Change, Check, PeerTable
-from .registry import EtcdRegistry
+from flanneld.core.backoff import Backoff, Outage
+from flanneld.core.peers import Change, Check, PeerTable
+from flanneld.edges.registry import EtcdRegistry
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,8 @@ and the etcd lease in place, so a restarted agent drops no packet (vxlan, host-g
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import shutil
-import signal
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -19,37 +16,27 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 
 import backends
-from backends.base import Backend, BackendContext, BackendError, ExternalInterface
-
-from . import __version__, metrics, sdnotify, subnetenv
-from .admission import PeerRules
-from .allocation import OutOfSubnets
-from .cli import Options
-from .config import ConfigError, NetworkConfig, parse_config, underlay_problem
-from .health import HealthServer, Response
-from .iface import InterfaceError, discover, select
-from .lease import Lease
-from .leasemgr import LEASE_TTL, LeaseManager
-from .masq import Masquerade
-from .peers import Change
-from .registry import EtcdConfigError, EtcdRegistry, TLSFiles
-from .watcher import PeerWatcher
+from backends.base import Backend, BackendContext, BackendError
+from flanneld import __version__
+from flanneld.agent.leasemgr import LEASE_TTL, LeaseManager
+from flanneld.agent.watcher import PeerWatcher
+from flanneld.core.admission import PeerRules
+from flanneld.core.allocation import OutOfSubnets
+from flanneld.core.config import ConfigError, NetworkConfig, parse_config, underlay_problem
+from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
+from flanneld.core.lease import Lease
+from flanneld.core.options import SAVED_CONFIG, Options
+from flanneld.core.peers import Change
+from flanneld.core.schedule import full_pass_period
+from flanneld.edges import sdnotify, subnetenv
+from flanneld.edges.masq import Masquerade
+from flanneld.edges.netif import discover
+from flanneld.edges.registry import EtcdConfigError, EtcdRegistry
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "flanneld.sock"  # in --state-dir: /status and /metrics for flannelctl
-SAVED_CONFIG = "network-config.json"  # in --state-dir: the last good config, for restarts
 CONFIG_POLL = 1.0
 COALESCE = 0.05  # gather a burst of watch events into one reconcile
-FULL_PASS_SHARE = 0.05  # at most this share of the time goes to full passes (see below)
-
-
-def full_pass_period(interval: float, last_full: float) -> float:
-    """Seconds from the end of one full pass to the next: --reconcile-interval, or longer
-    where a full pass takes long (vxlan with thousands of peers: about 2 s), so that full
-    passes take at most FULL_PASS_SHARE of the time. Peer events are applied at once anyway;
-    only the repair of entries changed behind the agent's back waits longer."""
-    return max(interval, last_full / FULL_PASS_SHARE)
 
 
 def _counts(by_kind: dict[str, int]) -> str:
@@ -472,78 +459,3 @@ class Agent:
             sdnotify.notify(
                 "READY=1", f"STATUS=subnet {lease.subnet}, backend {self.backend.type_name}"
             )
-
-
-async def run(opts: Options) -> int:
-    try:
-        registry = EtcdRegistry(
-            opts.etcd_endpoints.split(","),
-            opts.etcd_prefix,
-            TLSFiles(opts.etcd_cafile, opts.etcd_certfile, opts.etcd_keyfile),
-            opts.etcd_username,
-            opts.etcd_password,
-        )
-    except EtcdConfigError as e:
-        log.error("%s", e)
-        return 2
-    agent = Agent(opts, registry)
-
-    async def status() -> Response:
-        return 200, "application/json", json.dumps(await agent.status(), indent=1).encode()
-
-    async def metrics_page() -> Response:
-        return 200, metrics.CONTENT_TYPE, metrics.exposition(agent)
-
-    health = HealthServer(lambda: agent.ready, status, metrics_page)  # /status: unix socket only
-    try:
-        Path(opts.state_dir).mkdir(parents=True, exist_ok=True)
-        await health.start_unix(str(Path(opts.state_dir) / SOCKET_NAME))
-    except OSError as e:
-        log.warning("no status socket in %s (%s); flannelctl status needs it", opts.state_dir, e)
-    if opts.healthz_port:
-        try:
-            await health.start(opts.healthz_ip, opts.healthz_port)
-        except OSError as e:
-            log.error(
-                "cannot listen on %s:%d (%s); fix --healthz-ip/--healthz-port",
-                opts.healthz_ip,
-                opts.healthz_port,
-                e.strerror,
-            )
-            return 2
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    main = asyncio.create_task(agent.run())
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if main.done():
-        exc = main.exception()
-        if isinstance(exc, BaseExceptionGroup):
-            exc = exc.exceptions[0]
-        if isinstance(exc, FatalError):
-            log.error("%s", exc)
-            code = 1
-        elif exc is not None:
-            log.error("agent failed", exc_info=exc)
-            code = 1
-    else:
-        log.info(
-            "stopping: kernel state and lease %s stay in place",
-            agent.leases.lease.subnet if agent.leases and agent.leases.lease else "-",
-        )
-        sdnotify.notify("STOPPING=1")
-        main.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(main, 1.0)
-    stopper.cancel()
-    if agent.backend is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(agent.backend.close(), 0.5)
-    await health.stop()
-    await registry.close()
-    log.info("exiting cleanly" if code == 0 else "exiting")
-    return code

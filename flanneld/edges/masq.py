@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 from typing import Any
 
-log = logging.getLogger("flanneld.masq")  # also when run as `python -m flanneld.masq`
+log = logging.getLogger("flanneld.edges.masq")  # also when run as `python -m flanneld.edges.masq`
 
 IPTABLES, NFTABLES = "iptables", "nftables"
 NFT_TABLE = "flannel-ipv4"
@@ -601,7 +601,7 @@ class Masquerade:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flanneld.masq", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flanneld.edges.masq", description=__doc__)
     parser.add_argument("command", choices=("ensure", "check", "resync", "cleanup"))
     parser.add_argument("--network", type=IPv4Network, help="cluster network (FLANNEL_NETWORK)")
     parser.add_argument("--subnet", type=IPv4Network, help="this node's lease subnet")
