@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from flanneld.core.config import NetworkConfig
+from flanneld.core.errors import StateError
 from flanneld.core.interfaces import ExternalInterface
 from flanneld.core.lease import Lease, LeaseAttrs
 
 
-class BackendError(RuntimeError):
+class BackendError(StateError):
     """The backend cannot run on this host as configured; the message says why and the fix."""
 
 

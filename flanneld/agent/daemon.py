@@ -23,11 +23,13 @@ from flanneld.agent.watcher import PeerWatcher
 from flanneld.core.admission import PeerRules
 from flanneld.core.allocation import OutOfSubnets
 from flanneld.core.config import ConfigError, NetworkConfig, parse_config, underlay_problem
+from flanneld.core.errors import StateError
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
 from flanneld.core.lease import Lease
 from flanneld.core.options import SAVED_CONFIG, Options
 from flanneld.core.peers import Change
 from flanneld.core.schedule import full_pass_period
+from flanneld.core.stats import AgentStats
 from flanneld.edges import sdnotify, subnetenv
 from flanneld.edges.masq import Masquerade
 from flanneld.edges.netif import discover
@@ -43,7 +45,7 @@ def _counts(by_kind: dict[str, int]) -> str:
     return ",".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "0"
 
 
-class FatalError(RuntimeError):
+class FatalError(StateError):
     """Startup cannot go on (bad interface, backend refuses the host)."""
 
 
@@ -377,6 +379,31 @@ class Agent:
             log.exception("backend check failed")
         log.warning("%s backend state is gone; reconciling at once", self.backend.type_name)
         return False
+
+    def stats(self) -> AgentStats:
+        """The snapshot the metrics render."""
+        lm, w = self.leases, self.watcher
+        lease = lm.lease if lm else None
+        expiry = None
+        if lm is not None and lm.expires_at is not None:
+            expiry = time.time() + (lm.expires_at - time.monotonic())
+        return AgentStats(
+            ready=self.ready,
+            peers=len(self.peers(lease.subnet)) if w and lease else 0,
+            lease_expiry=expiry,
+            renewals=lm.renewals if lm else None,
+            renewal_failures=lm.renew_failures if lm else 0,
+            watch_reconnects=w.reconnects if w else None,
+            watch_resyncs=w.resyncs if w else 0,
+            etcd_data_losses=w.data_losses if w else 0,
+            rejected_by_rule=w.table.rejected_by_rule() if w else {},
+            etcd_errors=self.registry.errors,
+            config_current=not self.config_problem,
+            reconcile_runs=dict(self.reconcile_runs),
+            last_reconcile_seconds=self.last_reconcile_seconds,
+            entries=dict(self.entry_counts),
+            datapath=self.backend.stats() if self.backend else {},
+        )
 
     async def status(self) -> dict:
         """What `flannelctl status` shows: lease, backend, peers and their datapath health."""

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from flanneld.core.config import NetworkConfig
+from flanneld.core.errors import StateError
 from flanneld.core.lease import Lease
 from flanneld.core.subnets import OverlapIndex, iter_range
 
 CANDIDATES = 100
 
 
-class OutOfSubnets(RuntimeError):
+class OutOfSubnets(StateError):
     """Every subnet in [SubnetMin, SubnetMax] is taken."""
 
 

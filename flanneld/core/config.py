@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from typing import Any
 
 from flanneld.core.bounded import load_bounded
+from flanneld.core.errors import InputError
 
 DEFAULT_BACKEND = "udp"  # the reference's code default when "Backend" is absent
 MAX_CONFIG = 64 * 1024  # bytes
@@ -30,7 +31,7 @@ SPECIAL_RANGES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """The network config is missing or invalid; the message says what to fix."""
 
 

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
 
+from flanneld.core.errors import StateError
+
 
 @dataclass(frozen=True)
 class ExternalInterface:
@@ -24,7 +26,7 @@ class ExternalInterface:
     underlay: IPv4Network | None = None
 
 
-class InterfaceError(RuntimeError):
+class InterfaceError(StateError):
     """No usable external interface; the message says what was looked for and the fix."""
 
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from flanneld.core.bounded import load_bounded
 from flanneld.core.config import ci_get
+from flanneld.core.errors import InputError
 
 MAX_RECORD = 64 * 1024  # bytes: a real record is about 150
 MAX_DEPTH = 16  # nesting of JSON arrays/objects: a real record has 2
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A lease record in etcd is malformed or breaks a rule; the message says what is wrong
     with it, `rule` names the rule for metrics ("malformed", "key", "outside_network", ...)."""
 

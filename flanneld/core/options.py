@@ -11,13 +11,15 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from flanneld.core.errors import InputError
+
 ENV_PREFIX = "FLANNELD_"
 # in --state-dir
 SOCKET_NAME = "flanneld.sock"  # /status and /metrics for flannelctl
 SAVED_CONFIG = "network-config.json"  # the last good network config, for restarts
 
 
-class FlagError(ValueError):
+class FlagError(InputError):
     pass
 
 

@@ -22,6 +22,7 @@ import grpc
 from aetcd import exceptions as etcd_exc
 from aetcd import rpc
 
+from flanneld.core.errors import InputError, StateError
 from flanneld.core.lease import Lease, LeaseAttrs, RecordError
 from flanneld.core.peers import Rejected, Snapshot, WatchEvent
 from flanneld.core.subnets import parse_subnet_key, subnet_key
@@ -39,11 +40,11 @@ _CHANNEL_OPTIONS = {
 }
 
 
-class EtcdUnavailable(RuntimeError):
+class EtcdUnavailable(StateError):
     """No endpoint answered; the message lists them."""
 
 
-class EtcdConfigError(RuntimeError):
+class EtcdConfigError(InputError):
     """An endpoint or credential option is wrong; the message says which and how to fix it."""
 
 

@@ -77,7 +77,7 @@ async def run(opts: Options) -> int:
         return 200, "application/json", json.dumps(await agent.status(), indent=1).encode()
 
     async def metrics_page() -> Response:
-        return 200, metrics.CONTENT_TYPE, metrics.exposition(agent)
+        return 200, metrics.CONTENT_TYPE, metrics.exposition(agent.stats())
 
     health = HealthServer(lambda: agent.ready, status, metrics_page)  # /status: unix socket only
     try:

@@ -28,18 +28,19 @@ from backends.base import BackendError
 from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
+from flanneld.core.errors import FlannelError, StateError
 from flanneld.core.lease import LeaseAttrs, RecordError
 from flanneld.core.options import ENV_PREFIX, SOCKET_NAME, Options
 from flanneld.core.peers import Rejected
 from flanneld.core.subnets import subnet_key
 from flanneld.edges.masq import Masquerade
-from flanneld.edges.registry import EtcdConfigError, EtcdRegistry, EtcdUnavailable, TLSFiles
+from flanneld.edges.registry import EtcdRegistry, TLSFiles
 
 # The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
 _OWNED_LINKS = {"vxlan": re.compile(r"flannel\.\d+"), "tun": re.compile(r"flannel\d+")}
 
 
-class CtlError(RuntimeError):
+class CtlError(StateError):
     """A command cannot do what was asked; the message says why and the fix (exit 2)."""
 
 
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return asyncio.run(_COMMANDS[args.command](args))
-    except (CtlError, ConfigError, EtcdConfigError, EtcdUnavailable) as e:
+    except FlannelError as e:
         print(f"flannelctl: {e}", file=sys.stderr)
         return 2
 

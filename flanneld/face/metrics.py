@@ -1,91 +1,81 @@
-"""Prometheus metrics, read from the agent's own counters when scraped.
+"""Prometheus metrics: the agent's stats snapshot rendered as `flannel_*` families.
 
 The agent, the lease manager, the watcher, the registry and the backend keep plain counters;
-this collector turns them into `flannel_*` metric families on each scrape, so no code path
-carries metric calls. The names are documented in the README.
+the agent gathers them into an `AgentStats` when scraped and this module renders it, so no
+code path carries metric calls. The names are documented in the README.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from flanneld.core.admission import RULES
-
-if TYPE_CHECKING:
-    from flanneld.agent.daemon import Agent
+from flanneld.core.stats import AgentStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class AgentCollector:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, stats: AgentStats) -> None:
+        self.stats = stats
 
-    def collect(self) -> Iterator[Metric]:  # noqa: C901 - one family after the other
-        a = self.agent
-        yield GaugeMetricFamily("flannel_ready", "1 once subnet.env is written", a.ready)
-        peers = (
-            len(a.peers(a.leases.lease.subnet)) if a.watcher and a.leases and a.leases.lease else 0
-        )
-        yield GaugeMetricFamily("flannel_peers", "Peer leases known", peers)
-        lm = a.leases
-        if lm is not None:
-            if lm.expires_at is not None:
-                expiry = time.time() + (lm.expires_at - time.monotonic())
-                yield GaugeMetricFamily(
-                    "flannel_lease_expiry_timestamp_seconds",
-                    "When this node's lease expires unless renewed (Unix time)",
-                    expiry,
-                )
-            yield CounterMetricFamily("flannel_lease_renewals", "Lease renewals", lm.renewals)
-            yield CounterMetricFamily(
-                "flannel_lease_renewal_failures", "Failed lease renewals", lm.renew_failures
+    def collect(self) -> Iterator[Metric]:
+        st = self.stats
+        yield GaugeMetricFamily("flannel_ready", "1 once subnet.env is written", st.ready)
+        yield GaugeMetricFamily("flannel_peers", "Peer leases known", st.peers)
+        if st.lease_expiry is not None:
+            yield GaugeMetricFamily(
+                "flannel_lease_expiry_timestamp_seconds",
+                "When this node's lease expires unless renewed (Unix time)",
+                st.lease_expiry,
             )
-        if a.watcher is not None:
+        if st.renewals is not None:
+            yield CounterMetricFamily("flannel_lease_renewals", "Lease renewals", st.renewals)
             yield CounterMetricFamily(
-                "flannel_watch_reconnects", "Broken etcd watch streams", a.watcher.reconnects
+                "flannel_lease_renewal_failures", "Failed lease renewals", st.renewal_failures
+            )
+        if st.watch_reconnects is not None:
+            yield CounterMetricFamily(
+                "flannel_watch_reconnects", "Broken etcd watch streams", st.watch_reconnects
             )
             yield CounterMetricFamily(
-                "flannel_watch_resyncs", "Full listings of the leases", a.watcher.resyncs
+                "flannel_watch_resyncs", "Full listings of the leases", st.watch_resyncs
             )
             yield CounterMetricFamily(
                 "flannel_etcd_data_losses",
                 "Times etcd came back without its data (revision went back, new cluster ID)",
-                a.watcher.data_losses,
+                st.etcd_data_losses,
             )
             rejected = GaugeMetricFamily(
                 "flannel_lease_records_rejected",
                 "Lease records skipped now, by the rule they break",
                 labels=["rule"],
             )
-            by_rule = a.watcher.table.rejected_by_rule()
             for rule in RULES:
-                rejected.add_metric([rule], by_rule.get(rule, 0))
+                rejected.add_metric([rule], st.rejected_by_rule.get(rule, 0))
             yield rejected
         yield GaugeMetricFamily(
             "flannel_config_current",
             "1 while the network config in etcd is the one running; 0 when it changed, is "
             "invalid or missing (the agent goes on with the one it runs)",
-            0 if a.config_problem else 1,
+            int(st.config_current),
         )
         yield CounterMetricFamily(
-            "flannel_etcd_request_errors", "Failed etcd requests", a.registry.errors
+            "flannel_etcd_request_errors", "Failed etcd requests", st.etcd_errors
         )
         runs = CounterMetricFamily(
             "flannel_reconcile_runs", "Reconcile passes by mode", labels=["mode"]
         )
-        for mode, n in sorted(a.reconcile_runs.items()):
+        for mode, n in sorted(st.reconcile_runs.items()):
             runs.add_metric([mode], n)
         yield runs
         yield GaugeMetricFamily(
             "flannel_reconcile_last_duration_seconds",
             "Duration of the last reconcile pass",
-            a.last_reconcile_seconds,
+            st.last_reconcile_seconds,
         )
         entries = CounterMetricFamily(
             "flannel_entries",
@@ -93,10 +83,10 @@ class AgentCollector:
             "failed, by kind (route, arp, fdb)",
             labels=["op", "kind"],
         )
-        for (op, kind), n in sorted(a.entry_counts.items()):
+        for (op, kind), n in sorted(st.entries.items()):
             entries.add_metric([op, kind], n)
         yield entries
-        yield from _udp_families(a.backend.stats() if a.backend else {})
+        yield from _udp_families(st.datapath)
 
 
 def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
@@ -128,7 +118,7 @@ def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
     yield from (packets, data, drops, trains)
 
 
-def exposition(agent: Agent) -> bytes:
+def exposition(stats: AgentStats) -> bytes:
     registry = CollectorRegistry()
-    registry.register(AgentCollector(agent))
+    registry.register(AgentCollector(stats))
     return generate_latest(registry)
