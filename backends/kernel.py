@@ -76,7 +76,7 @@ class KernelBackend(Backend):
                 actual = self._view.entries()
                 result = ReconcileResult()
                 done = await netlink.apply(ipr, diff(desired, actual), result)
-                self._view.applied(done.upserted, done.removed)
+                self._view.applied(done.upserted, [*done.removed, *done.gone])
             except Exception:
                 await self.close()  # a broken socket: the next pass opens a fresh one
                 raise
@@ -84,19 +84,7 @@ class KernelBackend(Backend):
             if warning not in self._warned:
                 log.warning("%s", warning)
         self._warned = set(warnings)
-        before = {(e.kind, e.key): e for e in actual}
-        for entry in done.removed:
-            log.info("%s removed: %s", entry.kind, self._describe(entry))
-        for entry in done.upserted:
-            old = before.get((entry.kind, entry.key))
-            if old is not None:
-                was = f" (was {self._describe(old)})"
-                log.info("%s changed: %s%s", entry.kind, self._describe(entry), was)
-            elif entry in self._desired:
-                result.count(result.repaired, entry.kind)
-                log.info("%s restored: %s", entry.kind, self._describe(entry))
-            else:
-                log.info("%s added: %s", entry.kind, self._describe(entry))
+        done.report(actual, self._desired, result, self._describe)
         self._desired = desired
         return result
 

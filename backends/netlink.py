@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from socket import AF_INET
@@ -180,10 +180,34 @@ _OPS: dict[str, tuple[_Op, _Op]] = {
 
 @dataclass
 class Applied:
-    """The entries one `apply` actually changed, in the order it changed them."""
+    """The entries one `apply` actually changed, in the order it changed them, and those it
+    found already gone when it came to remove them (no longer in the kernel all the same)."""
 
     upserted: list[Entry] = field(default_factory=list)
     removed: list[Entry] = field(default_factory=list)
+    gone: list[Entry] = field(default_factory=list)
+
+    def report(
+        self,
+        before: Iterable[Entry],
+        planned: Set[Entry],
+        result: ReconcileResult,
+        describe: Callable[[Entry], str],
+    ) -> None:
+        """One log line per entry changed; an entry added again that the previous plan had
+        too was deleted behind our back: counted as `repaired` (flannel_entries_total)."""
+        old = {(e.kind, e.key): e for e in before}
+        for entry in self.removed:
+            log.info("%s removed: %s", entry.kind, describe(entry))
+        for entry in self.upserted:
+            was = old.get((entry.kind, entry.key))
+            if was is not None:
+                log.info("%s changed: %s (was %s)", entry.kind, describe(entry), describe(was))
+            elif entry in planned:
+                result.count(result.repaired, entry.kind)
+                log.info("%s restored: %s", entry.kind, describe(entry))
+            else:
+                log.info("%s added: %s", entry.kind, describe(entry))
 
 
 def _failed(result: ReconcileResult, verb: str, entry: Entry, err: NetlinkError) -> None:
@@ -203,7 +227,7 @@ async def apply(ipr: AsyncIPRoute, diff: Diff, result: ReconcileResult) -> Appli
             await _OPS[entry.kind][1](ipr, entry)
         except NetlinkError as err:
             if err.code in _GONE:
-                log.debug("%s was already gone", entry)
+                done.gone.append(entry)
             else:
                 _failed(result, "remove", entry, err)
             continue

@@ -254,13 +254,7 @@ class UdpBackend(Backend):
         except (NetlinkError, OSError):
             await self._close_netlink()  # a broken socket: the next pass opens a fresh one
             raise
-        for route in done.removed:
-            log.info("route removed: %s via %s", route.dst, route.gateway)
-        for route in done.upserted:
-            how = "restored" if route in self._desired else "added"
-            if how == "restored":  # as KernelBackend counts it: flannel_entries_total{op=...}
-                result.count(result.repaired, route.kind)
-            log.info("route %s: %s dev %s", how, route.dst, DEVICE)
+        done.report(actual, self._desired, result, lambda r: f"{r.dst} dev {DEVICE}")
         self._desired = desired
         return result
 

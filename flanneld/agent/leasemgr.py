@@ -184,7 +184,7 @@ class LeaseManager:
         if old is not None and not old.is_reservation:
             # Its key is gone: release the etcd lease now rather than let it linger for 24 h.
             with contextlib.suppress(Exception):
-                await self.registry.call(lambda c: c.revoke_lease(old.etcd_lease))
+                await self.registry.revoke(old.etcd_lease)
         delay = 1.0
         while True:
             try:

@@ -352,6 +352,14 @@ class EtcdRegistry:
         info = await self.call(lambda c: c.get_lease_info(etcd_lease, keys=False))
         return int(info.TTL)
 
+    async def revoke(self, etcd_lease: int) -> None:
+        """Release an etcd lease at once (its key, if still attached, goes with it)."""
+        await self.call(lambda c: c.revoke_lease(etcd_lease))
+
+    async def reserve(self, subnet: IPv4Network, attrs: LeaseAttrs) -> None:
+        """Write a reservation: the record with no etcd lease, so it never expires."""
+        await self.call(lambda c: c.put(self.key(subnet), attrs.encode()))
+
     async def delete_lease(self, subnet: IPv4Network) -> bool:
         return bool(await self.call(lambda c: c.delete(self.key(subnet))))
 

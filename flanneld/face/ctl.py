@@ -4,7 +4,8 @@
 and datapath health; `leases`, `config` and `reserve`/`unreserve` work on etcd directly with the
 agent's own flags and validation; `cleanup` removes everything the agent owns on this node (its
 routes, its devices with their ARP/FDB entries, its iptables chains or nft table) and nothing
-else, and is harmless twice.
+else, and is harmless twice; `rules` installs, checks, repairs or removes the masquerade and
+forward rules alone, as the agent would for a network and subnet.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,7 +35,7 @@ from flanneld.core.lease import LeaseAttrs, RecordError
 from flanneld.core.options import ENV_PREFIX, SOCKET_NAME, Options
 from flanneld.core.peers import Rejected
 from flanneld.core.subnets import subnet_key
-from flanneld.edges.masq import Masquerade
+from flanneld.edges.masq import IPTABLES, NFTABLES, Masquerade
 from flanneld.edges.registry import EtcdRegistry, TLSFiles
 
 # The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
@@ -91,6 +93,32 @@ async def _cleanup(args: argparse.Namespace) -> int:
             return 1
         print("no masquerade/forward rule of the agent's left on this node")
     return 0
+
+
+# -- rules -----------------------------------------------------------------------------------
+async def _rules(args: argparse.Namespace) -> int:
+    if args.action != "cleanup" and (args.network is None or args.subnet is None):
+        raise CtlError(
+            f"rules {args.action} needs --network and --subnet (FLANNEL_NETWORK and the "
+            "network of FLANNEL_SUBNET in subnet.env)"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.action == "cleanup":
+        return 0 if await Masquerade.cleanup() else 1
+    masq = Masquerade(
+        args.network,
+        args.subnet,
+        forward=not args.no_forward,
+        random_fully=not args.no_random_fully,
+        mode=args.mode,
+        masq=not args.no_masq,
+    )
+    if args.action == "check":
+        drift = await masq.check()
+        if drift is not None:
+            print("\n".join(drift) or "in sync")
+        return 0 if drift == [] else 1
+    return 0 if await (masq.ensure() if args.action == "ensure" else masq.resync()) else 1
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -335,7 +363,7 @@ async def _reserve(args: argparse.Namespace) -> int:
         if held is not None and held.attrs.public_ip != public_ip and not args.force:
             raise CtlError(f"{subnet} is held by {held.attrs.public_ip}; add --force to take it")
         attrs = LeaseAttrs(public_ip, args.backend_type)
-        await reg.call(lambda c: c.put(reg.key(subnet), attrs.encode()))
+        await reg.reserve(subnet, attrs)
         print(f"reserved {subnet} for {public_ip}")
         return 0
     finally:
@@ -391,6 +419,14 @@ def _parser() -> argparse.ArgumentParser:
     ur.add_argument("--force", action="store_true", help="delete even a live lease")
     _etcd_flags(ur)
     sub.add_parser("cleanup", help="remove the agent's routes, devices and rules from this node")
+    ru = sub.add_parser("rules", help="install, check, repair or remove the masquerade rules")
+    ru.add_argument("action", choices=("ensure", "check", "resync", "cleanup"))
+    ru.add_argument("--network", type=IPv4Network, help="cluster network (FLANNEL_NETWORK)")
+    ru.add_argument("--subnet", type=IPv4Network, help="this node's lease subnet")
+    ru.add_argument("--mode", choices=(IPTABLES, NFTABLES), help="default: what the host has")
+    ru.add_argument("--no-forward", action="store_true", help="no FLANNEL-FWD rules")
+    ru.add_argument("--no-masq", action="store_true", help="no FLANNEL-POSTRTG rules")
+    ru.add_argument("--no-random-fully", action="store_true", help="never --random-fully")
     return p
 
 
@@ -401,6 +437,7 @@ _COMMANDS = {
     "reserve": _reserve,
     "unreserve": _reserve,
     "cleanup": _cleanup,
+    "rules": _rules,
 }
 
 
