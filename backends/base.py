@@ -73,6 +73,12 @@ class Backend(ABC):
         anything) call it, so a bad option never reaches a running node. Default: none."""
         return None
 
+    @classmethod
+    def owned_devices(cls) -> tuple[tuple[str, str], ...]:
+        """The devices this backend creates, as (link kind, full-match name regex) pairs, so
+        `flannelctl cleanup` removes exactly those. Default: none."""
+        return ()
+
     @property
     @abstractmethod
     def mtu(self) -> int:

@@ -210,6 +210,10 @@ class VxlanBackend(KernelBackend):
     def parse_options(cls, options: Mapping[str, Any]) -> VxlanOptions:
         return parse_options(options)
 
+    @classmethod
+    def owned_devices(cls) -> tuple[tuple[str, str], ...]:
+        return (("vxlan", r"flannel\.\d+"),)
+
     def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
         super().__init__(ctx, netns)
         self._opts = VxlanOptions()  # replaced by the validated options in prepare()

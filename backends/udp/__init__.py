@@ -115,6 +115,10 @@ class UdpBackend(Backend):
     def parse_options(cls, options: Mapping[str, Any]) -> int:
         return parse_port(options)
 
+    @classmethod
+    def owned_devices(cls) -> tuple[tuple[str, str], ...]:
+        return (("tun", r"flannel\d+"),)
+
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.port = DEFAULT_PORT

@@ -38,8 +38,14 @@ from flanneld.core.subnets import subnet_key
 from flanneld.edges.masq import IPTABLES, NFTABLES, Masquerade
 from flanneld.edges.registry import EtcdRegistry, TLSFiles
 
-# The agent's devices: vxlan's flannel.<VNI> and udp's TUN flannel<N>, and only of those kinds.
-_OWNED_LINKS = {"vxlan": re.compile(r"flannel\.\d+"), "tun": re.compile(r"flannel\d+")}
+
+def _owned_links() -> list[tuple[str, re.Pattern[str]]]:
+    """Every backend's devices: (link kind, name pattern)."""
+    return [
+        (kind, re.compile(name))
+        for backend in backends.known_backends()
+        for kind, name in backends.get_backend(backend).owned_devices()
+    ]
 
 
 class CtlError(StateError):
@@ -67,11 +73,11 @@ async def cleanup_kernel(ipr: AsyncIPRoute) -> list[str]:
             done.append(f"route {dst}")
         except NetlinkError:
             pass  # gone meanwhile, or went with a device
+    owned = _owned_links()
     async for link in await ipr.link("dump"):
         name = link.get("ifname") or ""
         kind = link.get(("linkinfo", "kind")) or ""
-        pattern = _OWNED_LINKS.get(kind)
-        if pattern is not None and pattern.fullmatch(name):
+        if any(k == kind and pattern.fullmatch(name) for k, pattern in owned):
             try:
                 await ipr.link("del", index=link["index"])
                 done.append(f"device {name} ({kind})")

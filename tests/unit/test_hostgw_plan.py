@@ -1,5 +1,6 @@
 """host-gw: the pure plan (peer leases to routes and warnings) and the NAT check."""
 
+import re
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -93,3 +94,15 @@ async def test_prepare_refuses_nat() -> None:
     msg = str(e.value)
     assert "192.0.2.10" in msg and "192.0.2.200" in msg and "use vxlan behind NAT" in msg
     assert "\n" not in msg
+
+
+def test_every_backend_names_the_devices_cleanup_may_remove():
+    """`flannelctl cleanup` asks the backends (Backend.owned_devices) instead of keeping names."""
+    owned = {name: get_backend(name).owned_devices() for name in ("host-gw", "vxlan", "udp")}
+    assert owned["host-gw"] == ()
+    [(kind, pattern)] = owned["vxlan"]
+    assert kind == "vxlan" and re.fullmatch(pattern, "flannel.1")
+    assert not re.fullmatch(pattern, "flannel0") and not re.fullmatch(pattern, "eth0")
+    [(kind, pattern)] = owned["udp"]
+    assert kind == "tun" and re.fullmatch(pattern, "flannel0")
+    assert not re.fullmatch(pattern, "flannel.1") and not re.fullmatch(pattern, "cni0")
