@@ -87,7 +87,7 @@ def masq(node, command: str, *args: str, mode: str | None = None):
     lab, ns = node
     extra = [] if command == "cleanup" else ["--network", NET, "--subnet", SUBNET]
     extra += ["--mode", mode] if mode else []
-    cmd = (sys.executable, "-m", "flanneld.edges.masq", command)
+    cmd = (sys.executable, "-m", "flanneld.face.ctl", "rules", command)
     return lab.run(ns, *cmd, *extra, *args, check=False)
 
 
@@ -156,7 +156,7 @@ def test_iptables_new_subnet_replaces_the_old_rules(node):
     need("iptables")
     masq(node, "ensure", mode="iptables")
     lab, ns = node
-    cmd = [sys.executable, "-m", "flanneld.edges.masq", "ensure", "--network", NET]
+    cmd = [sys.executable, "-m", "flanneld.face.ctl", "rules", "ensure", "--network", NET]
     lab.run(ns, *cmd, "--subnet", "10.244.9.0/24", "--mode", "iptables", "--no-forward")
     nat = rules(node, "nat")
     assert len(nat) == 7 and not any("10.244.3.0" in r for r in nat)

@@ -1,5 +1,6 @@
-"""flanneld.edges.masq's pure part: the rule set, its iptables-restore and nft renderings, and
-the drift found in `iptables-save` / `nft -j list` output; plus error handling without the
+"""Masquerade and forward rules: the rule set (flanneld.core.firewall), its iptables-restore and
+nft renderings and the drift found in `iptables-save` / `nft -j list` output (core.iptables,
+core.nftables); and flanneld.edges.masq's error handling, driven by a fake runner instead of the
 real tools."""
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from flanneld.core.firewall import NOTHING, rules
+from flanneld.core.iptables import iptables_drift, iptables_payload, parse_version
+from flanneld.core.nftables import drop_if_empty, nft_drift, nft_script
 from flanneld.edges import masq
-from flanneld.edges.masq import (
-    NOTHING,
-    Masquerade,
-    iptables_drift,
-    iptables_payload,
-    nft_drift,
-    nft_script,
-    rules,
-)
+from flanneld.edges.masq import MasqError, Masquerade, SubprocessRunner
+from flanneld.face import ctl
 
 C, P = IPv4Network("10.244.0.0/16"), IPv4Network("10.244.3.0/24")
 COMMENT = '-m comment --comment "flanneld masq"'
@@ -307,18 +304,17 @@ def test_nft_drift_is_named():
 
 async def test_a_missing_tool_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(masq.MasqError, match="cannot run iptables-save .*install the iptables"):
-        await masq._run("iptables-save", "-t", "nat")
+    with pytest.raises(MasqError, match="cannot run iptables-save .*install the iptables"):
+        await SubprocessRunner()("iptables-save", "-t", "nat")
 
 
-async def test_resync_never_raises_and_logs_a_lasting_error_once(monkeypatch, caplog):
+async def test_resync_never_raises_and_logs_a_lasting_error_once(caplog):
     async def failing(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
         if cmd[:2] == ("iptables", "--version"):
             return 0, "iptables v1.8.9 (nf_tables)\n", ""
         return 4, "", "iptables-save: Permission denied (you must be root)"
 
-    monkeypatch.setattr(masq, "_exec", failing)
-    m = Masquerade(C, P, mode="iptables")
+    m = Masquerade(C, P, mode="iptables", runner=failing)
     with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
         for _ in range(3):
             assert await m.resync() is False
@@ -343,9 +339,8 @@ async def test_resync_logs_repaired_only_when_it_repaired(monkeypatch, caplog):
         tables.update(INSTALLED)
         return 0, "", ""
 
-    monkeypatch.setattr(masq, "_exec", fake)
     monkeypatch.setattr(masq.shutil, "which", lambda tool: None)  # no nft to clean up
-    m = Masquerade(C, P, mode="iptables")
+    m = Masquerade(C, P, mode="iptables", runner=fake)
     with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
         assert await m.resync() is True
         assert await m.resync() is True
@@ -359,10 +354,9 @@ def test_mode_must_be_known():
         Masquerade(C, P, mode="ipfw")
 
 
-async def test_a_hanging_command_times_out(monkeypatch):
-    monkeypatch.setattr(masq, "CMD_TIMEOUT", 0.2)
-    with pytest.raises(masq.MasqError, match=r"`sleep 5` timed out"):
-        await masq._run("sleep", "5")
+async def test_a_hanging_command_times_out():
+    with pytest.raises(MasqError, match=r"`sleep 5` timed out"):
+        await SubprocessRunner(timeout=0.2)("sleep", "5")
 
 
 async def test_rules_that_never_read_back_right_are_one_error_not_a_repair_per_period(
@@ -373,9 +367,8 @@ async def test_rules_that_never_read_back_right_are_one_error_not_a_repair_per_p
             return 0, "iptables v1.8.9 (nf_tables)\n", ""
         return 0, saved([])[cmd[2]] if cmd[0] == "iptables-save" else "", ""
 
-    monkeypatch.setattr(masq, "_exec", ignoring)
     monkeypatch.setattr(masq.shutil, "which", lambda tool: None)
-    m = Masquerade(C, P, mode="iptables")
+    m = Masquerade(C, P, mode="iptables", runner=ignoring)
     with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
         assert await m.resync() is False
         assert await m.resync() is False
@@ -394,3 +387,67 @@ def test_mode_follows_the_host(monkeypatch, tools, mode):
     )
     assert Masquerade(C, P).mode == mode
     assert Masquerade(C, P, mode="nftables").mode == "nftables"
+
+
+# -- the pure helpers of the commands, and the runner passed in ---------------------------------
+
+
+def test_iptables_version_is_read_from_its_output():
+    assert parse_version("iptables v1.8.9 (nf_tables)\n") == ((1, 8, 9), True)
+    assert parse_version("iptables v1.6.1\n") == ((1, 6, 1), False)
+    assert parse_version("iptables: command not found") is None
+
+
+def test_an_iptables_nft_table_is_dropped_only_when_nothing_but_empty_accept_chains_are_left():
+    meta = [{"metainfo": {"json_schema_version": 1}}, {"table": {"family": "ip", "name": "nat"}}]
+    empty = {"family": "ip", "table": "nat", "name": "POSTROUTING", "hook": "postrouting"}
+    base = [*meta, {"chain": {**empty, "policy": "accept"}}]
+    assert drop_if_empty("nat", base) == "delete chain ip nat POSTROUTING\ndelete table ip nat\n"
+    assert drop_if_empty("nat", None) == ""
+    assert drop_if_empty("nat", [*base, {"rule": {"chain": "POSTROUTING"}}]) == ""
+    assert drop_if_empty("nat", [*meta, {"chain": {**empty, "policy": "drop"}}]) == ""
+    assert drop_if_empty("nat", [*base, {"chain": {"name": "DOCKER"}}]) == ""  # a user chain
+
+
+async def test_check_and_cleanup_use_the_runner_they_are_given(monkeypatch):
+    tables = dict(INSTALLED)
+    calls: list[tuple[str, ...]] = []
+
+    async def fake(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
+        calls.append(cmd)
+        if cmd[0] == "iptables":
+            return 0, "iptables v1.8.9 (legacy)\n", ""
+        if cmd[0] == "iptables-save":
+            return 0, tables[cmd[2]], ""
+        assert cmd == ("iptables-restore", "--noflush", "--wait")
+        assert stdin == iptables_payload(NOTHING, INSTALLED)
+        tables.update(saved([]))
+        return 0, "", ""
+
+    monkeypatch.setattr(
+        masq.shutil, "which", lambda tool: None if tool == "nft" else f"/sbin/{tool}"
+    )
+    assert await Masquerade(C, P, mode="iptables", runner=fake).check() == []
+    assert await Masquerade.cleanup(runner=fake) is True
+    assert ("iptables-restore", "--noflush", "--wait") in calls
+    assert await Masquerade(C, P, mode="iptables", runner=fake).check() == [
+        "FLANNEL-POSTRTG missing",
+        "FLANNEL-FWD missing",
+    ]
+
+
+async def test_check_logs_a_failure_and_returns_none(caplog):
+    async def failing(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
+        return 1, "", "nft: Operation not permitted"
+
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
+        assert await Masquerade(C, P, mode="nftables", runner=failing).check() is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "masquerade: `nft -j list table ip flannel-ipv4` failed: nft: Operation not permitted"
+    ]
+
+
+def test_flannelctl_rules_needs_the_network_and_subnet(capsys):
+    assert ctl.main(["rules", "ensure", "--subnet", str(P)]) == 2
+    assert "rules ensure needs --network and --subnet" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Flannel's masquerade and forward rules as data: `rules()` gives the rule set of a node.
+
+The renderings and the drift checks are in `iptables` and `nftables` beside this module; the
+commands that apply them are in `flanneld.edges.masq`.
+"""
+
+# Every rule lives in a chain of our own (FLANNEL-POSTRTG in nat, FLANNEL-FWD in filter, or the
+# chains `postrtg` and `forward` of the nftables table `ip flannel-ipv4`), reached by one jump
+# from a built-in chain (POSTROUTING, FORWARD); a `Chain` carries both spellings of its names.
+# A `RuleSet` holds the chains that should exist: a chain not in it should not exist at all.
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network
+
+KUBE_PROXY_MARK = 0x4000  # kube-proxy marks what it masquerades itself: no double NAT
+MULTICAST = IPv4Network("224.0.0.0/4")
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str  # iptables target: RETURN, MASQUERADE or ACCEPT
+    src: IPv4Network | None = None
+    dst: IPv4Network | None = None
+    src_neg: bool = False
+    dst_neg: bool = False
+    kube_mark: bool = False
+    random_fully: bool = False
+
+
+@dataclass(frozen=True)
+class Chain:
+    table: str  # iptables table
+    name: str  # iptables chain
+    hook: str  # the built-in iptables chain that jumps to it
+    comment: str  # on every rule, the jump included
+    nft_name: str
+    nft_type: str
+    nft_hook: str
+    nft_priority: str
+    rules: tuple[Rule, ...] = ()
+
+
+MASQ_CHAIN = Chain(
+    table="nat",
+    name="FLANNEL-POSTRTG",
+    hook="POSTROUTING",
+    comment="flanneld masq",
+    nft_name="postrtg",
+    nft_type="nat",
+    nft_hook="postrouting",
+    nft_priority="srcnat",
+)
+FWD_CHAIN = Chain(
+    table="filter",
+    name="FLANNEL-FWD",
+    hook="FORWARD",
+    comment="flanneld forward",
+    nft_name="forward",
+    nft_type="filter",
+    nft_hook="forward",
+    nft_priority="filter",
+)
+CHAINS = (MASQ_CHAIN, FWD_CHAIN)  # every chain the agent may own, empty
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    chains: tuple[Chain, ...]
+
+    def chain(self, name: str) -> Chain | None:
+        return next((c for c in self.chains if c.name == name), None)
+
+
+NOTHING = RuleSet(())  # what cleanup installs
+
+
+def rules(
+    network: IPv4Network, subnet: IPv4Network, random_fully: bool, forward: bool, masq: bool = True
+) -> RuleSet:
+    """flannel's rules for cluster network C = `network` and this node's lease P = `subnet`:
+    the masquerade chain unless `masq` is off, the forward chain if `forward` is on."""
+    c, p = network, subnet
+    masq_rules = (
+        Rule("RETURN", kube_mark=True),
+        Rule("RETURN", src=p, dst=c),  # pod to pod: no NAT
+        Rule("RETURN", src=c, dst=p),
+        Rule("RETURN", src=c, src_neg=True, dst=p),  # outside to a local pod (e.g. a NodePort)
+        Rule("MASQUERADE", src=c, dst=MULTICAST, dst_neg=True, random_fully=random_fully),
+        Rule("MASQUERADE", src=c, src_neg=True, dst=c, random_fully=random_fully),  # host to pods
+    )
+    chains = [replace(MASQ_CHAIN, rules=masq_rules)] if masq else []
+    if forward:
+        chains.append(replace(FWD_CHAIN, rules=(Rule("ACCEPT", src=c), Rule("ACCEPT", dst=c))))
+    return RuleSet(tuple(chains))
+
+
+def rule_diff(label: str, have: Sequence[Hashable], want: Sequence[Hashable]) -> list[str]:
+    """One phrase on how a chain's rules `have` differ from `want` (in order); [] when equal."""
+    if list(have) == list(want):
+        return []
+    missing = sum((Counter(want) - Counter(have)).values())
+    extra = sum((Counter(have) - Counter(want)).values())
+    parts = []
+    if missing:
+        parts.append(f"{missing} rule(s) missing")
+    if extra:
+        parts.append(f"{extra} unexpected")
+    return [f"{label}: {', '.join(parts) or 'out of order'}"]
