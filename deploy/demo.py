@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import signal
 import sys
@@ -24,16 +23,16 @@ from pathlib import Path
 from types import FrameType
 
 import backends
+from flanneld.core.text import table_lines
 
 from .cluster import AgentExited, Cluster
-from .lab import ETCD_ENDPOINT, Lab, LabError, Node, _etcd_tool, cleanup
+from .lab import ETCD_ENDPOINT, Lab, LabError, Node, cleanup, etcd_tool
 
 BACKENDS = ("host-gw", "vxlan", "udp")
 NETWORK = "10.244.0.0/16"
 READY_TIMEOUT = 30.0  # per node, from the agent's start to its subnet.env
 REACH_TIMEOUT = 15.0  # from the last subnet.env to an all-green ping matrix
 Matrix = dict[tuple[str, str], bool]
-_ANSI = re.compile(r"\033\[[0-9;]*m")
 
 
 def default_backend() -> str:
@@ -68,25 +67,6 @@ def _marks(encoding: str | None, color: bool) -> tuple[str, str, str]:
     return ok, bad, same
 
 
-def _width(cell: str) -> int:
-    return len(_ANSI.sub("", cell))
-
-
-def _table(rows: list[list[str]], indent: str = "  ", center: bool = False) -> list[str]:
-    """Rows as aligned columns (widths ignore colour codes); `center` centres all but the
-    first column."""
-    widths = [max(_width(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = []
-        for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
-            pad = w - _width(cell)
-            left = pad // 2 if center and i else 0
-            cells.append(" " * left + cell + " " * (pad - left))
-        lines.append((indent + "  ".join(cells)).rstrip())
-    return lines
-
-
 def render_summary(
     nodes: list[Node],
     envs: dict[str, dict[str, str]],
@@ -116,7 +96,7 @@ def render_summary(
                 " ".join(c.ip for c in node.containers) or "-",
             ]
         )
-    lines += _table(rows)
+    lines += table_lines(rows)
 
     containers = [(node, c) for node in nodes for c in node.containers]
     labels = [f"{node.name}c{j}" for node in nodes for j in range(1, len(node.containers) + 1)]
@@ -129,7 +109,7 @@ def render_summary(
                 for dst_node, dst in containers
             ]
             grid.append([label, *cells])
-        lines += _table(grid, indent="    ", center=True)
+        lines += table_lines(grid, indent="    ", center=True)
         lines.append(f"    {ok} answered   {bad} no answer   {same} same node, not pinged")
     answered = sum(matrix.values())
     if not matrix:
@@ -150,8 +130,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so the lab is torn down."""
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP unwind like Ctrl-C (KeyboardInterrupt), so the
+    labs of a demo or a benchmark are torn down; the old handlers come back on leaving it."""
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
@@ -162,7 +143,7 @@ def _signals_interrupt() -> Iterator[None]:
 
 def _print_keep_help(lab: Lab) -> None:
     first = lab.nodes[0]
-    etcdctl = f"{_etcd_tool('etcdctl')} --endpoints={ETCD_ENDPOINT}"
+    etcdctl = f"{etcd_tool('etcdctl')} --endpoints={ETCD_ENDPOINT}"
     lines = [
         "",
         f"the lab {lab.prefix} stays up (agent and etcd logs in {lab.workdir}):",
@@ -323,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.down:
             return down(args.prefix)
-        with _signals_interrupt():
+        with signals_interrupt():
             return up(args)
     except KeyboardInterrupt:
         print("\ninterrupted; the lab is torn down", file=sys.stderr)

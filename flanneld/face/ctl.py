@@ -35,6 +35,7 @@ from flanneld.core.lease import LeaseAttrs, RecordError
 from flanneld.core.options import ENV_PREFIX, SOCKET_NAME, Options
 from flanneld.core.peers import Rejected
 from flanneld.core.subnets import subnet_key
+from flanneld.core.text import table_lines
 from flanneld.edges.masq import IPTABLES, NFTABLES, Masquerade
 from flanneld.edges.registry import EtcdRegistry, TLSFiles
 
@@ -203,11 +204,8 @@ def render_status(doc: dict) -> str:
         rows.append(
             (p["subnet"], p["public_ip"], p["backend_type"] or "-", _ago(p["last_change"]), health)
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append("")
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4] for r in rows
-    ]
+    lines += table_lines(rows, indent="")
     if len(rows) == 1:
         lines.append("(no peers)")
     for r in doc.get("rejected", []):
@@ -319,9 +317,7 @@ async def _leases(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(t[i]) for t in table) for i in range(3)]
-    for t in table:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=False)) + "  " + t[3])
+    print("\n".join(table_lines(table, indent="")))
     for key, r in rejected.items():
         print(f"REJECTED {key} ({r['rule']}): {r['why']}")
     return 0
