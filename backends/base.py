@@ -68,7 +68,7 @@ class Backend(ABC):
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any]) -> Any:
-        """Validate the config's Backend object, touching nothing (pure): BackendError naming
+        """Validate the config's Backend object, touching nothing (pure): ConfigError naming
         the key and the fix. `flannelctl config validate|set` and the agent (before it changes
         anything) call it, so a bad option never reaches a running node. Default: none."""
         return None

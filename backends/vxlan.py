@@ -19,7 +19,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
-from flanneld.core.config import ci_get
+from flanneld.core.config import ConfigError, bool_field, ci_get, int_field
 from flanneld.core.lease import Lease, LeaseAttrs
 
 from . import netlink
@@ -56,49 +56,26 @@ class VxlanOptions:
         return f"flannel.{self.vni}"
 
 
-def _invalid(key: str, value: Any, problem: str, fix: str) -> BackendError:
-    return BackendError(f"network config: Backend.{key} {problem} (got {json.dumps(value)}); {fix}")
-
-
-def _int(options: dict[str, Any], key: str, low: int, high: int) -> int | None:
-    value = ci_get(options, key)
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
-    ):
-        raise _invalid(
-            key, value, f"must be an integer from {low} to {high}", "fix the value or remove it"
-        )
-    return value
-
-
-def _bool(options: dict[str, Any], key: str) -> bool:
-    value = ci_get(options, key, False)
-    if not isinstance(value, bool):
-        raise _invalid(key, value, "must be true or false", "set it to true or false")
-    return value
-
-
 def parse_options(options: Mapping[str, Any]) -> VxlanOptions:
     """Read VNI, Port, GBP, Learning, DirectRouting and MTU (keys in any case) with defaults.
 
     Port 0 and MTU 0 mean the defaults, as in the reference.
     """
-    obj = dict(options)
-    vni = _int(obj, "VNI", 0, MAX_VNI)
-    mtu = _int(obj, "MTU", 0, 65535)
+    obj, at = dict(options), "Backend."
+    vni = int_field(obj, "VNI", 0, MAX_VNI, at)
+    mtu = int_field(obj, "MTU", 0, 65535, at)
     if mtu and mtu - ENCAP_OVERHEAD < MIN_IPV4_MTU:
-        raise _invalid(
-            "MTU",
-            mtu,
-            f"leaves less than {MIN_IPV4_MTU} bytes after {ENCAP_OVERHEAD} bytes of VXLAN overhead",
-            f"use 0 (the interface's) or at least {MIN_IPV4_MTU + ENCAP_OVERHEAD}",
+        raise ConfigError(
+            f"network config: Backend.MTU {mtu} leaves less than {MIN_IPV4_MTU} bytes after "
+            f"{ENCAP_OVERHEAD} bytes of VXLAN overhead; use 0 (the interface's) or at least "
+            f"{MIN_IPV4_MTU + ENCAP_OVERHEAD}"
         )
     return VxlanOptions(
         vni=1 if vni is None else vni,
-        port=_int(obj, "Port", 0, 65535) or DEFAULT_PORT,
-        gbp=_bool(obj, "GBP"),
-        learning=_bool(obj, "Learning"),
-        direct_routing=_bool(obj, "DirectRouting"),
+        port=int_field(obj, "Port", 0, 65535, at) or DEFAULT_PORT,
+        gbp=bool_field(obj, "GBP", False, at),
+        learning=bool_field(obj, "Learning", False, at),
+        direct_routing=bool_field(obj, "DirectRouting", False, at),
         mtu=mtu or None,
     )
 

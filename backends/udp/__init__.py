@@ -34,8 +34,9 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
-from flanneld.core.config import ci_get
+from flanneld.core.config import ci_get, int_field
 from flanneld.core.lease import Lease, LeaseAttrs
+from flanneld.core.options import FlagError, parse_bool
 
 from .. import netlink
 from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_reason
@@ -52,25 +53,15 @@ OFFLOAD_ENV = "FLANNELD_UDP_OFFLOAD"
 
 
 def parse_port(options: Mapping[str, Any]) -> int:
-    """The backend's `Port` option (any case), default 8285."""
-    port = ci_get(dict(options), "Port", DEFAULT_PORT)
-    if port in (None, 0):
-        return DEFAULT_PORT
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise BackendError(
-            f"network config: Backend.Port {port!r} is not a UDP port; set it to 1..65535 or "
-            "omit it"
-        )
-    return port
+    """The backend's `Port` option (any case), default 8285 (also for 0 and null)."""
+    return int_field(dict(options), "Port", 0, 65535, "Backend.") or DEFAULT_PORT
 
 
 def offload_wanted(environ: Mapping[str, str]) -> bool:
-    value = environ.get(OFFLOAD_ENV, "true").strip().lower()
-    if value in ("1", "t", "true", "yes", "on", ""):
-        return True
-    if value in ("0", "f", "false", "no", "off"):
-        return False
-    raise BackendError(f"{OFFLOAD_ENV}={value!r} is not a boolean; set it to true or false")
+    try:
+        return parse_bool(environ.get(OFFLOAD_ENV, "true"))
+    except FlagError as e:
+        raise BackendError(f"{OFFLOAD_ENV}: {e}") from None
 
 
 def advertised(backend_data: Any, cap: str) -> bool:

@@ -23,7 +23,7 @@ from flanneld.agent.watcher import PeerWatcher
 from flanneld.core.admission import PeerRules
 from flanneld.core.allocation import OutOfSubnets
 from flanneld.core.config import ConfigError, NetworkConfig, parse_config, underlay_problem
-from flanneld.core.errors import StateError
+from flanneld.core.errors import FlannelError, StateError
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
 from flanneld.core.lease import Lease
 from flanneld.core.options import SAVED_CONFIG, Options
@@ -77,9 +77,10 @@ class Agent:
         the JSON, the backend's options, the Network against this node's underlay."""
         config = parse_config(raw)
         try:
-            backends.get_backend(config.backend_type).parse_options(config.backend)
-        except BackendError as e:
+            backend = backends.get_backend(config.backend_type)
+        except BackendError as e:  # an unknown type
             raise ConfigError(str(e)) from None
+        backend.parse_options(config.backend)
         if why := underlay_problem(config.network, ext.underlay, (ext.iface_addr, ext.ext_addr)):
             raise ConfigError(why)
         return config
@@ -241,7 +242,7 @@ class Agent:
         try:
             self.backend = backends.get_backend(config.backend_type)(ctx)
             attrs = await self.backend.prepare()
-        except BackendError as e:
+        except FlannelError as e:
             raise FatalError(str(e)) from None
         self.leases = LeaseManager(
             self.registry,

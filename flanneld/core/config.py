@@ -68,24 +68,27 @@ def _bad(key: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"network config: {key} {problem}; {fix}")
 
 
-def _uint(obj: dict[str, Any], key: str) -> int:
-    v = ci_get(obj, key, 0)
-    if v is None:
-        return 0
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+def int_field(
+    obj: dict[str, Any], key: str, low: int = 0, high: int = 2**31 - 1, where: str = ""
+) -> int | None:
+    """The integer at `key` (any case) within [low, high]; None when absent or null.
+    `where` prefixes the key in the message ("Backend." for a backend's options)."""
+    v = ci_get(obj, key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high):
         raise _bad(
-            key,
-            f"must be a non-negative integer (got {json.dumps(v)})",
-            f"set {key} to a number such as 24",
+            where + key,
+            f"must be an integer from {low} to {high} (got {json.dumps(v)})",
+            "fix the value or remove it",
         )
     return v
 
 
-def _bool(obj: dict[str, Any], key: str, default: bool) -> bool:
+def bool_field(obj: dict[str, Any], key: str, default: bool, where: str = "") -> bool:
+    """The boolean at `key` (any case), `default` when absent (null is not absent)."""
     v = ci_get(obj, key, default)
     if not isinstance(v, bool):
         raise _bad(
-            key, f"must be true or false (got {json.dumps(v)})", f"set {key} to true or false"
+            where + key, f"must be true or false (got {json.dumps(v)})", "set it to true or false"
         )
     return v
 
@@ -116,14 +119,14 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             'network config must be a JSON object such as {"Network": "10.244.0.0/16"}'
         )
 
-    if not _bool(obj, "EnableIPv4", True):
+    if not bool_field(obj, "EnableIPv4", True):
         raise _bad(
             "EnableIPv4",
             "is false, but this agent runs IPv4 overlays only",
             "remove EnableIPv4 or set it to true",
         )
-    enable_nftables = _bool(obj, "EnableNFTables", False)
-    if _bool(obj, "EnableIPv6", False):
+    enable_nftables = bool_field(obj, "EnableNFTables", False)
+    if bool_field(obj, "EnableIPv6", False):
         raise _bad(
             "EnableIPv6",
             "is true, but this agent runs IPv4 overlays only",
@@ -158,7 +161,7 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
                 'use a private range such as "10.244.0.0/16"',
             )
 
-    subnet_len = _uint(obj, "SubnetLen")
+    subnet_len = int_field(obj, "SubnetLen") or 0
     plen = network.prefixlen
     if subnet_len == 0:
         if plen > 28:

@@ -23,7 +23,8 @@ class FlagError(InputError):
     pass
 
 
-def _bool(v: str | bool) -> bool:
+def parse_bool(v: str | bool) -> bool:
+    """A boolean flag or environment value: 1/t/true/yes/on, 0/f/false/no/off or empty."""
     if isinstance(v, bool):
         return v
     low = v.strip().lower()
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 def _convert(name: str, raw: str | bool, default: object) -> object:
     try:
         if isinstance(default, bool):
-            return _bool(raw)
+            return parse_bool(raw)
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):

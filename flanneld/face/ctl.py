@@ -241,9 +241,10 @@ def validate_config(raw: bytes) -> str:
     """The agent's own validation; returns a one-line summary or raises ConfigError."""
     config = parse_config(raw)
     try:
-        backends.get_backend(config.backend_type).parse_options(config.backend)
-    except BackendError as e:
+        backend = backends.get_backend(config.backend_type)
+    except BackendError as e:  # an unknown type
         raise ConfigError(str(e)) from None
+    backend.parse_options(config.backend)
     return (
         f"network {config.network}, subnets /{config.subnet_len} from {config.subnet_min} "
         f"to {config.subnet_max}, backend {config.backend_type}"

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.base import BackendError
 from backends.udp import advertised, parse_port, plan
 from backends.udp.core import (
     Drop,
@@ -22,6 +21,7 @@ from backends.udp.core import (
     ones_sum,
     pseudo_sum,
 )
+from flanneld.core.config import ConfigError
 from flanneld.core.lease import Lease, LeaseAttrs
 
 NETWORK = IPv4Network("10.244.0.0/16")
@@ -430,5 +430,5 @@ def test_port_option(options: dict, port: int) -> None:
 
 @pytest.mark.parametrize("bad", ["8285", -1, 65536, True, 1.5])
 def test_bad_port_option(bad: object) -> None:
-    with pytest.raises(BackendError, match="Backend.Port"):
+    with pytest.raises(ConfigError, match="Backend.Port"):
         parse_port({"Port": bad})

@@ -11,7 +11,7 @@ from backends import get_backend
 from backends.base import BackendContext, BackendError
 from backends.reconcile import Fdb, Neigh, Route, diff
 from backends.vxlan import VxlanBackend, VxlanOptions, mismatches, parse_options, plan, vtep_mac
-from flanneld.core.config import parse_config
+from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.interfaces import ExternalInterface
 from flanneld.core.lease import Lease, LeaseAttrs
 
@@ -182,7 +182,7 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
 def test_bad_options_are_one_line_errors(options, message) -> None:
-    with pytest.raises(BackendError) as err:
+    with pytest.raises(ConfigError) as err:
         parse_options(options)
     text = str(err.value)
     assert message in text and "\n" not in text and "; " in text
@@ -218,9 +218,9 @@ def test_mtu_is_the_base_minus_50() -> None:
 
 
 async def test_prepare_refuses_bad_options_and_tiny_mtu() -> None:
-    with pytest.raises(BackendError, match="Backend.Port"):
+    with pytest.raises(ConfigError, match="Backend.Port"):
         await backend(Port="8472").prepare()
-    with pytest.raises(BackendError, match="at least 118"):
+    with pytest.raises(ConfigError, match="at least 118"):
         await backend(MTU=100).prepare()
     with pytest.raises(BackendError, match="MTU of eth0"):
         await backend(mtu=100).prepare()
