@@ -21,7 +21,6 @@ from flanneld import __version__
 from flanneld.agent.leasemgr import LEASE_TTL, LeaseManager
 from flanneld.agent.watcher import PeerWatcher
 from flanneld.core.admission import PeerRules
-from flanneld.core.allocation import OutOfSubnets
 from flanneld.core.config import ConfigError, NetworkConfig, parse_config, underlay_problem
 from flanneld.core.errors import FlannelError, StateError
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
@@ -183,17 +182,6 @@ class Agent:
         )
         return ext
 
-    async def acquire(self, lm: LeaseManager) -> Lease:
-        while True:
-            try:
-                return await lm.acquire()
-            except OutOfSubnets as e:
-                log.error("%s", e)
-                await asyncio.sleep(30)
-            except Exception as e:  # noqa: BLE001 - etcd trouble: retry
-                log.warning("taking a lease failed (%s); retrying", e)
-                await asyncio.sleep(2)
-
     def _on_peers(self, changes: list[Change]) -> None:
         own = self.leases.lease.subnet if self.leases and self.leases.lease else None
         now = time.time()
@@ -253,7 +241,7 @@ class Agent:
             renew_margin=opts.subnet_lease_renew_margin * 60,
             on_lease=self._on_lease,
         )
-        lease = await self.acquire(self.leases)
+        lease = await self.leases.take()
         self._lease_changed = False
         await self.backend.configure(lease)
         await self.start_rules(config, lease)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Network
 
 from flanneld.core.allocation import OutOfSubnets, choose_subnet
+from flanneld.core.backoff import Backoff
 from flanneld.core.config import NetworkConfig
 from flanneld.core.lease import Lease, LeaseAttrs
 from flanneld.core.peers import Change
@@ -152,6 +153,7 @@ class LeaseManager:
 
     async def maintain(self) -> None:
         """Renew before expiry, retrying on failure; re-acquire when the lease is lost."""
+        failures = Backoff(1.0, 60.0)
         while True:
             if self.lease is None or await self._wait_lost(self.renew_delay()):
                 await self._reacquire()
@@ -165,7 +167,7 @@ class LeaseManager:
             except Exception as e:  # noqa: BLE001 - etcd trouble: retry well before expiry
                 self.renew_failures += 1
                 left = (self.expires_at or 0) - time.monotonic()
-                retry = min(60.0, max(1.0, left / 10))
+                retry = min(failures.next(), max(1.0, left / 10))
                 log.warning(
                     "renewing lease %s failed (%s); retrying in %.0f s", self.lease.subnet, e, retry
                 )
@@ -176,8 +178,23 @@ class LeaseManager:
                 self._lost.set()
                 continue
             self.renewals += 1
+            failures.reset()
             self.expires_at = time.monotonic() + ttl
             log.info("renewed lease %s for %d s", self.lease.subnet, ttl)
+
+    async def take(self) -> Lease:
+        """Acquire, retrying with back-off until it works (etcd down, the range full)."""
+        backoff = Backoff(1.0, 30.0)
+        while True:
+            try:
+                return await self.acquire()
+            except asyncio.CancelledError:
+                raise
+            except OutOfSubnets as e:
+                log.error("%s", e)
+            except Exception as e:  # noqa: BLE001 - etcd down: keep trying, bounded back-off
+                log.warning("taking a lease failed (%s); retrying in %.0f s", e, backoff.delay)
+            await backoff.sleep()
 
     async def _reacquire(self) -> None:
         old = self.lease
@@ -185,16 +202,4 @@ class LeaseManager:
             # Its key is gone: release the etcd lease now rather than let it linger for 24 h.
             with contextlib.suppress(Exception):
                 await self.registry.revoke(old.etcd_lease)
-        delay = 1.0
-        while True:
-            try:
-                await self.acquire()
-                return
-            except asyncio.CancelledError:
-                raise
-            except OutOfSubnets as e:
-                log.error("%s", e)
-            except Exception as e:  # noqa: BLE001 - etcd down: keep trying, bounded back-off
-                log.warning("taking a lease failed (%s); retrying in %.0f s", e, delay)
-            await asyncio.sleep(delay)
-            delay = min(30.0, delay * 2)
+        await self.take()

@@ -1,4 +1,5 @@
-"""Exponential back-off with jitter, and "log an outage once, its end once"."""
+"""Exponential back-off with jitter (the one retry policy of the agent: etcd watch, lease
+taking, renewal), and "log an outage once, its end once"."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ class Backoff:
     def reset(self) -> None:
         self.delay = self.first
 
-    async def sleep(self) -> None:
-        await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
+    def next(self) -> float:
+        """The next wait: the current delay with ±20 % jitter; the delay then doubles."""
+        wait = self.delay * random.uniform(0.8, 1.2)
         self.delay = min(self.cap, self.delay * 2)
+        return wait
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next())
 
 
 class Outage:
