@@ -61,8 +61,8 @@ from flanneld.core.subnets import first_host, subnet_key
 from flanneld.edges import subnetenv
 
 from .cluster import PREFIX, AgentExited, Cluster, wait_until
-from .demo import Progress, _signals_interrupt, _table
-from .lab import Lab, LabError, Node, _etcd_tool, _stop
+from .demo import Progress, signals_interrupt, table_lines
+from .lab import Lab, LabError, Node, etcd_tool, stop_process
 
 NETWORK = "10.244.0.0/16"
 UNDERLAY = "underlay"
@@ -231,7 +231,7 @@ def render_table(summary: dict[str, dict[str, float | None]], rounds: int) -> st
         "  join→reach: a new node's lease appearing in etcd → first echo answered from its "
         "container",
     ]
-    return "\n".join(_table(rows) + notes)
+    return "\n".join(table_lines(rows) + notes)
 
 
 def render_scale_table(results: list[Sample]) -> str:
@@ -277,7 +277,7 @@ def render_scale_table(results: list[Sample]) -> str:
         "  +1 peer: one more lease in etcd → its route in the kernel",
         "  RSS: before the peers → with them; all removed: leases revoked → every entry gone",
     ]
-    return "\n".join(_table(rows) + notes)
+    return "\n".join(table_lines(rows) + notes)
 
 
 # -- data path measurements --------------------------------------------------------------------
@@ -339,7 +339,7 @@ def iperf3(pair: Pair, streams: int, seconds: float) -> Sample:
             for p, c in zip(pair.agents or (), cpu0, strict=True)
         ]
     finally:
-        _stop(server)
+        stop_process(server)
     try:
         doc = json.loads(res.stdout)
     except ValueError:
@@ -377,7 +377,7 @@ def request_response(pair: Pair, count: int) -> list[int]:
             timeout=45,
         )
     finally:
-        _stop(server)
+        stop_process(server)
     if res.returncode != 0:
         raise BenchError(f"request/response client failed: {res.stderr.strip()[-300:]}")
     return json.loads(res.stdout)
@@ -462,7 +462,7 @@ class BackendLab:
                 answered = self.lab.reach_result(prober, JOIN_TIMEOUT + 5)
         finally:
             if prober.poll() is None:  # a failure before its result: it must not probe on
-                _stop(prober)
+                stop_process(prober)
             if "n3" in self.cluster.procs:
                 self.cluster.stop(self.n3)
         if answered is None:
@@ -485,7 +485,7 @@ class KeyWatch:
         self.key = key
         revision = json.loads(lab.etcdctl("get", key, "-w", "json"))["header"]["revision"]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.switch_ns, _etcd_tool("etcdctl")]
+            ["ip", "netns", "exec", lab.switch_ns, etcd_tool("etcdctl")]
             + [f"--endpoints={lab.etcd_endpoint}", "watch", f"--rev={revision + 1}", key],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -517,7 +517,7 @@ class KeyWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 # -- control-plane scale -----------------------------------------------------------------------
@@ -1113,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deploy/benchmark.sh: missing {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
-        with _signals_interrupt():
+        with signals_interrupt():
             return Benchmark(settings).run()
     except KeyboardInterrupt:
         print("\ninterrupted; the labs are torn down", file=sys.stderr)

