@@ -1,4 +1,4 @@
-"""The contract between the agent and a backend, and the external interface it runs on.
+"""The contract between the agent and a backend, and what a reconcile pass reports.
 
 Lifecycle, driven by the agent (after `parse_options()` accepted the config's Backend object):
   1. `prepare()`    before the lease: check the host, create devices whose identity goes into

@@ -1,3 +1,5 @@
+"""`python -m flanneld`: the agent, as the `flanneld` command."""
+
 import sys
 
 from flanneld.face.cli import main
