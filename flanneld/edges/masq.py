@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Network
 from typing import Any, Protocol
 
+from flanneld.core.errors import StateError
 from flanneld.core.firewall import CHAINS, NOTHING, RuleSet, rules
 from flanneld.core.iptables import (
     WAIT_AND_RANDOM_FULLY,
@@ -50,7 +51,7 @@ CMD_TIMEOUT = 10.0
 _PACKAGE = {"iptables": "iptables", "iptables-save": "iptables", "iptables-restore": "iptables"}
 
 
-class MasqError(RuntimeError):
+class MasqError(StateError):
     """A command failed; the message names it and its stderr."""
 
 
