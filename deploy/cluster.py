@@ -149,7 +149,7 @@ class Cluster:
         except CtlError as e:
             raise LabError(f"the status of the agent on {node.name}: {e}") from None
 
-    def metrics(self, node: Node) -> dict[str, float]:
+    def metric_samples(self, node: Node) -> dict[str, float]:
         """The agent's /metrics, asked on its unix socket: each sample's value by its series
         as the exposition spells it, e.g. `flannel_peers` or
         `flannel_reconcile_runs_total{mode="full"}`."""

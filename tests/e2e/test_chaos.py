@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from deploy.benchmark import cpu_seconds
+from deploy.bench.measure import cpu_seconds
 from deploy.lab import Lab
 
 from .cluster import PREFIX, Cluster, need_lab, wait_until

@@ -1,0 +1,57 @@
+"""The benchmark's statistics: percentiles, medians, ratios to the underlay, and the summary
+of the data-path samples. Pure: no lab, no I/O."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+UNDERLAY = "underlay"  # the datapath name of the bare node-to-node runs, the reference
+
+Sample = dict[str, Any]
+
+METRICS = (
+    "gbps_1",
+    "gbps_4",
+    "p50_us",
+    "p99_us",
+    "cpu_src_pct_1",
+    "cpu_dst_pct_1",
+    "rss_mb",
+    "join_ms",
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q`-th percentile (0..100) by linear interpolation between closest ranks."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def median(values: list[float | None]) -> float | None:
+    """The median of the values present (a failed measurement is None); None if none is."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    """`value / base`, or None when either is missing (or the base is 0)."""
+    return value / base if value is not None and base else None
+
+
+def summarise(samples: list[Sample], datapaths: list[str]) -> dict[str, dict[str, float | None]]:
+    """Per datapath: the median of each metric over the rounds, and the ratios of throughput
+    and p50 latency to the underlay's medians."""
+    out: dict[str, dict[str, float | None]] = {}
+    for dp in datapaths:
+        runs = [s for s in samples if s["datapath"] == dp]
+        out[dp] = {m: median([s.get(m) for s in runs]) for m in METRICS}
+        out[dp]["rounds"] = len(runs)
+    base = out.get(UNDERLAY, {})
+    for row in out.values():
+        for m in ("gbps_1", "gbps_4", "p50_us"):
+            row[f"{m}_ratio"] = ratio(row[m], base.get(m))
+    return out
