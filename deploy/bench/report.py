@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..demo import table_lines
+from flanneld.core.text import table_lines
+
 from .scale import NOOP_PASSES
 from .stats import UNDERLAY, Sample, summarise
 
