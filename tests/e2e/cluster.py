@@ -1,24 +1,54 @@
 """The e2e tests' common ground: `deploy.cluster` (the agent on every lab node) plus the
-assertions and the root check the tests share."""
+assertions, the state readers (metrics, `flannelctl status`, etcd records, routes) and the root
+check the tests share."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
+from ipaddress import ip_interface
 
 import pytest
 
 from deploy import cluster
 from deploy.cluster import PREFIX, wait_until
-from deploy.lab import Lab
+from deploy.lab import Lab, Node
 
-__all__ = ["PREFIX", "Cluster", "need_lab", "running", "wait_until"]
+__all__ = [
+    "PREFIX",
+    "Cluster",
+    "as_found",
+    "need_lab",
+    "ours",
+    "running",
+    "sample",
+    "wait_until",
+]
+
+ROUTE_PROTOCOL = 155  # the agent's routes; iproute2's JSON gives the number as a string
+
+
+def ours(route: dict) -> bool:
+    """A route the agent owns (protocol 155), as `ip -j route` lists it ("155", or 155)."""
+    return str(route.get("protocol")) == str(ROUTE_PROTOCOL)
 
 
 def need_lab() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to build the network-namespace lab")
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of metric `name` with `labels` in a Prometheus exposition; 0 when absent
+    (a counter that never moved has no sample)."""
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        if metric.split("{")[0] == name and all(f'{k}="{v}"' in metric for k, v in labels.items()):
+            return float(value)
+    return 0.0
 
 
 class Cluster(cluster.Cluster):
@@ -28,6 +58,83 @@ class Cluster(cluster.Cluster):
         if failed:
             logs = "\n".join(f"--- {n.name}\n{self.log(n)[-1500:]}" for n in self.lab.nodes)
             raise AssertionError(f"unreachable: {failed}\n{logs}")
+
+    # -- state, as an operator or a test reads it ------------------------------------------
+    def subnet(self, node: Node) -> str:
+        """The node's lease subnet (from its subnet.env), e.g. 10.244.3.0/24."""
+        return str(ip_interface(self.env(node)["FLANNEL_SUBNET"]).network)
+
+    def lease_key(self, subnet: str) -> str:
+        return f"{PREFIX}/subnets/{subnet.replace('/', '-')}"
+
+    def lease_kv(self, subnet: str) -> dict | None:
+        """The etcd key-value of a lease (`lease`: the etcd lease ID, `create_revision`...), or
+        None when there is no such key."""
+        doc = json.loads(self.lab.etcdctl("get", "-w", "json", self.lease_key(subnet)))
+        return doc.get("kvs", [None])[0]
+
+    def status(self, node: Node) -> dict:
+        """`flannelctl status --json` of the node's agent (its status socket)."""
+        out = self.lab.run(
+            node.ns,
+            sys.executable,
+            "-m",
+            "flanneld.face.ctl",
+            "status",
+            "--json",
+            "--state-dir",
+            str(self.lab.workdir / node.name),
+            check=False,
+        ).stdout
+        return json.loads(out)
+
+    def metrics(self, node: Node, port: int) -> str:
+        """The agent's /metrics page (needs --healthz-port=`port`)."""
+        status, body = self.http_get(node, "/metrics", port)
+        assert status == 200, (status, body)
+        return body
+
+    def running_nodes(self) -> set[str]:
+        return {name for name, proc in self.procs.items() if proc.poll() is None}
+
+    # -- putting a shared cluster back as a test found it ---------------------------------
+    def leave(self, node: Node) -> None:
+        """Take `node` out of the cluster for good: its agent stopped, its lease deleted, its
+        containers detached, its routes, device and subnet.env gone; wait until the running
+        nodes dropped its routes."""
+        subnet = self.subnet(node) if self.env(node) else None
+        if node.name in self.procs:
+            with contextlib.suppress(Exception):
+                self.stop(node)
+        if subnet:
+            self.lab.etcdctl("del", self.lease_key(subnet))
+        self.lab._detach_containers(node)  # noqa: SLF001 - the lab has no public detach
+        self.lab.run(node.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup", check=False)
+        self.subnet_file(node).unlink(missing_ok=True)
+        if subnet:
+            for other in self.lab.nodes:
+                if other.name in self.running_nodes():
+                    wait_until(
+                        lambda o=other: subnet not in {r["dst"] for r in self.routes(o)},
+                        10,
+                        what=f"{other.name} to drop {node.name}'s route {subnet}",
+                    )
+
+    def restore(self, names: Iterable[str]) -> None:
+        """Exactly the agents `names` running and ready (started again where one was stopped
+        or died), every other node out of the cluster (`leave`)."""
+        wanted = set(names)
+        for node in self.lab.nodes:
+            proc = self.procs.get(node.name)
+            if node.name not in wanted:
+                if proc is not None or self.env(node) or node.containers:
+                    self.leave(node)
+            elif proc is None or proc.poll() is not None:
+                self.procs.pop(node.name, None)
+                self.start(node)
+        for node in self.lab.nodes:
+            if node.name in wanted:
+                self.wait_ready(node)
 
 
 @contextlib.contextmanager
@@ -45,3 +152,19 @@ def running(
         for node in lab.nodes[:start]:
             c.wait_ready(node)
         yield c
+
+
+@contextlib.contextmanager
+def as_found(c: Cluster) -> Iterator[None]:
+    """Around one test on a shared (module) cluster: afterwards, also when the test failed,
+    the same agents run with the same subnets and every node answers every other, so no test
+    depends on what an earlier one did. A test that changed a node's subnet fails here."""
+    names = c.running_nodes()
+    subnets = {n.name: c.subnet(n) for n in c.lab.nodes if n.name in names}
+    try:
+        yield
+    finally:
+        c.restore(names)
+    after = {n.name: c.subnet(n) for n in c.lab.nodes if n.name in names}
+    assert after == subnets, f"a test left other subnets behind: {subnets} -> {after}"
+    c.assert_all_reachable(timeout=15)
