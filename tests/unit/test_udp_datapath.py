@@ -14,13 +14,15 @@ from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from backends.udp import datapath as datapath_module
 from backends.udp import offload as O
-from backends.udp.core import Drop, Peer, Routes
+from backends.udp.core import Drop, Peer, Routes, checksum
 from backends.udp.datapath import UDP_SEGMENT, Datapath, open_socket
 
-from .test_udp_core import ip_packet
+from .test_udp_core import ip_packet, reference_checksum
 from .test_udp_offload import (
     A_IP,
     A_NET,
@@ -28,10 +30,14 @@ from .test_udp_offload import (
     B_T,
     MTU,
     NETWORK,
+    as_arrived,
+    corrupted,
     short_packet,
     tcp_packet,
+    tcp_valid,
     train,
     train_of,
+    with_equal_headers,
     with_full_csum,
 )
 
@@ -211,10 +217,15 @@ def drain(dp: Datapath) -> None:
         dp._readable(dp._sock_fd)
 
 
-def segments(count: int, seq: int, src: str = A_SRC, mss: int = 1000, **kw) -> list[bytes]:
-    """Consecutive TCP segments from `src`; a reference node's (C's) with full checksums."""
+def segments(
+    count: int, seq: int, src: str = A_SRC, mss: int = 1000, equal: bool = False, **kw
+) -> list[bytes]:
+    """Consecutive TCP segments from `src`; a reference node's (C's) with full checksums, with
+    `equal` all in one checksum field (`with_equal_headers`)."""
     out = train(count, mss=mss, seq=seq, src=src, **kw)
-    return [with_full_csum(d) for d in out] if src == C_SRC else out
+    if src != C_SRC:
+        return out
+    return with_equal_headers(out) if equal else [with_full_csum(d) for d in out]
 
 
 def test_a_tiny_ping_while_a_run_is_open_is_written_and_the_run_too(wire) -> None:
@@ -231,6 +242,21 @@ def test_a_tiny_ping_while_a_run_is_open_is_written_and_the_run_too(wire) -> Non
             assert [len(p) for _, p in got] == [52 + 4000, 28]
             assert got[1][1][12:] == ping[12:] and got[1][1][8] == ping[8] - 1  # TTL - 1
         assert dp.packets_in == wire.sent
+
+
+def test_a_corrupted_segment_from_a_reference_node_is_written_as_it_came(wire) -> None:
+    """Issue 12, 4, through the datapath: C (no csum) sends a burst with one segment whose
+    payload changed in transit; every packet is written as it came, nothing offloaded (no
+    NEEDS_CSUM, no join), so the kernel verifies each and drops the corrupted one."""
+    dgrams = segments(6, 1000, src=C_SRC)
+    dgrams[3] = corrupted(dgrams[3])
+    with datapath(wire) as dp:
+        wire.send(wire.c, dgrams)
+        drain(dp)
+        got = dp.written()
+        assert [vnet for vnet, _ in got] == [O.VNET.unpack(O.PLAIN)] * 6
+        assert [as_arrived([O.PLAIN, p]) for _, p in got] == dgrams
+        assert not tcp_valid(dgrams[3]) and not dp.drops
 
 
 def test_an_unexpected_error_costs_one_receive_and_the_thread_goes_on(
@@ -262,3 +288,194 @@ def test_an_unexpected_error_costs_one_receive_and_the_thread_goes_on(
         assert [p[12:] for _, p in dp.written()] == [ping[12:]]
     logged = [r for r in caplog.records if r.name == datapath_module.__name__]
     assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+def admitted(d: bytes, src_net: IPv4Network) -> bool:
+    """Node B's ingress validation of a datagram from the peer holding `src_net`, written
+    the obvious way."""
+    if len(d) < 20 or d[0] >> 4 != 4:
+        return False
+    ihl = (d[0] & 0x0F) * 4
+    return (
+        20 <= ihl <= len(d)
+        and struct.unpack("!H", d[2:4])[0] == len(d)
+        and reference_checksum(d[:ihl]) == 0
+        and d[8] > 1
+        and IPv4Address(d[12:16]) in src_net
+        and IPv4Address(d[16:20]) in B_NET
+    )
+
+
+def _seq(p: bytes) -> int:
+    return struct.unpack_from("!I", p, (p[0] & 0x0F) * 4 + 4)[0]
+
+
+def _same_stream(a: bytes, b: bytes, hl: int) -> bool:
+    """The headers of two segments agree but for what a join changes or leaves to the
+    kernel: IP length, ID, TTL, checksums, sequence number, PSH."""
+    ihl = (a[0] & 0x0F) * 4
+    skip = {2, 3, 4, 5, 8, 10, 11, ihl + 4, ihl + 5, ihl + 6, ihl + 7, ihl + 13, ihl + 16, ihl + 17}
+    return (
+        len(a) > hl <= len(b)
+        and a[9] == 6
+        and all(a[i] == b[i] for i in range(hl) if i not in skip)
+    )
+
+
+def assert_only_valid_writes(
+    got: list[tuple[tuple[int, ...], bytes]],
+    sent: dict[str, list[bytes]],
+    trains: list[bytes],
+) -> None:
+    """Each TUN write is a datagram a peer sent and node B admits (TTL one less), a whole
+    train A sent, or a join of admitted TCP segments of one stream of A's, in order; a peer
+    without csum (C) has its packets written as they came, nothing offloaded."""
+    for vnet, p in got:
+        flags, gso_type, hl, gso_size = vnet[:4]
+        assert checksum(p[:20]) == 0 and struct.unpack("!H", p[2:4])[0] == len(p)
+        src = IPv4Address(p[12:16])
+        assert IPv4Address(p[16:20]) in B_NET and (src in A_NET or src in C_NET)
+        capable = src in A_NET
+        admitted_here = sent[A_SRC if capable else C_SRC]
+        if gso_type == O.GSO_NONE:
+            assert capable or flags == 0, "a reference node's packet written with NEEDS_CSUM"
+            back = bytearray(p)  # as it arrived: TTL + 1, the header checksum redone
+            back[8] += 1
+            back[10:12] = b"\0\0"
+            back[10:12] = checksum(back[:20]).to_bytes(2, "big")
+            if flags & O.F_NEEDS_CSUM:  # the L4 checksum was reset to the pseudo-header sum
+                field = vnet[4] + vnet[5]
+                assert any(
+                    d[:field] == back[:field] and d[field + 2 :] == back[field + 2 :]
+                    for d in admitted_here
+                )
+            else:
+                assert bytes(back) in admitted_here
+            continue
+        assert capable, "a reference node's segments joined (the kernel computes the checksum)"
+        assert gso_type == O.GSO_TCPV4 and flags == O.F_NEEDS_CSUM and p[9] == 6
+        if any(t[:8] + t[9:10] + t[12:] == p[:8] + p[9:10] + p[12:] for t in trains):
+            continue  # a whole train (TTL and the checksums aside)
+        seq0, payload = _seq(p), p[hl:]
+        for j, at in enumerate(range(0, len(payload), gso_size)):
+            chunk = payload[at : at + gso_size]
+            assert any(
+                _same_stream(d, p, hl)
+                and _seq(d) == (seq0 + j * gso_size) & 0xFFFFFFFF
+                and d[hl:] == chunk
+                for d in admitted_here
+            ), f"segment {j} of a joined write was never sent whole and valid"
+
+
+ITEMS = ["good", "short", "truncated", "ihl", "corrupt", "garbage"]
+
+
+def fuzz_item(data: st.DataObject, kind: str, src: str, seq: int) -> tuple[bytes, int]:
+    """A datagram of `kind` from a peer's subnet `src` at sequence number `seq`, and the
+    sequence number after it."""
+    mss = 1000
+    if kind in ("good", "corrupt", "truncated", "ihl"):
+        size = data.draw(st.sampled_from([mss, mss, data.draw(st.integers(1, mss))]))
+        flags = data.draw(st.sampled_from([O.ACK, O.ACK, O.ACK | O.PSH]))
+        [d] = segments(1, seq, src=src, mss=size)
+        d = bytearray(d)
+        d[33] = flags
+        if src == C_SRC:
+            d = bytearray(with_full_csum(bytes(d)))
+        seq += size
+        if kind == "corrupt":
+            d[data.draw(st.integers(52, len(d) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "truncated":  # cut anywhere, the IP length made to fit
+            d = d[: data.draw(st.integers(20, len(d) - 1))]
+            d[2:4] = struct.pack("!H", len(d))
+        elif kind == "ihl":
+            d[0] = 0x40 | data.draw(st.integers(0, 15))
+        if kind in ("truncated", "ihl"):
+            d[10:12] = b"\0\0"
+            d[10:12] = checksum(d[:20]).to_bytes(2, "big")
+        return bytes(d), seq
+    if kind == "short":
+        return short_packet(
+            data.draw(st.integers(20, 33)), data.draw(st.sampled_from([1, 6, 17])), src
+        ), seq
+    return data.draw(st.binary(max_size=MTU)), seq
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_fuzz_the_receive_dispatch_with_runs_open(wire, data: st.DataObject) -> None:
+    """A TCP run is opened from a peer (A, or the reference node C), then datagrams of every
+    kind arrive from it and from the others, alone or in GRO batches: nothing raises, no
+    internal error is counted, every datagram is received, only valid packets are written
+    (`assert_only_valid_writes`), and afterwards a plain packet from each peer still goes
+    through."""
+    who = {A_SRC: wire.a, C_SRC: wire.c}
+    seqs = {A_SRC: 5000, C_SRC: 70000}
+    sent: dict[str, list[bytes]] = {A_SRC: [], C_SRC: []}
+    trains: list[bytes] = []
+    with datapath(wire) as dp:
+
+        def send(sock: socket.socket, dgrams: list[bytes], src: str | None) -> None:
+            wire.send(sock, dgrams)
+            if src is not None:
+                sent[src] += dgrams
+
+        first = data.draw(st.sampled_from([A_SRC, C_SRC]))
+        opening = segments(data.draw(st.integers(1, 8)), seqs[first], src=first)
+        seqs[first] += 1000 * len(opening)
+        send(who[first], opening, first)  # full-sized, no PSH: the run stays open
+        for _ in range(data.draw(st.integers(1, 8))):
+            sender = data.draw(st.sampled_from([first, first, first, "other", "stranger"]))
+            src = (C_SRC if first == A_SRC else A_SRC) if sender == "other" else first
+            if sender == "stranger":
+                sock, src = data.draw(st.sampled_from([wire.stranger, wire.unknown])), None
+            else:
+                sock = who[src]
+            shape = data.draw(st.sampled_from(["one", "batch", "train"]))
+            if shape == "train" and src == A_SRC:
+                sp = tcp_packet(
+                    os.urandom(data.draw(st.integers(100, 1420 * 20))), seq=seqs[A_SRC], flags=O.ACK
+                )
+                dgrams, whole = train_of(sp)
+                seqs[A_SRC] += len(sp) - 52
+                trains.append(whole)
+                if data.draw(st.booleans()):  # a chunk lost or cut
+                    k = data.draw(st.integers(0, len(dgrams) - 1))
+                    cut = dgrams[k][: data.draw(st.integers(0, len(dgrams[k])))]
+                    if len(cut) < len(dgrams[k]):  # it ends the send (and the GRO batch)
+                        dgrams = dgrams[:k] + ([cut] if cut or k == 0 else [])
+                send(sock, dgrams, src)
+                continue
+            item_src = src or A_SRC
+            if shape == "batch":  # full-sized segments, then any datagram no longer
+                k = data.draw(st.integers(1, 6))
+                dgrams = segments(k, seqs[item_src], src=item_src, equal=data.draw(st.booleans()))
+                seqs[item_src] += 1000 * k
+                if data.draw(st.booleans()):
+                    i = data.draw(st.integers(0, k - 1))
+                    dgrams[i] = corrupted(dgrams[i], data.draw(st.integers(52, 1051)))
+                tail, seqs[item_src] = fuzz_item(
+                    data, data.draw(st.sampled_from(ITEMS)), item_src, seqs[item_src]
+                )
+                if 0 < len(tail) <= len(dgrams[0]):
+                    dgrams.append(tail)
+            else:
+                tail, seqs[item_src] = fuzz_item(
+                    data, data.draw(st.sampled_from(ITEMS)), item_src, seqs[item_src]
+                )
+                dgrams = [tail]
+            send(sock, dgrams, src)
+        drain(dp)  # raises nothing
+        assert dp.drops[Drop.INTERNAL] == 0, dp.drops
+        assert dp.packets_in == wire.sent
+        for src in sent:
+            sent[src] = [d for d in sent[src] if admitted(d, A_NET if src == A_SRC else C_NET)]
+        assert_only_valid_writes(dp.written(), sent, trains)
+        pings = [bytes(ip_packet(s, "10.244.2.2", proto=1, payload=os.urandom(64))) for s in who]
+        for src, ping in zip(who, pings, strict=True):
+            wire.send(who[src], [ping])
+        drain(dp)
+        got = dp.written()
+        assert [p[12:] for _, p in got] == [q[12:] for q in pings]
