@@ -13,9 +13,10 @@ import pytest
 from deploy.bench.measure import cpu_seconds
 from deploy.lab import Lab
 
-from .cluster import PREFIX, Cluster, need_lab, wait_until
+from .cluster import PREFIX, Cluster, need_lab, sample, wait_until
 
 OUTAGE = 60
+PORT = 8471
 
 
 def streams(lab: Lab, seconds: float) -> list:
@@ -31,6 +32,13 @@ def lost(lab: Lab, procs: list) -> list[tuple[int, int]]:
     return [(sent, sent - answered) for sent, answered in results if sent != answered]
 
 
+def watch(c: Cluster, node) -> tuple[float, float]:
+    """The agent's (flannel_watch_resyncs_total, flannel_watch_reconnects_total)."""
+    text = c.metrics(node, PORT)
+    resyncs = sample(text, "flannel_watch_resyncs_total")
+    return resyncs, sample(text, "flannel_watch_reconnects_total")
+
+
 @pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
 def test_chaos(backend):
     need_lab()
@@ -39,7 +47,7 @@ def test_chaos(backend):
         c = Cluster(
             lab,
             {"Network": "10.244.0.0/16", "Backend": {"Type": backend}},
-            ("--reconcile-interval=2",),
+            ("--reconcile-interval=2", "--healthz-ip=127.0.0.1", f"--healthz-port={PORT}"),
         )
         c.start_all()
         c.assert_all_reachable()
@@ -48,6 +56,7 @@ def test_chaos(backend):
         # 1. etcd stopped for 60 s: the datapath keeps working, no CPU spin, one log line each.
         pings = streams(lab, OUTAGE + 8)
         time.sleep(1)
+        resyncs = {n.name: watch(c, n)[0] for n in lab.nodes}
         cpu0 = {n.name: cpu_seconds(c.procs[n.name].pid) for n in lab.nodes}
         lab.stop_etcd()
         time.sleep(OUTAGE)
@@ -69,6 +78,13 @@ def test_chaos(backend):
         assert time.monotonic() - back < 8
         lab.etcdctl("del", f"{PREFIX}/subnets/10.244.250.0-24")
         for node in lab.nodes:
+            # every agent saw the watch break and listed the leases again exactly once, when
+            # etcd came back (not once per retry), and reaches etcd again
+            again, reconnects = watch(c, node)
+            assert again == resyncs[node.name] + 1 and reconnects >= 1, (again, reconnects)
+            assert c.status(node)["etcd"]["reachable"]
+            # The log lines are the behaviour here: one line when the outage starts and one
+            # when it ends, not one per retry in between. So they are counted.
             log = c.log(node)
             assert log.count("etcd watch failed") == 1, log[-3000:]
             assert log.count("etcd watch recovered") == 1, log[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import PREFIX, Cluster, running, wait_until
+from .cluster import Cluster, running, sample, wait_until
 
 INTERVAL = 6
 
@@ -41,14 +41,7 @@ def ctl(c: Cluster, node, *args: str, check: bool = True):
 
 
 def metrics(c: Cluster, node) -> str:
-    return c.http_get(node, "/metrics", 8471)[1]
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return c.metrics(node, 8471)
 
 
 def test_status_lists_peers_and_shows_drift_until_repaired(cluster):
@@ -101,12 +94,16 @@ def test_metrics_are_documented_and_move(cluster):
 
 
 def test_logs_are_json_lines(cluster):
+    """The log format is the behaviour here: every line the agent wrote is one JSON object
+    with the same keys (the wording of the messages is not checked)."""
     n1 = cluster.lab.nodes[0]
-    lines = [line for line in cluster.log(n1).splitlines() if line.startswith("{")]
+    lines = cluster.log(n1).splitlines()
     assert len(lines) > 5
-    docs = [json.loads(line) for line in lines]
-    assert {"time", "level", "logger", "msg"} <= set(docs[0])
-    assert any("ready: wrote" in d["msg"] for d in docs)
+    docs = [json.loads(line) for line in lines]  # every line, not only those that look so
+    assert all({"time", "level", "logger", "msg"} <= set(d) for d in docs)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", d["time"]) for d in docs)
+    assert {d["level"] for d in docs} <= {"debug", "info", "warning", "error", "critical"}
+    assert any(d["logger"].startswith("flanneld.") for d in docs)
 
 
 def test_lease_and_config_tools(cluster, tmp_path):
@@ -133,17 +130,26 @@ def test_lease_and_config_tools(cluster, tmp_path):
     assert "SubnetLen must be less than /31" in res.stderr and res.stderr.count("\n") == 1
     assert json.loads(ctl(cluster, n1, "config", "show").stdout)["Backend"]["Type"] == "host-gw"
 
-    ctl(cluster, n1, "reserve", "10.244.200.0/24", "192.0.2.77", "--backend-type", "host-gw")
-    record = cluster.lab.etcdctl("get", "-w", "json", f"{PREFIX}/subnets/10.244.200.0-24")
-    kv = json.loads(record)["kvs"][0]
-    assert "lease" not in kv or kv["lease"] == 0
-    taken = ctl(cluster, n1, "reserve", "10.244.200.0/24", "192.0.2.78", check=False)
-    assert taken.returncode == 2 and "held by 192.0.2.77" in taken.stderr
-    assert "reservation" in ctl(cluster, n1, "leases").stdout
-    ctl(cluster, n1, "unreserve", "10.244.200.0/24")
-    own = cluster.env(n2)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    reserved = "10.244.200.0/24"
+    try:
+        ctl(cluster, n1, "reserve", reserved, "192.0.2.77", "--backend-type", "host-gw")
+        kv = cluster.lease_kv(reserved)
+        assert kv is not None and kv.get("lease", 0) == 0  # no TTL: a reservation
+        taken = ctl(cluster, n1, "reserve", reserved, "192.0.2.78", check=False)
+        # refused, and the reservation is untouched (the message names its holder)
+        assert taken.returncode == 2 and "held by 192.0.2.77" in taken.stderr
+        assert cluster.lease_kv(reserved) == kv
+        assert "reservation" in ctl(cluster, n1, "leases").stdout
+        ctl(cluster, n1, "unreserve", reserved)
+        assert cluster.lease_kv(reserved) is None
+    finally:
+        cluster.lab.etcdctl("del", cluster.lease_key(reserved))  # as the module found it
+    own = cluster.subnet(n2)
+    held = cluster.lease_kv(own)
     live = ctl(cluster, n1, "unreserve", own, check=False)
+    # refused without --force (the message says so): n2's lease is still there, unchanged
     assert live.returncode == 2 and "--force" in live.stderr
+    assert held is not None and cluster.lease_kv(own) == held
 
 
 IDLE_FLOOD = r"""

@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,14 @@ class NotifySocket:
         self.sock.close()
 
 
+def status(cluster: Cluster, node) -> dict | None:
+    """The agent's `flannelctl status --json`, or None while its socket does not answer."""
+    try:
+        return cluster.status(node)
+    except ValueError:  # no JSON: flannelctl could not reach the socket yet
+        return None
+
+
 @pytest.fixture
 def setup() -> Iterator[tuple[Lab, Cluster, NotifySocket]]:
     need_lab()
@@ -95,8 +104,11 @@ def test_ready_after_subnet_env_status_on_changes_stopping_on_sigterm(setup):
     lab.etcdctl("del", f"{PREFIX}/config")  # hold the agent before readiness
     proc = cluster.start(node, "--reconcile-interval=1", env={"NOTIFY_SOCKET": str(listener.path)})
 
-    wait_until(lambda: "waiting for a valid config" in cluster.log(node), 10, what="config wait")
+    waiting = wait_until(lambda: status(cluster, node), 10, what="the agent's status socket")
+    time.sleep(2.5)  # the agent polls the config every second: two more polls
     assert proc.poll() is None
+    assert (waiting["ready"], waiting["lease"]) == (False, None)
+    assert status(cluster, node)["ready"] is False
     assert not any(line.startswith("READY=") for line in listener.lines())
     assert not cluster.subnet_file(node).exists()
 
