@@ -3,14 +3,13 @@ second segment, and that every namespace and process is gone afterwards."""
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from deploy.lab import Lab, namespaces, signal_group
+from deploy.lab import Lab, namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,15 +199,3 @@ def test_attach_containers_failing_part_way_leaves_nothing_and_can_be_retried() 
         lab.attach_containers(node, "10.244.1.1/24")  # the same subnet again: built now
         assert [c.ip for c in node.containers] == ["10.244.1.2", "10.244.1.3"]
         assert lab.ping(node.containers[1].ns, "10.244.1.1")
-
-
-def test_signal_group_reaches_a_live_group_and_nothing_once_it_is_reaped() -> None:
-    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
-    try:
-        assert signal_group(proc, signal.SIGTERM) is True
-        assert proc.wait(5) == -signal.SIGTERM
-        # reaped: its pid may be anyone's now, so the group is not signalled again
-        assert signal_group(proc, signal.SIGKILL) is False
-    finally:
-        proc.kill()
-        proc.wait()

@@ -137,20 +137,6 @@ async def test_wrong_or_missing_client_certificate_is_one_clear_error(tls_etcd, 
     assert "\n" not in msg and "certificate" in msg.lower(), msg
 
 
-def test_unreadable_tls_file_names_the_flag(pki):
-    with pytest.raises(EtcdConfigError, match="--etcd-keyfile: cannot read /nonexistent"):
-        EtcdRegistry(
-            ["https://127.0.0.1:1"],
-            "/x",
-            TLSFiles(f"{pki}/ca.crt", f"{pki}/client.crt", "/nonexistent"),
-        )
-
-
-def test_cert_without_key_is_refused():
-    with pytest.raises(EtcdConfigError, match="together"):
-        EtcdRegistry(["https://127.0.0.1:1"], "/x", TLSFiles("", "/a.crt", ""))
-
-
 @pytest.fixture(scope="module")
 def auth_etcd():
     server = EtcdServer()
