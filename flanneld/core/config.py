@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from flanneld.core.bounded import load_bounded
@@ -29,10 +29,31 @@ SPECIAL_RANGES = {
     IPv4Network("224.0.0.0/4"): "multicast",
     IPv4Network("240.0.0.0/4"): "reserved (and broadcast)",
 }
+SPECIAL_RANGES_V6 = {
+    IPv6Network("::/8"): "unspecified, loopback and IPv4-mapped (::/8)",
+    IPv6Network("fe80::/10"): "link-local",
+    IPv6Network("ff00::/8"): "multicast",
+}
 
 
 class ConfigError(InputError):
     """The network config is missing or invalid; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Range6:
+    """The IPv6 half of a dual-stack config: IPv6Network, IPv6SubnetLen, IPv6SubnetMin/Max."""
+
+    network: IPv6Network
+    subnet_len: int
+    subnet_min: IPv6Address
+    subnet_max: IPv6Address
+
+    def contains(self, subnet: IPv6Network) -> bool:
+        return (
+            subnet.prefixlen == self.subnet_len
+            and self.subnet_min <= subnet.network_address <= self.subnet_max
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class NetworkConfig:
     backend_type: str
     backend: dict[str, Any] = field(default_factory=dict, compare=False)
     enable_nftables: bool = False
+    ipv6: Range6 | None = None  # EnableIPv6: leases get an IPv6 subnet too
 
     def contains_lease(self, subnet: IPv4Network) -> bool:
         """A lease subnet fits this config: right size, inside [SubnetMin, SubnetMax]."""
@@ -93,7 +115,25 @@ def bool_field(obj: dict[str, Any], key: str, default: bool, where: str = "") ->
     return v
 
 
-def _ipv4(obj: dict[str, Any], key: str) -> IPv4Address | None:
+@dataclass(frozen=True)
+class _Family:
+    """The keys and limits of one address family's part of the config (the reference's)."""
+
+    version: int
+    prefix: str  # "" or "IPv6"
+    bits: int
+    smallest: int  # the longest Network prefix that still holds four subnets
+    longest: int  # the longest SubnetLen
+    default_len: int  # SubnetLen when the Network prefix leaves room for it
+    example: str
+    special: dict[Any, str]
+
+
+V4 = _Family(4, "", 32, 28, 30, 24, "10.244.0.0/16", SPECIAL_RANGES)
+V6 = _Family(6, "IPv6", 128, 124, 126, 64, "fd00:10:244::/56", SPECIAL_RANGES_V6)
+
+
+def _address(obj: dict[str, Any], key: str, fam: _Family) -> Any:
     v = ci_get(obj, key)
     if v is None or v == "":
         return None
@@ -101,11 +141,95 @@ def _ipv4(obj: dict[str, Any], key: str) -> IPv4Address | None:
         addr = ip_address(v) if isinstance(v, str) else None
     except ValueError:
         addr = None
-    if not isinstance(addr, IPv4Address):
+    if addr is None or addr.version != fam.version:
         raise _bad(
-            key, f"is not an IPv4 address (got {json.dumps(v)})", f'set {key} like "10.244.1.0"'
+            key,
+            f"is not an IPv{fam.version} address (got {json.dumps(v)})",
+            f"set {key} to an address inside {fam.prefix or ''}Network",
         )
     return addr
+
+
+def _range(obj: dict[str, Any], fam: _Family) -> tuple[Any, int, Any, Any]:
+    """(Network, SubnetLen, SubnetMin, SubnetMax) of one family, defaults filled in."""
+    key = f"{fam.prefix}Network"
+    net_s = ci_get(obj, key)
+    if not net_s:
+        raise _bad(
+            key,
+            "is missing",
+            f'please define a correct {key} parameter, e.g. "{key}": "{fam.example}"',
+        )
+    try:
+        network = (
+            ip_network(net_s, strict=False) if isinstance(net_s, str) and "/" in net_s else None
+        )
+    except ValueError:
+        network = None
+    if network is None or network.version != fam.version:
+        raise _bad(
+            key,
+            f"is an invalid IPv{fam.version} CIDR format (got {json.dumps(net_s)})",
+            f'write it like "{fam.example}"',
+        )
+    for special, name in fam.special.items():
+        if network.overlaps(special):
+            raise _bad(
+                key,
+                f"{network} overlaps the {name} range {special}",
+                f'use a private range such as "{fam.example}"',
+            )
+
+    len_key = f"{fam.prefix}SubnetLen"
+    subnet_len = int_field(obj, len_key) or 0
+    plen = network.prefixlen
+    if subnet_len == 0:
+        if plen > fam.smallest:
+            raise _bad(
+                key,
+                f"/{plen} is too small. Minimum useful network prefix is /{fam.smallest}",
+                f"use a larger {key}",
+            )
+        subnet_len = fam.default_len if plen <= fam.default_len - 2 else plen + 2
+    elif subnet_len > fam.longest:
+        raise _bad(
+            len_key,
+            f"must be less than /{fam.longest + 1} (got {subnet_len})",
+            f"use {fam.longest} or less",
+        )
+    elif subnet_len < plen + 2:
+        raise _bad(
+            len_key,
+            f"/{subnet_len} leaves room for fewer than four subnets in {key} /{plen}",
+            f"use at least {plen + 2}",
+        )
+
+    size = 1 << (fam.bits - subnet_len)
+    first, last = int(network.network_address), int(network.broadcast_address)
+    subnet_min = _address(obj, f"{fam.prefix}SubnetMin", fam) or ip_address(first + size)
+    subnet_max = _address(obj, f"{fam.prefix}SubnetMax", fam) or ip_address(last + 1 - size)
+    if fam.version == 6:  # ip_address() of an int below 2**32 is IPv4
+        subnet_min, subnet_max = IPv6Address(int(subnet_min)), IPv6Address(int(subnet_max))
+    for k, addr in ((f"{fam.prefix}SubnetMin", subnet_min), (f"{fam.prefix}SubnetMax", subnet_max)):
+        if addr not in network:
+            raise _bad(
+                k,
+                f"{addr} is not in the range of the {key} {network}",
+                f"pick an address inside {key}",
+            )
+        if int(addr) % size:
+            raise _bad(
+                k,
+                f"{addr} is not on a {len_key} boundary (/{subnet_len})",
+                "align it to the subnet size",
+            )
+    if subnet_min > subnet_max:
+        raise _bad(
+            f"{fam.prefix}SubnetMin",
+            f"{subnet_min} is above {fam.prefix}SubnetMax {subnet_max}",
+            "swap them or widen the range",
+        )
+    return network, subnet_len, subnet_min, subnet_max
 
 
 def parse_config(raw: bytes | str) -> NetworkConfig:
@@ -122,86 +246,13 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
     if not bool_field(obj, "EnableIPv4", True):
         raise _bad(
             "EnableIPv4",
-            "is false, but this agent runs IPv4 overlays only",
-            "remove EnableIPv4 or set it to true",
+            "is false, but this agent needs IPv4 (IPv6-only is not supported with etcd, as "
+            "with the reference)",
+            "remove EnableIPv4 or set it to true; add EnableIPv6 for dual-stack",
         )
     enable_nftables = bool_field(obj, "EnableNFTables", False)
-    if bool_field(obj, "EnableIPv6", False):
-        raise _bad(
-            "EnableIPv6",
-            "is true, but this agent runs IPv4 overlays only",
-            "remove EnableIPv6 or set it to false",
-        )
-
-    net_s = ci_get(obj, "Network")
-    if not net_s:
-        raise _bad(
-            "Network",
-            "is missing",
-            'please define a correct Network parameter, e.g. "Network": "10.244.0.0/16"',
-        )
-    try:
-        network = (
-            ip_network(net_s, strict=False) if isinstance(net_s, str) and "/" in net_s else None
-        )
-    except ValueError:
-        network = None
-    if not isinstance(network, IPv4Network):
-        raise _bad(
-            "Network",
-            f"is an invalid IPv4 CIDR format (got {json.dumps(net_s)})",
-            'write it like "10.244.0.0/16"',
-        )
-
-    for special, name in SPECIAL_RANGES.items():
-        if network.overlaps(special):
-            raise _bad(
-                "Network",
-                f"{network} overlaps the {name} range {special}",
-                'use a private range such as "10.244.0.0/16"',
-            )
-
-    subnet_len = int_field(obj, "SubnetLen") or 0
-    plen = network.prefixlen
-    if subnet_len == 0:
-        if plen > 28:
-            raise _bad(
-                "Network",
-                f"/{plen} is too small. Minimum useful network prefix is /28",
-                "use a larger Network",
-            )
-        subnet_len = 24 if plen <= 22 else plen + 2
-    elif subnet_len > 30:
-        raise _bad("SubnetLen", f"must be less than /31 (got {subnet_len})", "use 30 or less")
-    elif subnet_len < plen + 2:
-        raise _bad(
-            "SubnetLen",
-            f"/{subnet_len} leaves room for fewer than four subnets in Network /{plen}",
-            f"use at least {plen + 2}",
-        )
-
-    size = 1 << (32 - subnet_len)
-    subnet_min = _ipv4(obj, "SubnetMin") or network.network_address + size
-    subnet_max = _ipv4(obj, "SubnetMax") or IPv4Address(int(network.broadcast_address) + 1 - size)
-    for key, addr in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
-        if addr not in network:
-            raise _bad(
-                key,
-                f"{addr} is not in the range of the Network {network}",
-                "pick an address inside Network",
-            )
-        if int(addr) % size:
-            raise _bad(
-                key,
-                f"{addr} is not on a SubnetLen boundary (/{subnet_len})",
-                "align it to the subnet size",
-            )
-    if subnet_min > subnet_max:
-        raise _bad(
-            "SubnetMin",
-            f"{subnet_min} is above SubnetMax {subnet_max}",
-            "swap them or widen the range",
-        )
+    network, subnet_len, subnet_min, subnet_max = _range(obj, V4)
+    ipv6 = Range6(*_range(obj, V6)) if bool_field(obj, "EnableIPv6", False) else None
 
     backend = ci_get(obj, "Backend")
     if backend is None:
@@ -219,8 +270,14 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             )
         backend_type = bt.lower()
 
+    if ipv6 is not None and backend_type == "udp":
+        raise _bad(
+            "EnableIPv6",
+            "is true, but the udp backend carries IPv4 only (as the reference's)",
+            "use host-gw or vxlan for dual-stack, or remove EnableIPv6",
+        )
     return NetworkConfig(
-        network, subnet_len, subnet_min, subnet_max, backend_type, backend, enable_nftables
+        network, subnet_len, subnet_min, subnet_max, backend_type, backend, enable_nftables, ipv6
     )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 from flanneld.core.bounded import load_bounded
 from flanneld.core.config import ci_get
 from flanneld.core.errors import InputError
+from flanneld.core.subnets import subnet_key
 
 MAX_RECORD = 64 * 1024  # bytes: a real record is about 150
 MAX_DEPTH = 16  # nesting of JSON arrays/objects: a real record has 2
@@ -35,11 +36,12 @@ class LeaseAttrs:
     public_ip: IPv4Address
     backend_type: str = ""
     backend_data: Any = None
-    public_ipv6: str | None = None
+    public_ipv6: IPv6Address | None = None
     backend_v6_data: Any = None
 
     def encode(self) -> bytes:
-        doc: dict[str, Any] = {"PublicIP": str(self.public_ip), "PublicIPv6": self.public_ipv6}
+        v6 = str(self.public_ipv6) if self.public_ipv6 is not None else None
+        doc: dict[str, Any] = {"PublicIP": str(self.public_ip), "PublicIPv6": v6}
         if self.backend_type:
             doc["BackendType"] = self.backend_type
         if self.backend_data is not None:
@@ -67,21 +69,32 @@ class LeaseAttrs:
         if not isinstance(bt, str):
             raise RecordError(f"BackendType {json.dumps(bt)} is not a string")
         v6 = ci_get(doc, "PublicIPv6")
-        if v6 is not None and not isinstance(v6, str):
-            raise RecordError(f"PublicIPv6 {json.dumps(v6)} is not a string")
-        return cls(addr, bt, ci_get(doc, "BackendData"), v6, ci_get(doc, "BackendV6Data"))
+        try:
+            addr6 = ip_address(v6) if isinstance(v6, str) and v6 else None
+        except ValueError:
+            addr6 = None
+        if v6 not in (None, "") and not isinstance(addr6, IPv6Address):
+            raise RecordError(f"PublicIPv6 {json.dumps(v6)} is not an IPv6 address")
+        return cls(addr, bt, ci_get(doc, "BackendData"), addr6, ci_get(doc, "BackendV6Data"))
 
 
 @dataclass(frozen=True)
 class Lease:
     """A subnet lease as seen in etcd. `etcd_lease == 0` means a reservation (no TTL).
-    `create_revision` orders claims: of two records for overlapping space, the older wins."""
+    `create_revision` orders claims: of two records for overlapping space, the older wins.
+    `ipv6_subnet` is the IPv6 half of a dual-stack lease (its key then has both)."""
 
     subnet: IPv4Network
     attrs: LeaseAttrs
     etcd_lease: int = 0
     mod_revision: int = 0
     create_revision: int = 0
+    ipv6_subnet: IPv6Network | None = None
+
+    @property
+    def key(self) -> str:
+        """The etcd key suffix: `10.244.3.0-24`, or `10.244.3.0-24&fd00:10:244:3::-64`."""
+        return subnet_key(self.subnet, self.ipv6_subnet)
 
     @property
     def is_reservation(self) -> bool:

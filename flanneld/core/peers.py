@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
-from typing import Literal
+from typing import Any, Literal
 
 from flanneld.core.lease import Lease, RecordError
-from flanneld.core.subnets import subnet_key
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Snapshot:
-    leases: dict[IPv4Network, Lease]
+    leases: dict[str, Lease]  # by key under subnets/
     bad: dict[str, Rejected]  # key under subnets/ -> why it was skipped
     revision: int
     cluster_id: int = 0
@@ -61,7 +60,8 @@ Check = Callable[[Lease], None]  # raises RecordError for a record that must not
 
 
 class PeerTable:
-    def __init__(self, check: Check | None = None) -> None:
+    def __init__(self, check: Check | None = None, quiet: bool = False) -> None:
+        self.quiet = quiet  # no log lines (flannelctl lists the rejections itself)
         self.leases: dict[IPv4Network, Lease] = {}
         self.rejected: dict[str, Rejected] = {}  # the records skipped now, by key
         self.unconfirmed: set[IPv4Network] = set()  # kept after etcd lost its data
@@ -85,9 +85,35 @@ class PeerTable:
         if self.rejected.get(key) == rejected:
             return False
         self.rejected[key] = rejected
+        if self.quiet:
+            return True
         level = logging.WARNING if len(self.rejected) <= WARN_LIMIT else logging.DEBUG
         log.log(level, "skipping lease record %s (%s): %s", key, rejected.rule, rejected.why)
         return True
+
+    def _claimed(self, lease: Lease, holders: Mapping[Any, Lease]) -> Rejected | None:
+        """Overlap with a record already in `holders` (by IPv4 and by IPv6 subnet): the one
+        created first keeps the space (the create revision orders claims, then the key)."""
+        for space in (lease.subnet, lease.ipv6_subnet):
+            held = holders.get(space) if space is not None else None
+            if (
+                held is not None
+                and held.key != lease.key
+                and (held.create_revision, held.key) <= (lease.create_revision, lease.key)
+            ):
+                return Rejected(
+                    "overlap",
+                    f"subnet {space} is already leased under key {held.key}, created earlier",
+                )
+        return None
+
+    def _holders(self) -> dict[Any, Lease]:
+        held: dict[Any, Lease] = {}
+        for lease in self.leases.values():
+            held[lease.subnet] = lease
+            if lease.ipv6_subnet is not None:
+                held[lease.ipv6_subnet] = lease
+        return held
 
     def reset(self, snap: Snapshot, keep_missing: bool = False) -> list[Change]:
         """Replace the table by a fresh listing and report every difference. With
@@ -95,15 +121,19 @@ class PeerTable:
         so do those still unconfirmed from an earlier loss."""
         bad = dict(snap.bad)
         good: dict[IPv4Network, Lease] = {}
-        for subnet, lease in snap.leases.items():
-            key = subnet_key(subnet)
-            if (why := self._judge(key, lease)) is not None:
+        holders: dict[Any, Lease] = {}
+        by_age = sorted(snap.leases.items(), key=lambda kv: (kv[1].create_revision, kv[0]))
+        for key, lease in by_age:
+            why = self._judge(key, lease) or self._claimed(lease, holders)
+            if why is not None:
                 bad[key] = why
-            else:
-                good[subnet] = lease
+                continue
+            good[lease.subnet] = holders[lease.subnet] = lease
+            if lease.ipv6_subnet is not None:
+                holders[lease.ipv6_subnet] = lease
         self.rejected = {k: v for k, v in self.rejected.items() if k in bad}
         new_bad = sum(self._reject(key, why) for key, why in bad.items())
-        if len(self.rejected) > WARN_LIMIT and new_bad:
+        if len(self.rejected) > WARN_LIMIT and new_bad and not self.quiet:
             log.warning(
                 "%d lease records skipped in all (only the first %d named)",
                 len(self.rejected),
@@ -112,7 +142,7 @@ class PeerTable:
         changes: list[Change] = []
         for subnet, old in list(self.leases.items()):
             # a known subnet whose record turned bad keeps its last good record
-            if subnet in good or subnet_key(subnet) in bad:
+            if subnet in good or old.key in bad:
                 continue
             if keep_missing or subnet in self.unconfirmed:
                 self.unconfirmed.add(subnet)
@@ -121,13 +151,17 @@ class PeerTable:
             del self.leases[subnet]
         for subnet, new in good.items():
             self.unconfirmed.discard(subnet)
-            old = self.leases.get(subnet)
-            if old is None:
-                changes.append(Change("added", subnet, new))
-            elif old.attrs != new.attrs:
-                changes.append(Change("changed", subnet, new))
-            self.leases[subnet] = new
+            changes += self._put(subnet, new)
         return changes
+
+    def _put(self, subnet: IPv4Network, new: Lease) -> list[Change]:
+        old = self.leases.get(subnet)
+        self.leases[subnet] = new
+        if old is None:
+            return [Change("added", subnet, new)]
+        if old.attrs != new.attrs or old.ipv6_subnet != new.ipv6_subnet:
+            return [Change("changed", subnet, new)]
+        return []
 
     def expire_unconfirmed(self) -> list[Change]:
         """The grace after a loss of etcd's data is over: drop what did not re-appear."""
@@ -136,22 +170,26 @@ class PeerTable:
         return changes
 
     def apply(self, ev: WatchEvent) -> list[Change]:
-        if ev.lease is not None and (why := self._judge(ev.key, ev.lease)) is not None:
-            ev = WatchEvent(ev.key, ev.subnet, None, why, ev.revision)
+        if ev.lease is not None:
+            others = {k: v for k, v in self._holders().items() if v.subnet != ev.lease.subnet}
+            others.update({ev.lease.subnet: held} if (held := self.leases.get(ev.subnet)) else {})
+            why = self._judge(ev.key, ev.lease) or self._claimed(ev.lease, others)
+            if why is not None:
+                ev = WatchEvent(ev.key, ev.subnet, None, why, ev.revision)
         if ev.error is not None:  # a put we cannot use: keep the last good record, if any
             self._reject(ev.key, ev.error)
             return []
         self.rejected.pop(ev.key, None)
         if ev.subnet is None:
             return []
-        self.unconfirmed.discard(ev.subnet)
-        if ev.lease is None:
-            old = self.leases.pop(ev.subnet, None)
-            return [Change("removed", ev.subnet, old)] if old else []
         old = self.leases.get(ev.subnet)
-        self.leases[ev.subnet] = ev.lease
-        if old is None:
-            return [Change("added", ev.subnet, ev.lease)]
-        if old.attrs != ev.lease.attrs:
-            return [Change("changed", ev.subnet, ev.lease)]
-        return []
+        if ev.lease is None:  # a delete counts only for the key the record came from
+            if old is None or old.key != ev.key:
+                return []
+            self.unconfirmed.discard(ev.subnet)
+            del self.leases[ev.subnet]
+            return [Change("removed", ev.subnet, old)]
+        self.unconfirmed.discard(ev.subnet)
+        if old is not None and old.key != ev.key:  # an older claim lost to this one
+            self._reject(old.key, Rejected("overlap", f"replaced by the older {ev.key}"))
+        return self._put(ev.subnet, ev.lease)

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Network
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,7 +25,7 @@ from aetcd import rpc
 from flanneld.core.errors import InputError, StateError
 from flanneld.core.lease import Lease, LeaseAttrs, RecordError
 from flanneld.core.peers import Rejected, Snapshot, WatchEvent
-from flanneld.core.subnets import parse_subnet_key, subnet_key
+from flanneld.core.subnets import parse_key, subnet_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,33 +138,29 @@ _TRANSIENT = (
 )
 
 
-def _subnet_of(name: str) -> IPv4Network:
-    """The subnet a key under subnets/ stands for; RecordError unless the key is one this
-    agent uses. Only one key may name a subnet: a put or a delete on any other (a
-    non-canonical spelling, a dual-stack key) must not stand in for the real lease's."""
-    subnet = parse_subnet_key(name)
-    if subnet is None:
+def _subnets_of(name: str) -> tuple[IPv4Network, IPv6Network | None]:
+    """The subnets a key under subnets/ stands for; RecordError unless the key is in the
+    reference's canonical form (any other spelling would name the same subnet as the real
+    lease's key, so a put or a delete on it could stand in for it)."""
+    parsed = parse_key(name)
+    if parsed is None:
         raise RecordError(
             f"key {name!r} is not a subnet key in canonical form like 10.244.3.0-24", "key"
         )
-    if "&" in name:
-        raise RecordError(
-            f"key {name!r} has an IPv6 part, but this agent runs IPv4 overlays only", "key"
-        )
-    return subnet
+    return parsed
 
 
 def _lease_from_kv(prefix: bytes, kv: Any) -> Lease:
     """Build a Lease from an etcd key/value; RecordError (with its rule) if the key or the
     value is not one to use. Any failure to decode is that record's alone."""
-    subnet = _subnet_of(kv.key[len(prefix) :].decode(errors="replace"))
+    subnet, subnet6 = _subnets_of(kv.key[len(prefix) :].decode(errors="replace"))
     try:
         attrs = LeaseAttrs.decode(kv.value)
     except RecordError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a hostile record triggers
         raise RecordError(f"cannot be decoded ({type(e).__name__}: {e})") from None
-    return Lease(subnet, attrs, kv.lease, kv.mod_revision, kv.create_revision)
+    return Lease(subnet, attrs, kv.lease, kv.mod_revision, kv.create_revision, subnet6)
 
 
 def _rejected(e: RecordError) -> Rejected:
@@ -288,35 +284,46 @@ class EtcdRegistry:
         await self.call(lambda c: c.put(self.config_key, raw))
 
     # -- leases -----------------------------------------------------------------------------
-    def key(self, subnet: IPv4Network) -> bytes:
-        return self.subnets_prefix + subnet_key(subnet).encode()
+    def key(self, subnet: IPv4Network, subnet6: IPv6Network | None = None) -> bytes:
+        return self.subnets_prefix + subnet_key(subnet, subnet6).encode()
 
     async def snapshot(self) -> Snapshot:
         rng = await self.call(lambda c: c.get_prefix(self.subnets_prefix))
-        leases: dict[IPv4Network, Lease] = {}
+        leases: dict[str, Lease] = {}
         bad: dict[str, Rejected] = {}
         for kv in rng:
+            name = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
             try:
-                lease = _lease_from_kv(self.subnets_prefix, kv)
+                leases[name] = _lease_from_kv(self.subnets_prefix, kv)
             except RecordError as e:
-                bad[kv.key[len(self.subnets_prefix) :].decode(errors="replace")] = _rejected(e)
-                continue
-            leases[lease.subnet] = lease
+                bad[name] = _rejected(e)
         return Snapshot(leases, bad, rng.header.revision, rng.header.cluster_id)
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
-        got = await self.call(lambda c: c.get(self.key(subnet)))
-        if got is None:
-            return None
-        return _lease_from_kv(self.subnets_prefix, got)
+        """The lease of an IPv4 subnet, whether its key has an IPv6 part or not."""
+        got = await self.call(lambda c: c.get_prefix(self.key(subnet)))
+        for kv in got:
+            try:
+                lease = _lease_from_kv(self.subnets_prefix, kv)
+            except RecordError:
+                continue
+            if lease.subnet == subnet:
+                return lease
+        return None
 
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+    async def create_lease(
+        self,
+        subnet: IPv4Network,
+        attrs: LeaseAttrs,
+        ttl: int,
+        subnet6: IPv6Network | None = None,
+    ) -> Lease | None:
         """Claim a free subnet: put the key with a new etcd lease only if the key is absent.
 
         Returns None when someone else holds the key (a lost race); the granted etcd lease is
         revoked then, so nothing leaks.
         """
-        key, value = self.key(subnet), attrs.encode()
+        key, value = self.key(subnet, subnet6), attrs.encode()
 
         async def op(c: aetcd.Client) -> Lease | None:
             grant = await c.lease(ttl)
@@ -328,18 +335,19 @@ class EtcdRegistry:
             if not ok:
                 await c.revoke_lease(grant.id)
                 return None
-            return Lease(subnet, attrs, grant.id, resp[0].response_put.header.revision)
+            rev = resp[0].response_put.header.revision
+            return Lease(subnet, attrs, grant.id, rev, rev, subnet6)
 
         return await self.call(op)
 
     async def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
         """Rewrite a held lease's record, keeping its etcd lease (or reservation) as it is."""
-        key, value = self.key(lease.subnet), attrs.encode()
+        key, value = self.subnets_prefix + lease.key.encode(), attrs.encode()
 
         async def op(c: aetcd.Client) -> Lease:
             kw = {"lease": lease.etcd_lease} if lease.etcd_lease else {}
             resp = await c.put(key, value, **kw)
-            return Lease(lease.subnet, attrs, lease.etcd_lease, resp.header.revision)
+            return replace(lease, attrs=attrs, mod_revision=resp.header.revision)
 
         return await self.call(op)
 
@@ -360,8 +368,10 @@ class EtcdRegistry:
         """Write a reservation: the record with no etcd lease, so it never expires."""
         await self.call(lambda c: c.put(self.key(subnet), attrs.encode()))
 
-    async def delete_lease(self, subnet: IPv4Network) -> bool:
-        return bool(await self.call(lambda c: c.delete(self.key(subnet))))
+    async def delete_lease(self, lease: Lease | IPv4Network) -> bool:
+        """Delete a lease's key (an IPv4 subnet alone names its key without an IPv6 part)."""
+        key = lease.key if isinstance(lease, Lease) else subnet_key(lease)
+        return bool(await self.call(lambda c: c.delete(self.subnets_prefix + key.encode())))
 
     # -- watch ------------------------------------------------------------------------------
     async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
@@ -378,7 +388,7 @@ class EtcdRegistry:
                 kv = ev.kv
                 key = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
                 try:
-                    subnet = _subnet_of(key)
+                    subnet, _ = _subnets_of(key)
                     lease = None if ev.kind == "DELETE" else _lease_from_kv(self.subnets_prefix, kv)
                 except RecordError as e:  # a delete of such a key was never in the table
                     error = None if ev.kind == "DELETE" else _rejected(e)

@@ -31,10 +31,9 @@ from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
-from flanneld.core.lease import LeaseAttrs, RecordError
+from flanneld.core.lease import LeaseAttrs
 from flanneld.core.options import ENV_PREFIX, SOCKET_NAME, Options
-from flanneld.core.peers import Rejected
-from flanneld.core.subnets import subnet_key
+from flanneld.core.peers import PeerTable
 from flanneld.core.text import table_lines
 from flanneld.edges.masq import IPTABLES, NFTABLES, Masquerade
 from flanneld.edges.registry import EtcdRegistry, TLSFiles
@@ -280,22 +279,19 @@ async def _leases(args: argparse.Namespace) -> int:
     try:
         snap = await reg.snapshot()
         raw = await reg.get_config()
-        rows, bad = [], dict(snap.bad)
         try:
             rules = PeerRules(parse_config(raw)) if raw is not None else None
         except ConfigError:
             rules = None  # `flannelctl config show` says what is wrong with it
-        for subnet, lease in sorted(snap.leases.items()):
-            try:
-                if rules is not None:
-                    rules.check(lease)
-            except RecordError as e:
-                bad[subnet_key(subnet)] = Rejected(e.rule, str(e))
-                continue
+        table = PeerTable(rules.check if rules else None, quiet=True)  # the agent's verdicts
+        table.reset(snap)
+        rows = []
+        for subnet, lease in sorted(table.leases.items()):
             ttl = None if lease.is_reservation else await reg.time_to_live(lease.etcd_lease)
             rows.append(
                 {
                     "subnet": str(subnet),
+                    "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet else None,
                     "public_ip": str(lease.attrs.public_ip),
                     "backend_type": lease.attrs.backend_type,
                     "reservation": lease.is_reservation,
@@ -304,7 +300,7 @@ async def _leases(args: argparse.Namespace) -> int:
             )
     finally:
         await reg.close()
-    rejected = {key: {"rule": r.rule, "why": r.why} for key, r in sorted(bad.items())}
+    rejected = {key: {"rule": r.rule, "why": r.why} for key, r in sorted(table.rejected.items())}
     if args.json:
         print(json.dumps({"leases": rows, "rejected": rejected}, indent=2))
         return 0

@@ -50,7 +50,7 @@ async def test_reuse_after_restart_keeps_subnet_and_etcd_lease(reg):
     assert again.subnet == first.subnet
     assert again.etcd_lease == first.etcd_lease
     snap = await reg.snapshot()
-    assert list(snap.leases) == [first.subnet]
+    assert [lease.subnet for lease in snap.leases.values()] == [first.subnet]
 
 
 async def test_reuse_with_new_backend_data_rewrites_record(reg):

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from backends import netlink
-from backends.base import BackendContext, BackendError
+from backends.base import BackendContext
 from backends.reconcile import Fdb, Neigh
 from backends.vxlan import VxlanBackend, vtep_mac
-from flanneld.core.config import parse_config
+from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.interfaces import ExternalInterface
 from flanneld.core.lease import Lease, LeaseAttrs
 
@@ -333,6 +333,6 @@ async def test_dumps_list_only_permanent_unicast_entries(ns, backend) -> None:
 
 async def test_bad_option_is_refused_before_touching_the_kernel(ns, tmp_path) -> None:
     b = make(ns, tmp_path, VNI="1")
-    with pytest.raises(BackendError, match="Backend.VNI"):
+    with pytest.raises(ConfigError, match="Backend.VNI"):
         await b.prepare()
     assert DEV not in ip(ns, "link", "show")

@@ -82,10 +82,13 @@ def test_rejected_records_never_enter_the_table_and_are_counted():
     t = table()
     snap = Snapshot(
         {
-            IPv4Network("10.244.2.0/24"): lease("10.244.2.0/24"),
-            IPv4Network("0.0.0.0/0"): lease("0.0.0.0/0"),
-            IPv4Network("10.244.1.0/25"): lease("10.244.1.0/25"),
-            IPv4Network("198.51.100.0/24"): lease("198.51.100.0/24"),
+            r.key: r
+            for r in (
+                lease("10.244.2.0/24"),
+                lease("0.0.0.0/0"),
+                lease("10.244.1.0/25"),
+                lease("198.51.100.0/24"),
+            )
         },
         {"10.244.3.0-024": Rejected("key", "not canonical")},
         5,
@@ -121,11 +124,11 @@ def test_deleting_a_rejected_key_clears_it_and_touches_no_peer():
 def test_data_loss_keeps_missing_peers_until_they_return_or_the_grace_ends():
     t = table()
     a, b, c = (IPv4Network(f"10.244.{i}.0/24") for i in (2, 3, 4))
-    t.reset(Snapshot({n: lease(str(n)) for n in (a, b, c)}, {}, 50))
-    assert t.reset(Snapshot({a: lease(str(a))}, {}, 3), keep_missing=True) == []
+    t.reset(Snapshot({subnet_key(n): lease(str(n)) for n in (a, b, c)}, {}, 50))
+    assert t.reset(Snapshot({subnet_key(a): lease(str(a))}, {}, 3), keep_missing=True) == []
     assert set(t.leases) == {a, b, c} and t.unconfirmed == {b, c}
     # another re-list during the grace does not drop them either
-    assert t.reset(Snapshot({a: lease(str(a))}, {}, 4)) == []
+    assert t.reset(Snapshot({subnet_key(a): lease(str(a))}, {}, 4)) == []
     # b registers again (a new etcd lease, same record): confirmed, no change
     assert t.apply(WatchEvent(subnet_key(b), b, lease(str(b)), revision=5)) == []
     assert t.unconfirmed == {c}
@@ -158,7 +161,7 @@ def test_no_planned_entry_outside_network_or_over_our_lease(recs):
     leases = {}
     for net, ip, created in recs:
         attrs = LeaseAttrs(IPv4Address(ip), "host-gw", {"VtepMAC": "0a:00:00:00:00:07"})
-        leases[net] = Lease(net, attrs, 3, create_revision=created)
+        leases[subnet_key(net)] = Lease(net, attrs, 3, create_revision=created)
     t.reset(Snapshot(leases, {}, 9))
     peers = {s: p for s, p in t.leases.items() if s != OWN}
     routes, _ = hostgw_plan(local, peers, 2)

@@ -1,5 +1,5 @@
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -86,7 +86,7 @@ def test_backend_options_kept():
         ),
         ('{"Network":"10.3.0.0/16","Backend":{}}', ["Backend.Type"]),
         ('{"Network":"10.3.0.0/16","Backend":"vxlan"}', ["Backend", "object"]),
-        ('{"Network":"10.3.0.0/16","EnableIPv6":true}', ["EnableIPv6"]),
+        ('{"Network":"10.3.0.0/16","EnableIPv6":true}', ["IPv6Network", "missing"]),
         ('{"Network":"10.3.0.0/16","EnableIPv4":"yes"}', ["EnableIPv4", "true or false"]),
     ],
 )
@@ -172,3 +172,66 @@ def test_backend_options_are_validated_before_any_agent_sees_them(backend, words
 def test_valid_backend_options_pass_validation():
     raw = b'{"Network": "10.3.0.0/16", "Backend": {"Type": "vxlan", "VNI": 4, "MTU": 1400}}'
     assert "backend vxlan" in validate_config(raw)
+
+
+DUAL = {"Network": "10.3.0.0/16", "EnableIPv6": True, "Backend": {"Type": "vxlan"}}
+
+
+@pytest.mark.parametrize(
+    "extra, network, subnet_len, smin, smax",
+    [
+        ({"IPv6Network": "fd00:10::/48"}, "fd00:10::/48", 64, "fd00:10:0:1::", "fd00:10:0:ffff::"),
+        ({"IPv6Network": "fd00:10::/62"}, "fd00:10::/62", 64, "fd00:10:0:1::", "fd00:10:0:3::"),
+        ({"IPv6Network": "fd00:10::/63"}, "fd00:10::/63", 65, "fd00:10:0:0:8000::",
+         "fd00:10:0:1:8000::"),
+        ({"IPv6Network": "fd00:10::/120"}, "fd00:10::/120", 122, "fd00:10::40", "fd00:10::c0"),
+        ({"IPv6Network": "fd00:10::5/48", "IPv6SubnetLen": 56}, "fd00:10::/48", 56,
+         "fd00:10:0:100::", "fd00:10:0:ff00::"),
+        ({"ipv6network": "fd00:10::/48", "ipv6subnetmin": "fd00:10:0:10::",
+          "IPv6SubnetMax": "fd00:10:0:20::"}, "fd00:10::/48", 64, "fd00:10:0:10::",
+         "fd00:10:0:20::"),
+    ],
+)  # fmt: skip
+def test_ipv6_defaults_and_overrides(extra, network, subnet_len, smin, smax):
+    c = parse_config(json.dumps({**DUAL, **extra}))
+    assert c.ipv6 is not None
+    assert c.ipv6.network == IPv6Network(network) and c.ipv6.subnet_len == subnet_len
+    assert (c.ipv6.subnet_min, c.ipv6.subnet_max) == (IPv6Address(smin), IPv6Address(smax))
+    assert c.network == IPv4Network("10.3.0.0/16")  # the IPv4 half is untouched
+
+
+def test_ipv6_off_by_default_and_ignored_when_off():
+    assert parse_config('{"Network": "10.3.0.0/16", "IPv6Network": "fd00::/48"}').ipv6 is None
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({}, ["IPv6Network", "missing"]),
+        ({"IPv6Network": "10.4.0.0/16"}, ["IPv6Network", "IPv6 CIDR"]),
+        ({"IPv6Network": "fd00::"}, ["IPv6Network", "IPv6 CIDR"]),
+        ({"IPv6Network": "fd00::/125"}, ["IPv6Network", "/124"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetLen": 127}, ["IPv6SubnetLen", "less than /127"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetLen": 49}, ["IPv6SubnetLen", "four subnets"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetLen": "64"}, ["IPv6SubnetLen", "integer"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetMin": "fd01::"}, ["IPv6SubnetMin", "range"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetMax": "fd00::1"}, ["IPv6SubnetMax", "boundary"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetMin": "10.3.0.0"}, ["IPv6SubnetMin", "IPv6"]),
+        ({"IPv6Network": "fd00::/48", "IPv6SubnetMin": "fd00:0:0:9::",
+          "IPv6SubnetMax": "fd00:0:0:5::"}, ["IPv6SubnetMin", "above"]),
+        ({"IPv6Network": "::/0"}, ["IPv6Network", "::/8"]),
+        ({"IPv6Network": "::1/128"}, ["IPv6Network", "::/8"]),
+        ({"IPv6Network": "fe80::/64"}, ["IPv6Network", "link-local"]),
+        ({"IPv6Network": "ff02::/16"}, ["IPv6Network", "multicast"]),
+        ({"IPv6Network": "fd00::/48", "Backend": {"Type": "udp"}}, ["EnableIPv6", "udp"]),
+        ({"IPv6Network": "fd00::/48", "Backend": None}, ["EnableIPv6", "udp"]),
+        ({"IPv6Network": "fd00::/48", "EnableIPv4": False}, ["EnableIPv4", "IPv6-only"]),
+    ],
+)  # fmt: skip
+def test_invalid_ipv6_configs_name_the_key(extra, words):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(json.dumps({k: v for k, v in {**DUAL, **extra}.items() if v is not None}))
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg

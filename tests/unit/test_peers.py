@@ -16,27 +16,27 @@ def key(net):
 
 def test_reset_reports_added_changed_removed():
     t = PeerTable()
-    t.reset(Snapshot({A: lease(A), B: lease(B)}, {}, 10))
-    changes = t.reset(Snapshot({B: lease(B, "192.0.2.9"), C: lease(C)}, {}, 20))
+    t.reset(Snapshot({key(A): lease(A), key(B): lease(B)}, {}, 10))
+    changes = t.reset(Snapshot({key(B): lease(B, "192.0.2.9"), key(C): lease(C)}, {}, 20))
     assert {(c.kind, c.subnet) for c in changes} == {("removed", A), ("changed", B), ("added", C)}
 
 
 def test_reset_unchanged_is_silent():
     t = PeerTable()
-    t.reset(Snapshot({A: lease(A)}, {}, 1))
-    assert t.reset(Snapshot({A: lease(A)}, {}, 2)) == []
+    t.reset(Snapshot({key(A): lease(A)}, {}, 1))
+    assert t.reset(Snapshot({key(A): lease(A)}, {}, 2)) == []
 
 
 def test_bad_record_in_snapshot_keeps_last_good():
     t = PeerTable()
-    t.reset(Snapshot({A: lease(A)}, {}, 1))
+    t.reset(Snapshot({key(A): lease(A)}, {}, 1))
     assert t.reset(Snapshot({}, {key(A): Rejected("malformed", "not valid JSON")}, 2)) == []
     assert A in t.leases
 
 
 def test_empty_snapshot_after_bad_events_is_not_inferred():
     t = PeerTable()
-    t.reset(Snapshot({A: lease(A), B: lease(B)}, {}, 1))
+    t.reset(Snapshot({key(A): lease(A), key(B): lease(B)}, {}, 1))
     assert t.apply(WatchEvent("garbage", None, None, Rejected("key", "bad key"), 3)) == []
     assert t.apply(WatchEvent(key(A), A, None, Rejected("malformed", "not valid JSON"), 4)) == []
     assert set(t.leases) == {A, B}
