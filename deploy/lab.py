@@ -26,11 +26,22 @@ from pathlib import Path
 
 SEG1_GATEWAY = "192.0.2.1"  # the switch's br0, where etcd listens
 ROUTER_SEG1, ROUTER_SEG2 = "192.0.2.254", "198.18.0.254"
+# the IPv6 underlay of a dual-stack lab (ipv6=True): the same host parts in two ULA /64s
+SEG1_NET6, SEG2_NET6 = "fd00:192::/64", "fd00:198::/64"
+SEG1_GATEWAY6 = "fd00:192::1"
+ROUTER_SEG1_6, ROUTER_SEG2_6 = "fd00:192::254", "fd00:198::254"
 ETCD_ENDPOINT = f"http://{SEG1_GATEWAY}:2379"
 SYSCTLS = (
     "net.ipv4.ip_forward=1",
     "net.ipv4.conf.all.rp_filter=0",
     "net.ipv4.conf.default.rp_filter=0",
+)
+SYSCTLS6 = (  # in a dual-stack lab: IPv6 on, forwarding, no DAD (addresses usable at once)
+    "net.ipv6.conf.all.disable_ipv6=0",
+    "net.ipv6.conf.default.disable_ipv6=0",
+    "net.ipv6.conf.all.forwarding=1",
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
 )
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,11}")
 
@@ -43,6 +54,7 @@ class LabError(RuntimeError):
 class Container:
     ns: str
     ip: str
+    ip6: str | None = None  # with attach_containers(..., subnet6_cidr=...)
 
 
 @dataclass
@@ -53,6 +65,8 @@ class Node:
     iface: str = "eth0"
     containers: list[Container] = field(default_factory=list)
     subnet: str | None = None  # cni0 address given to attach_containers
+    ip6: str | None = None  # underlay IPv6 address, in a lab with ipv6=True
+    subnet6: str | None = None  # cni0 IPv6 address given to attach_containers
 
 
 def _sh(
@@ -137,7 +151,12 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 class Lab:
-    """`with Lab(nodes=3, containers=1) as lab:` builds the lab; leaving the block deletes it."""
+    """`with Lab(nodes=3, containers=1) as lab:` builds the lab; leaving the block deletes it.
+
+    With `ipv6=True` the underlay is dual-stack: every node's eth0 also holds
+    fd00:192::<10+i>/64 (fd00:198::<10+i>/64 behind the router), the switch's br0
+    fd00:192::1/64, the router fd00:192::254 and fd00:198::254; IPv6 forwarding is on and DAD
+    off in every namespace."""
 
     def __init__(
         self,
@@ -145,6 +164,7 @@ class Lab:
         containers: int = 1,
         prefix: str | None = None,
         remote_nodes: set[int] | frozenset[int] = frozenset(),
+        ipv6: bool = False,
     ) -> None:
         self.prefix = prefix or "fl" + secrets.token_hex(3)
         if not _PREFIX_RE.fullmatch(self.prefix):
@@ -153,6 +173,7 @@ class Lab:
             raise ValueError(f"remote_nodes {sorted(remote_nodes)} not within 1..{nodes}")
         self.switch_ns = f"{self.prefix}-sw"
         self.remote = set(remote_nodes)
+        self.ipv6 = ipv6
         self.containers_per_node = containers
         self.nodes = [
             Node(
@@ -162,6 +183,10 @@ class Lab:
             )
             for i in range(1, nodes + 1)
         ]
+        if ipv6:
+            for i, node in enumerate(self.nodes, start=1):
+                seg = SEG2_NET6 if i in self.remote else SEG1_NET6
+                node.ip6 = seg.replace("::/64", f"::{10 + i}")  # host part as in the IPv4 one
         self.etcd_endpoint = ETCD_ENDPOINT
         self.workdir = Path()  # a fresh temporary directory from __enter__ on
         self._namespaces: list[str] = []  # created by us, in creation order
@@ -184,11 +209,27 @@ class Lab:
 
     # -- building ---------------------------------------------------------------------------
 
-    def _add_ns(self, ns: str) -> None:
+    def _add_ns(self, ns: str, ipv6: bool | None = None) -> None:
         _sh(["ip", "netns", "add", ns])
         self._namespaces.append(ns)  # only after success: a name that existed is not ours
         self._ip(ns, "link set lo up")
-        self.run(ns, "sysctl", "-q", "-w", *SYSCTLS)
+        v6 = self.ipv6 if ipv6 is None else ipv6
+        self.run(ns, "sysctl", "-q", "-w", *SYSCTLS, *(SYSCTLS6 if v6 else ()))
+
+    def _v6_iface(self, ns: str, *ifaces: str) -> None:
+        """IPv6 on and DAD off on `ifaces` of `ns`, before they get IPv6 addresses (which the
+        lab adds with `nodad` too): an address is usable at once, never tentative."""
+        settings = [
+            f"net.ipv6.conf.{iface}.{key}={value}"
+            for iface in ifaces
+            for key, value in (("disable_ipv6", 0), ("accept_dad", 0))
+        ]
+        self.run(ns, "sysctl", "-q", "-w", *settings)
+
+    def _bridge(self, name: str) -> str:
+        """The `ip` line that adds bridge `name`; in a dual-stack lab without multicast
+        snooping, so neighbour discovery is flooded like ARP whatever MLD the bridge saw."""
+        return f"link add {name} type bridge" + (" mcast_snooping 0" if self.ipv6 else "")
 
     def _ip(self, ns: str, *lines: str) -> None:
         _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
@@ -203,15 +244,19 @@ class Lab:
         self._add_ns(self.switch_ns)
         self._ip(
             self.switch_ns,
-            "link add br0 type bridge",
+            self._bridge("br0"),
             "link set br0 up",
             f"addr add {SEG1_GATEWAY}/24 dev br0",
         )
-        seg1_gw = SEG1_GATEWAY
+        if self.ipv6:
+            self._v6_iface(self.switch_ns, "br0")
+            self._ip(self.switch_ns, f"addr add {SEG1_GATEWAY6}/64 dev br0 nodad")
+        seg1_gw, seg1_gw6 = SEG1_GATEWAY, SEG1_GATEWAY6
         if self.remote:
             seg1_gw, sw2, rt = ROUTER_SEG1, f"{self.prefix}-sw2", f"{self.prefix}-rt"
+            seg1_gw6 = ROUTER_SEG1_6
             self._add_ns(sw2)
-            self._ip(sw2, "link add br0 type bridge", "link set br0 up")
+            self._ip(sw2, self._bridge("br0"), "link set br0 up")
             self._add_ns(rt)
             self._plug(rt, self.switch_ns, "rt", "eth0")
             self._plug(rt, sw2, "rt", "eth1")
@@ -219,6 +264,14 @@ class Lab:
                 rt, f"addr add {ROUTER_SEG1}/24 dev eth0", f"addr add {ROUTER_SEG2}/24 dev eth1"
             )
             self._ip(self.switch_ns, f"route add 198.18.0.0/24 via {ROUTER_SEG1}")
+            if self.ipv6:
+                self._v6_iface(rt, "eth0", "eth1")
+                self._ip(
+                    rt,
+                    f"addr add {ROUTER_SEG1_6}/64 dev eth0 nodad",
+                    f"addr add {ROUTER_SEG2_6}/64 dev eth1 nodad",
+                )
+                self._ip(self.switch_ns, f"route add {SEG2_NET6} via {ROUTER_SEG1_6}")
         for i, node in enumerate(self.nodes, start=1):
             remote = i in self.remote
             self._add_ns(node.ns)
@@ -228,27 +281,48 @@ class Lab:
                 f"addr add {node.ip}/24 dev eth0",
                 f"route add default via {ROUTER_SEG2 if remote else seg1_gw}",
             )
+            if node.ip6 is not None:
+                self._v6_iface(node.ns, "eth0")
+                self._ip(
+                    node.ns,
+                    f"addr add {node.ip6}/64 dev eth0 nodad",
+                    f"route add ::/0 via {ROUTER_SEG2_6 if remote else seg1_gw6}",
+                )
 
-    def attach_containers(self, node: Node, subnet_cidr: str, mtu: int | None = None) -> None:
+    def attach_containers(
+        self,
+        node: Node,
+        subnet_cidr: str,
+        mtu: int | None = None,
+        subnet6_cidr: str | None = None,
+    ) -> None:
         """Give `node` a cni0 bridge addressed `subnet_cidr` (FLANNEL_SUBNET, e.g. 10.244.3.1/24)
-        and its containers .2, .3, ...; a repeat call with the same subnet does nothing, one
-        with another subnet rebuilds them. All or nothing: a failure part way removes what
-        this call built (the node is left with no containers) and raises."""
-        if node.subnet == subnet_cidr:
+        and its containers .2, .3, ...; with `subnet6_cidr` (FLANNEL_IPV6_SUBNET, e.g.
+        fd00:10:244:3::1/64) cni0 holds that address too, the containers ::2, ::3, ... and a
+        default IPv6 route via cni0's. A repeat call with the same subnets does nothing, one
+        with others rebuilds them. All or nothing: a failure part way removes what this call
+        built (the node is left with no containers) and raises."""
+        if node.subnet == subnet_cidr and node.subnet6 == subnet6_cidr:
             return
         self._detach_containers(node)
         gateway = ipaddress.ip_interface(subnet_cidr)
+        gateway6 = ipaddress.IPv6Interface(subnet6_cidr) if subnet6_cidr else None
         mtu_arg = f" mtu {mtu}" if mtu else ""
         try:
+            if gateway6 is not None and not self.ipv6:  # a node built without IPv6 settings
+                self.run(node.ns, "sysctl", "-q", "-w", *SYSCTLS6)
             self._ip(
                 node.ns,
-                "link add cni0 type bridge",
+                self._bridge("cni0"),
                 f"addr add {subnet_cidr} dev cni0",
                 "link set cni0 up",
             )
+            if gateway6 is not None:
+                self._v6_iface(node.ns, "cni0")
+                self._ip(node.ns, f"addr add {gateway6.with_prefixlen} dev cni0 nodad")
             for j in range(1, self.containers_per_node + 1):
                 c = Container(f"{node.ns}c{j}", str(gateway.network.network_address + 1 + j))
-                self._add_ns(c.ns)
+                self._add_ns(c.ns, ipv6=self.ipv6 or gateway6 is not None)
                 node.containers.append(c)
                 self._ip(
                     c.ns,
@@ -257,11 +331,19 @@ class Lab:
                     "link set eth0 up",
                     f"route add default via {gateway.ip}",
                 )
+                if gateway6 is not None:
+                    c.ip6 = str(gateway6.network.network_address + 1 + j)
+                    self._v6_iface(c.ns, "eth0")
+                    self._ip(
+                        c.ns,
+                        f"addr add {c.ip6}/{gateway6.network.prefixlen} dev eth0 nodad",
+                        f"route add ::/0 via {gateway6.ip}",
+                    )
                 self._ip(node.ns, f"link set vc{j} master cni0 up")
         except BaseException:
             self._detach_containers(node)
             raise
-        node.subnet = subnet_cidr  # only once everything exists
+        node.subnet, node.subnet6 = subnet_cidr, subnet6_cidr  # only once everything exists
 
     def _detach_containers(self, node: Node) -> None:
         """Delete the node's containers, their veths and cni0, whichever exist; never raises.
@@ -277,7 +359,7 @@ class Lab:
         for link in links:
             with contextlib.suppress(LabError):
                 _sh(["ip", "-n", node.ns, "link", "del", link], check=False)
-        node.subnet = None
+        node.subnet = node.subnet6 = None
 
     # -- running things ---------------------------------------------------------------------
 
@@ -354,7 +436,8 @@ class Lab:
         ).stdout
 
     def ping(self, src_ns: str, dst_ip: str, count: int = 1, timeout: float = 2.0) -> bool:
-        """True when each of `count` ICMP echoes from `src_ns` is answered within `timeout` s."""
+        """True when each of `count` ICMP echoes from `src_ns` is answered within `timeout` s
+        (ICMPv6 echoes for an IPv6 `dst_ip`)."""
         res = self.run(
             src_ns,
             sys.executable,
@@ -417,15 +500,25 @@ class Lab:
         m = re.search(r"answered at ([\d.]+)", self._streams.pop(proc.pid).read_text())
         return float(m.group(1)) if m else None
 
-    def ping_matrix(self) -> dict[tuple[str, str], bool]:
-        """Ping every container from every container on another node, in parallel."""
+    def ping_matrix(self, family: int = 4) -> dict[tuple[str, str], bool]:
+        """Ping every container from every container on another node, in parallel: their
+        IPv4 addresses, or with `family=6` their IPv6 ones (containers that have one).
+        Keyed by (source namespace, destination address)."""
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {family!r}")
+
+        def addr(c: Container) -> str | None:
+            return c.ip if family == 4 else c.ip6
+
         pairs = [
-            (src.ns, dst.ip)
+            (src.ns, dst_ip)
             for a in self.nodes
             for b in self.nodes
             if a is not b
             for src in a.containers
+            if addr(src) is not None
             for dst in b.containers
+            if (dst_ip := addr(dst)) is not None
         ]
         with ThreadPoolExecutor(max_workers=16) as pool:
             results = pool.map(lambda p: self.ping(p[0], p[1], timeout=1.0), pairs)
@@ -445,33 +538,46 @@ class Lab:
         self._namespaces.clear()
         for node in self.nodes:
             node.containers.clear()
-            node.subnet = None
+            node.subnet = node.subnet6 = None
         if self.workdir != Path() and os.environ.get("LAB_KEEP_LOGS") != "1":
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _icmp_echo(dst: str, count: int, timeout: float, interval: float = 0.0) -> int:
-    """Send `count` ICMP echoes to `dst` one after another, `interval` s apart; return how many
-    were answered."""
+    """Send `count` ICMP echoes (ICMPv6 ones to an IPv6 `dst`) to `dst` one after another,
+    `interval` s apart; return how many were answered."""
     ident, answered = os.getpid() & 0xFFFF, 0
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    target = ipaddress.ip_address(dst)
+    if target.version == 6:  # the kernel fills in an ICMPv6 checksum; no IP header on receive
+        family, proto, request, reply = socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, 129
+    else:
+        family, proto, request, reply = socket.AF_INET, socket.IPPROTO_ICMP, 8, 0
+    with socket.socket(family, socket.SOCK_RAW, proto) as sock:
         for seq in range(count):
             if seq and interval:
                 time.sleep(interval)
             body = struct.pack("!HH", ident, seq) + b"lab-ping"
-            total = sum(struct.unpack("!8H", b"\x08\x00\x00\x00" + body))  # echo request
-            total = (total & 0xFFFF) + (total >> 16)
-            total += total >> 16
-            sock.sendto(b"\x08\x00" + struct.pack("!H", ~total & 0xFFFF) + body, (dst, 0))
+            checksum = 0
+            if family == socket.AF_INET:
+                total = sum(struct.unpack("!8H", b"\x08\x00\x00\x00" + body))
+                total = (total & 0xFFFF) + (total >> 16)
+                total += total >> 16
+                checksum = ~total & 0xFFFF
+            sock.sendto(struct.pack("!BBH", request, 0, checksum) + body, (str(target), 0))
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
                 sock.settimeout(left)
                 try:
-                    data, (src, _) = sock.recvfrom(2048)
+                    data, src_addr = sock.recvfrom(2048)
                 except TimeoutError:
                     break
-                ihl = (data[0] & 0x0F) * 4
-                if src == dst and data[ihl] == 0 and data[ihl + 4 : ihl + 8] == body[:4]:
+                at = (data[0] & 0x0F) * 4 if family == socket.AF_INET else 0
+                if (
+                    ipaddress.ip_address(src_addr[0].split("%")[0]) == target
+                    and len(data) >= at + 8
+                    and data[at] == reply
+                    and data[at + 4 : at + 8] == body[:4]
+                ):
                     answered += 1
                     break
     return answered
@@ -500,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         help="put this node index on the routed second segment (repeatable)",
     )
     up.add_argument("--prefix")
+    up.add_argument("--ipv6", action="store_true", help="a dual-stack underlay")
     clean = sub.add_parser("cleanup", help="delete the namespaces left by a crashed lab")
     clean.add_argument("--prefix", required=True)
     echo = sub.add_parser("echo", help=argparse.SUPPRESS)  # the pinger behind Lab.ping
@@ -527,11 +634,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deleted {ns}")
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with Lab(args.nodes, prefix=args.prefix, remote_nodes=set(args.remote)) as lab:
+    with Lab(args.nodes, prefix=args.prefix, remote_nodes=set(args.remote), ipv6=args.ipv6) as lab:
         lab.start_etcd()
         print(f"switch {lab.switch_ns}: etcd {lab.etcd_endpoint}, logs in {lab.workdir}")
         for node in lab.nodes:
-            print(f"node {node.ns}: {node.iface} {node.ip}")
+            print(f"node {node.ns}: {node.iface} {node.ip}{f' {node.ip6}' if node.ip6 else ''}")
         print(
             f"enter a node: ip netns exec {lab.nodes[0].ns} bash; Ctrl-C tears the lab down",
             flush=True,

@@ -2,6 +2,7 @@
 second segment, and that every namespace and process is gone afterwards."""
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -199,3 +200,115 @@ def test_attach_containers_failing_part_way_leaves_nothing_and_can_be_retried() 
         lab.attach_containers(node, "10.244.1.1/24")  # the same subnet again: built now
         assert [c.ip for c in node.containers] == ["10.244.1.2", "10.244.1.3"]
         assert lab.ping(node.containers[1].ns, "10.244.1.1")
+
+
+# -- the dual-stack lab (ipv6=True) ---------------------------------------------------------
+
+
+def _root_network() -> tuple[str, ...]:
+    """The root namespace's links, addresses and routes of both families (no lifetimes)."""
+    outputs = []
+    for cmd in (
+        ["ip", "-br", "link"],
+        ["ip", "-br", "addr"],
+        ["ip", "-4", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "show", "table", "all"],
+    ):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout
+        outputs.append(re.sub(r" expires \d+sec", "", out))
+    return tuple(outputs)
+
+
+def test_ipv6_underlay_reaches_every_node_also_across_the_router() -> None:
+    root_before = _root_network()
+    with Lab(nodes=3, ipv6=True, remote_nodes={3}) as lab:
+        n1, n2, n3 = lab.nodes
+        assert [n.ip6 for n in lab.nodes] == ["fd00:192::11", "fd00:192::12", "fd00:198::13"]
+        assert [n.ip for n in lab.nodes] == ["192.0.2.11", "192.0.2.12", "198.18.0.13"]
+        for node in lab.nodes:
+            addrs = lab.run(node.ns, "ip", "-6", "-br", "addr", "show", "dev", "eth0").stdout
+            assert f"{node.ip6}/64" in addrs and "tentative" not in addrs, addrs
+            sysctl = lab.run(
+                node.ns,
+                "sysctl",
+                "-n",
+                "net.ipv6.conf.all.forwarding",
+                "net.ipv6.conf.all.accept_dad",
+                "net.ipv6.conf.eth0.accept_dad",
+                "net.ipv6.conf.eth0.disable_ipv6",
+            )
+            assert sysctl.stdout.split() == ["1", "0", "0", "0"], node.name
+        default6 = lab.run(n3.ns, "ip", "-6", "route", "show", "default").stdout
+        assert default6.split()[:5] == ["default", "via", "fd00:198::254", "dev", "eth0"]
+        assert "fd00:192::1/64" in lab.run(lab.switch_ns, "ip", "-br", "addr").stdout
+        for src in lab.nodes:
+            for dst in lab.nodes:
+                assert lab.ping(src.ns, dst.ip6), f"{src.name} -> {dst.name} over IPv6"
+                assert lab.ping(src.ns, dst.ip), f"{src.name} -> {dst.name} over IPv4"
+        assert "via fd00:192::254" in lab.run(n1.ns, "ip", "route", "get", n3.ip6).stdout
+        assert lab.ping(lab.switch_ns, n3.ip6)  # where etcd lives: back through the router
+        assert not lab.ping(n1.ns, "fd00:192::99", timeout=0.5)
+        assert not lab.ping(n1.ns, "fd00:198::99", timeout=0.5)
+        assert lab.ping_matrix(family=6) == {}  # no containers yet
+    assert not _mine(lab.prefix)
+    assert _root_network() == root_before  # nothing added to or changed in the root namespace
+
+
+def test_ipv6_containers_reach_cni0_and_through_node_routes() -> None:
+    with Lab(nodes=3, containers=2, ipv6=True) as lab:
+        n1, n2, n3 = lab.nodes
+        lab.attach_containers(n1, "10.244.1.1/24", subnet6_cidr="fd00:10:244:1::1/64")
+        lab.attach_containers(n2, "10.244.2.1/24", mtu=1450, subnet6_cidr="fd00:10:244:2::1/64")
+        lab.attach_containers(n3, "10.244.3.1/24")  # IPv4 only: no IPv6 address, not pinged
+        assert [(c.ip, c.ip6) for c in n1.containers] == [
+            ("10.244.1.2", "fd00:10:244:1::2"),
+            ("10.244.1.3", "fd00:10:244:1::3"),
+        ]
+        assert n1.subnet6 == "fd00:10:244:1::1/64" and n3.subnet6 is None
+        assert [c.ip6 for c in n3.containers] == [None, None]
+        assert "fd00:10:244:1::1/64" in lab.run(n1.ns, "ip", "-br", "addr", "show", "cni0").stdout
+        for node in (n1, n2):
+            for c in node.containers:
+                route = lab.run(c.ns, "ip", "-6", "route", "show", "default").stdout
+                assert route.split()[:3] == ["default", "via", str(node.subnet6).split("/")[0]]
+                assert "tentative" not in lab.run(c.ns, "ip", "-6", "addr").stdout
+                assert lab.ping(c.ns, str(node.subnet6).split("/")[0]), c.ns
+                assert lab.ping(c.ns, str(node.subnet).split("/")[0]), c.ns
+        assert "mtu 1450" in lab.run(n2.containers[0].ns, "ip", "link", "show", "eth0").stdout
+
+        matrix6 = lab.ping_matrix(family=6)
+        assert len(matrix6) == 8 and not any(matrix6.values())  # no routes between the nodes
+        lab.run(n1.ns, "ip", "route", "add", "fd00:10:244:2::/64", "via", n2.ip6)
+        lab.run(n2.ns, "ip", "route", "add", "fd00:10:244:1::/64", "via", n1.ip6)
+        matrix6 = lab.ping_matrix(family=6)
+        assert len(matrix6) == 8 and all(matrix6.values()), matrix6
+        assert {dst for _, dst in matrix6} == {
+            "fd00:10:244:1::2",
+            "fd00:10:244:1::3",
+            "fd00:10:244:2::2",
+            "fd00:10:244:2::3",
+        }
+        assert not any(lab.ping_matrix(family=4).values())  # IPv4 has no routes: its own grid
+
+        before = list(n1.containers)
+        lab.attach_containers(n1, "10.244.1.1/24", subnet6_cidr="fd00:10:244:1::1/64")
+        assert n1.containers == before  # the same subnets: nothing rebuilt
+        lab.attach_containers(n1, "10.244.1.1/24", subnet6_cidr="fd00:10:244:9::1/64")
+        assert [c.ip6 for c in n1.containers] == ["fd00:10:244:9::2", "fd00:10:244:9::3"]
+        assert lab.ping(n1.containers[1].ns, "fd00:10:244:9::1")
+        addrs = lab.run(n1.ns, "ip", "-br", "addr", "show", "cni0").stdout
+        assert "fd00:10:244:9::1/64" in addrs and "fd00:10:244:1::1/64" not in addrs
+        with pytest.raises(ValueError, match="family"):
+            lab.ping_matrix(family=5)
+    assert not _mine(lab.prefix)
+
+
+def test_ipv4_lab_has_no_ipv6_addresses() -> None:
+    with Lab(nodes=2) as lab:
+        assert [n.ip6 for n in lab.nodes] == [None, None]
+        lab.attach_containers(lab.nodes[0], "10.244.1.1/24")
+        assert lab.nodes[0].containers[0].ip6 is None
+        assert lab.ping_matrix(family=6) == {}
+        global6 = lab.run(lab.nodes[0].ns, "ip", "-6", "addr", "show", "scope", "global").stdout
+        assert global6 == ""
+    assert not _mine(lab.prefix)
