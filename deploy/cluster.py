@@ -102,7 +102,8 @@ class Cluster:
         return subnetenv.parse(path.read_text()) if path.exists() else {}
 
     def wait_ready(self, node: Node, timeout: float = 20) -> dict[str, str]:
-        """Wait for the node's subnet.env, attach its containers to cni0; the subnet.env."""
+        """Wait for the node's subnet.env, attach its containers to cni0 (FLANNEL_SUBNET, and
+        FLANNEL_IPV6_SUBNET when the agent wrote one); the subnet.env."""
         proc = self.procs[node.name]
 
         def ready() -> dict[str, str]:
@@ -114,7 +115,12 @@ class Cluster:
             return self.env(node)
 
         env = wait_until(ready, timeout, what=f"subnet.env of {node.name}")
-        self.lab.attach_containers(node, env["FLANNEL_SUBNET"], mtu=int(env["FLANNEL_MTU"]))
+        self.lab.attach_containers(
+            node,
+            env["FLANNEL_SUBNET"],
+            mtu=int(env["FLANNEL_MTU"]),
+            subnet6_cidr=env.get("FLANNEL_IPV6_SUBNET") or None,
+        )
         return env
 
     def start_all(self, *args: str) -> None:
@@ -179,12 +185,12 @@ class Cluster:
         out = self.lab.run(node.ns, "ip", "-j", "route", "show", "table", "main").stdout
         return json.loads(out)
 
-    def wait_reachable(self, timeout: float) -> dict[tuple[str, str], bool]:
-        """Repeat the lab's ping matrix until every pair answers or `timeout` s passed; the
-        last matrix."""
+    def wait_reachable(self, timeout: float, family: int = 4) -> dict[tuple[str, str], bool]:
+        """Repeat the lab's ping matrix (of IPv4 addresses, or IPv6 ones with `family=6`)
+        until every pair answers or `timeout` s passed; the last matrix."""
         deadline = time.monotonic() + timeout
         while True:
-            matrix = self.lab.ping_matrix()
+            matrix = self.lab.ping_matrix(family)
             if all(matrix.values()) or time.monotonic() > deadline:
                 return matrix
             time.sleep(0.5)
