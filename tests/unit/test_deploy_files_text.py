@@ -56,7 +56,7 @@ def test_unit_runs_the_agent_as_a_hardened_notify_service():
 
 
 def sample_variables() -> dict[str, str]:
-    pattern = re.compile(r"^#?(FLANNELD_[A-Z_]+)=(.*)$", re.M)
+    pattern = re.compile(r"^#?(FLANNELD_[A-Z0-9_]+)=(.*)$", re.M)
     return dict(pattern.findall((DEPLOY / "flanneld.env.sample").read_text()))
 
 

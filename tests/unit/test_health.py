@@ -280,4 +280,6 @@ async def test_idle_connections_neither_starve_healthz_nor_the_loop(serve):
             await client.wait()
         if soft < need:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert len(lags) > 20 and max(lags) < 0.25, f"loop lag up to {max(lags):.3f} s"
+    # a stalled loop would lag for seconds (the old server held every connection until its
+    # 5 s timeouts); the bound leaves room for a machine busy with other work
+    assert len(lags) > 20 and max(lags) < 1.0, f"loop lag up to {max(lags):.3f} s"
