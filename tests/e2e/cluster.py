@@ -74,8 +74,9 @@ class Cluster(cluster.Cluster):
         return doc.get("kvs", [None])[0]
 
     def status(self, node: Node) -> dict:
-        """`flannelctl status --json` of the node's agent (its status socket)."""
-        out = self.lab.run(
+        """`flannelctl status --json` of the node's agent (its status socket); ValueError
+        when it gives no status (the socket does not answer)."""
+        res = self.lab.run(
             node.ns,
             sys.executable,
             "-m",
@@ -85,8 +86,31 @@ class Cluster(cluster.Cluster):
             "--state-dir",
             str(self.lab.workdir / node.name),
             check=False,
-        ).stdout
-        return json.loads(out)
+        )
+        try:
+            return json.loads(res.stdout)
+        except ValueError:
+            raise ValueError(f"no status from {node.name}: {res.stderr.strip()}") from None
+
+    def wait_serving(self, node: Node, timeout: float = 20) -> dict:
+        """Wait until the node's agent process (the one started last) says it is ready on its
+        status socket: after a restart, subnet.env is still the old agent's, so `wait_ready`
+        alone does not tell that the new one got through its first reconcile. Its status."""
+        proc = self.procs[node.name]
+
+        def ready() -> dict | None:
+            if proc.poll() is not None:
+                raise cluster.AgentExited(f"agent on {node.name} exited\n{self.log(node)[-2000:]}")
+            try:
+                doc = self.status(node)
+            except ValueError:  # no JSON: the socket does not answer yet
+                return None
+            return doc if doc["ready"] else None
+
+        try:
+            return wait_until(ready, timeout, what=f"the agent on {node.name} to be ready")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n--- its log ends:\n{self.log(node)[-3000:]}") from None
 
     def metrics(self, node: Node, port: int) -> str:
         """The agent's /metrics page (needs --healthz-port=`port`)."""
@@ -135,6 +159,7 @@ class Cluster(cluster.Cluster):
         for node in self.lab.nodes:
             if node.name in wanted:
                 self.wait_ready(node)
+                self.wait_serving(node)
 
 
 @contextlib.contextmanager

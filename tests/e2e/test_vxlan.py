@@ -177,7 +177,7 @@ def test_restart_loses_no_ping_and_keeps_the_device(cluster):
     took = cluster.stop(n2)
     assert took < 2, f"SIGTERM took {took:.2f} s"
     cluster.start(n2)
-    cluster.wait_ready(n2)
+    cluster.wait_serving(n2)  # the new agent went through its first reconcile
     sent, answered = lab.stream_result(stream)
     assert sent >= 100 and answered == sent, f"{sent - answered} of {sent} pings lost"
     # the same device (ifindex, MAC, MTU, VNI) and the same FDB, ARP and route entries...
