@@ -1,4 +1,5 @@
-"""The host-gw backend: a plain kernel route `<peer subnet> via <peer PublicIP>` per peer.
+"""The host-gw backend: a plain kernel route `<peer subnet> via <peer PublicIP>` per peer,
+and in a dual-stack network `<peer IPv6 subnet> via <peer PublicIPv6>` too.
 
 Needs L2 adjacency between nodes (every PublicIP on-link on the underlay interface). The pure
 `plan` gives the routes; `KernelBackend` makes the main table match it.
@@ -31,14 +32,19 @@ def plan(
     """The routes to program for `peers`, and one warning per peer skipped.
 
     Skipped: a lease of another backend type, our own subnet, a lease claiming our PublicIP.
+    A peer's IPv6 subnet gets a route when our lease has one too (a dual-stack network) and
+    the peer names its PublicIPv6; every peer is planned the same way however it was learned.
     """
     routes: set[Route] = set()
     warnings: list[str] = []
     for subnet, peer in sorted(peers.items()):
         if why := skip_reason(local, subnet, peer, (TYPE,)):
             warnings.append(why)
-        else:
-            routes.add(Route(dst=subnet, gateway=peer.attrs.public_ip, oif=oif))
+            continue
+        routes.add(Route(dst=subnet, gateway=peer.attrs.public_ip, oif=oif))
+        gateway6 = peer.attrs.public_ipv6
+        if local.ipv6_subnet is not None and peer.ipv6_subnet is not None and gateway6:
+            routes.add(Route(dst=peer.ipv6_subnet, gateway=gateway6, oif=oif))
     return routes, warnings
 
 
@@ -56,7 +62,16 @@ class HostGwBackend(KernelBackend):
                 f"--iface {ext.name}: --public-ip must be an address of --iface for host-gw; "
                 "use vxlan behind NAT"
             )
-        return LeaseAttrs(public_ip=ext.ext_addr, backend_type=TYPE)
+        ipv6 = self.ctx.config.ipv6 is not None
+        if ipv6 and ext.ext_addr6 != ext.iface_addr6:
+            raise BackendError(
+                f"--public-ipv6 {ext.ext_addr6} differs from the address {ext.iface_addr6} of "
+                f"--iface {ext.name}: it must be an address of --iface for host-gw; use vxlan "
+                "behind NAT"
+            )
+        return LeaseAttrs(
+            public_ip=ext.ext_addr, backend_type=TYPE, public_ipv6=ext.ext_addr6 if ipv6 else None
+        )
 
     async def _plan(
         self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
@@ -66,7 +81,8 @@ class HostGwBackend(KernelBackend):
 
     async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
         # Our routes on any device: one of ours on another device is stale.
-        return set(await netlink.dump_routes(ipr))
+        routes = await netlink.dump_routes(ipr)
+        return routes | await netlink.dump_routes(ipr, version=6)
 
     def _describe(self, entry: Entry) -> str:
         assert isinstance(entry, Route)

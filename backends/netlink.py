@@ -9,8 +9,8 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Set
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from socket import AF_INET
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface, ip_network
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
@@ -22,6 +22,7 @@ from .base import ReconcileResult
 from .reconcile import Diff, Entry, Fdb, Neigh, Route
 
 log = logging.getLogger(__name__)
+Network = IPv4Network | IPv6Network
 
 # Every route the agent installs carries this private routing protocol number (`ip route`
 # shows "proto 155"). It is how the agent recognises its own routes after a restart, removes
@@ -36,16 +37,20 @@ MAIN_TABLE = 254
 _GONE = {errno.ENOENT, errno.ESRCH}
 
 
-async def own_address_up(
-    ipr: AsyncIPRoute, link: Any, subnet: IPv4Network, network: IPv4Network
-) -> None:
-    """Make `<subnet network address>/32` the only address out of `network` on the device
-    of `link` (a reply of `link get`; other addresses are left alone), and the device up."""
+def _family(version: int) -> int:
+    return AF_INET if version == 4 else AF_INET6
+
+
+async def own_address_up(ipr: AsyncIPRoute, link: Any, subnet: Network, network: Network) -> None:
+    """Make `<subnet network address>/32` (/128 for IPv6) the only address out of `network` on
+    the device of `link` (a reply of `link get`; other addresses are left alone), and the
+    device up."""
     index, name = link["index"], link.get_attr("IFLA_IFNAME")
-    want = IPv4Interface(f"{subnet.network_address}/32")
+    bits = subnet.max_prefixlen
+    want = ip_interface(f"{subnet.network_address}/{bits}")
     have = set()
-    async for msg in await ipr.addr("dump", family=AF_INET, index=index):
-        have.add(IPv4Interface((msg.get("address"), msg["prefixlen"])))
+    async for msg in await ipr.addr("dump", family=_family(subnet.version), index=index):
+        have.add(ip_interface((msg.get("address"), msg["prefixlen"])))
     for addr in sorted(have - {want}):
         if addr.ip in network:
             await ipr.addr(
@@ -53,7 +58,7 @@ async def own_address_up(
             )
             log.info("device %s: removed old address %s", name, addr)
     if want not in have:
-        await ipr.addr("add", index=index, address=str(want.ip), prefixlen=32)
+        await ipr.addr("add", index=index, address=str(want.ip), prefixlen=bits)
         log.info("device %s: address %s", name, want)
     if not link["flags"] & IFF_UP:
         await ipr.link("set", index=index, state="up")
@@ -70,18 +75,21 @@ def open_ipr(netns: str | None = None) -> AsyncIPRoute:
     return AsyncIPRoute() if netns is None else AsyncIPRoute(netns=netns, flags=0)
 
 
-async def dump_routes(ipr: AsyncIPRoute, oif: int | None = None) -> set[Route]:
-    """The IPv4 routes of the main table tagged `ROUTE_PROTOCOL`, optionally on one device."""
-    match: dict[str, Any] = {"family": AF_INET, "table": MAIN_TABLE, "proto": ROUTE_PROTOCOL}
+async def dump_routes(ipr: AsyncIPRoute, oif: int | None = None, version: int = 4) -> set[Route]:
+    """The routes of the main table tagged `ROUTE_PROTOCOL` (IPv4, or IPv6 with `version`
+    6), optionally on one device."""
+    family = _family(version)
+    match: dict[str, Any] = {"family": family, "table": MAIN_TABLE, "proto": ROUTE_PROTOCOL}
     if oif is not None:
         match["oif"] = oif
     routes = set()
+    anywhere = "0.0.0.0" if version == 4 else "::"
     async for msg in await ipr.route("dump", **match):
         gateway = msg.get("gateway")
         routes.add(
             Route(
-                dst=IPv4Network((msg.get("dst") or "0.0.0.0", msg["dst_len"])),
-                gateway=IPv4Address(gateway) if gateway else None,
+                dst=ip_network((msg.get("dst") or anywhere, msg["dst_len"])),
+                gateway=ip_address(gateway) if gateway else None,
                 oif=msg.get("oif") or 0,
                 onlink=bool(msg["flags"] & RTNH_F_ONLINK),
             )
@@ -89,13 +97,13 @@ async def dump_routes(ipr: AsyncIPRoute, oif: int | None = None) -> set[Route]:
     return routes
 
 
-async def dump_neighs(ipr: AsyncIPRoute, ifindex: int) -> set[Neigh]:
-    """The permanent IPv4 ARP entries on one device."""
+async def dump_neighs(ipr: AsyncIPRoute, ifindex: int, version: int = 4) -> set[Neigh]:
+    """The permanent ARP (IPv4) or NDP (IPv6) entries on one device."""
     entries = set()
-    async for msg in await ipr.neigh("dump", family=AF_INET, ifindex=ifindex):
+    async for msg in await ipr.neigh("dump", family=_family(version), ifindex=ifindex):
         lladdr = msg.get("lladdr")
         if msg["state"] & NUD_PERMANENT and lladdr:
-            entries.add(Neigh(ifindex, IPv4Address(msg.get("dst")), lladdr))
+            entries.add(Neigh(ifindex, ip_address(msg.get("dst")), lladdr))
     return entries
 
 
@@ -105,20 +113,25 @@ def is_unicast(mac: str) -> bool:
 
 
 async def dump_fdb(ipr: AsyncIPRoute, ifindex: int) -> set[Fdb]:
-    """The permanent FDB entries of one VXLAN device that send a unicast MAC to an IPv4 remote.
+    """The permanent FDB entries of one VXLAN device that send a unicast MAC to a remote.
 
     The all-zeros and multicast entries (flooding) are someone else's and never listed.
     """
     entries = set()
     async for msg in await ipr.fdb("dump", ifindex=ifindex):
         lladdr, dst = msg.get("lladdr"), msg.get("dst")
-        if msg["state"] & NUD_PERMANENT and lladdr and is_unicast(lladdr) and dst and "." in dst:
-            entries.add(Fdb(ifindex, lladdr, IPv4Address(dst)))
+        if msg["state"] & NUD_PERMANENT and lladdr and is_unicast(lladdr) and dst:
+            entries.add(Fdb(ifindex, lladdr, ip_address(dst)))
     return entries
 
 
 def _route_args(route: Route) -> dict[str, Any]:
-    args: dict[str, Any] = {"dst": str(route.dst), "table": MAIN_TABLE, "proto": ROUTE_PROTOCOL}
+    args: dict[str, Any] = {
+        "dst": str(route.dst),
+        "family": _family(route.dst.version),
+        "table": MAIN_TABLE,
+        "proto": ROUTE_PROTOCOL,
+    }
     if route.gateway is not None:
         args["gateway"] = str(route.gateway)
     if route.oif:
@@ -139,7 +152,7 @@ async def _route_del(ipr: AsyncIPRoute, route: Route) -> None:
 async def _neigh_replace(ipr: AsyncIPRoute, neigh: Neigh) -> None:
     await ipr.neigh(
         "replace",
-        family=AF_INET,
+        family=_family(neigh.dst.version),
         ifindex=neigh.ifindex,
         dst=str(neigh.dst),
         lladdr=neigh.lladdr,
@@ -148,7 +161,9 @@ async def _neigh_replace(ipr: AsyncIPRoute, neigh: Neigh) -> None:
 
 
 async def _neigh_del(ipr: AsyncIPRoute, neigh: Neigh) -> None:
-    await ipr.neigh("del", family=AF_INET, ifindex=neigh.ifindex, dst=str(neigh.dst))
+    await ipr.neigh(
+        "del", family=_family(neigh.dst.version), ifindex=neigh.ifindex, dst=str(neigh.dst)
+    )
 
 
 async def _fdb_replace(ipr: AsyncIPRoute, fdb: Fdb) -> None:

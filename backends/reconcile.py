@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -41,13 +41,13 @@ class Route:
     """`dst via gateway dev oif [onlink]` in the main table; no gateway only when dumped."""
 
     kind: ClassVar[str] = "route"
-    dst: IPv4Network
-    gateway: IPv4Address | None
+    dst: IPv4Network | IPv6Network
+    gateway: IPv4Address | IPv6Address | None
     oif: int
     onlink: bool = False
 
     @property
-    def key(self) -> IPv4Network:
+    def key(self) -> IPv4Network | IPv6Network:
         return self.dst
 
     def __str__(self) -> str:
@@ -57,18 +57,19 @@ class Route:
 
 @dataclass(frozen=True)
 class Neigh:
-    """A permanent ARP entry `dst lladdr dev ifindex`; the MAC is kept in lower case."""
+    """A permanent ARP (or, for an IPv6 `dst`, NDP) entry `dst lladdr dev ifindex`; the MAC is
+    kept in lower case."""
 
     kind: ClassVar[str] = "arp"
     ifindex: int
-    dst: IPv4Address
+    dst: IPv4Address | IPv6Address
     lladdr: str
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lladdr", self.lladdr.lower())
 
     @property
-    def key(self) -> tuple[int, IPv4Address]:
+    def key(self) -> tuple[int, IPv4Address | IPv6Address]:
         return (self.ifindex, self.dst)
 
     def __str__(self) -> str:
@@ -82,7 +83,7 @@ class Fdb:
     kind: ClassVar[str] = "fdb"
     ifindex: int
     lladdr: str
-    dst: IPv4Address
+    dst: IPv4Address | IPv6Address
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lladdr", self.lladdr.lower())
@@ -96,9 +97,13 @@ class Fdb:
 
 
 def _order(entries: Iterable[Entry], descending: bool) -> list[Entry]:
-    # Within a rank all keys have one type, so (rank, key) always compares.
+    # Within a rank and an address family all keys have one type, so this always compares.
     sign = -1 if descending else 1
-    return sorted(entries, key=lambda e: (sign * RANK[e.kind], e.key))
+    return sorted(entries, key=lambda e: (sign * RANK[e.kind], _version(e), e.key))
+
+
+def _version(e: Entry) -> int:
+    return e.dst.version if isinstance(e, (Route, Neigh)) else 0
 
 
 @dataclass(frozen=True)
@@ -165,17 +170,25 @@ def missing_by_peer(
     desired: Iterable[Entry], actual: Iterable[Entry], peers: Mapping[IPv4Network, Lease]
 ) -> dict[IPv4Network, list[Entry]]:
     """Desired entries absent from `actual` (or different there), grouped by the peer they
-    serve: a route by its destination, an ARP entry by the subnet holding its IP, an FDB entry
-    by the peer whose PublicIP it points at. Every peer appears, with [] when nothing is missing.
+    serve (by its IPv4 subnet): a route by its destination, an ARP/NDP entry by the subnet
+    holding its IP, an FDB entry by the peer whose PublicIP (or PublicIPv6) it points at.
+    Every peer appears, with [] when nothing is missing.
     """
     have = set(actual)
-    by_ip = {lease.attrs.public_ip: subnet for subnet, lease in peers.items()}
+    by_ip: dict[object, IPv4Network] = {}
+    by_net: dict[object, IPv4Network] = {}
+    for subnet, lease in peers.items():
+        by_ip[lease.attrs.public_ip] = by_net[subnet] = subnet
+        if lease.attrs.public_ipv6 is not None:
+            by_ip[lease.attrs.public_ipv6] = subnet
+        if lease.ipv6_subnet is not None:
+            by_net[lease.ipv6_subnet] = subnet
     out: dict[IPv4Network, list[Entry]] = {subnet: [] for subnet in peers}
     for e in sorted(set(desired) - have, key=lambda e: (RANK[e.kind], str(e.key))):
         if isinstance(e, Route):
-            owner = e.dst if e.dst in out else None
+            owner = by_net.get(e.dst)
         elif isinstance(e, Neigh):
-            owner = next((s for s in out if e.dst in s), None)
+            owner = next((by_net[n] for n in by_net if e.dst in n), None)
         else:
             owner = by_ip.get(e.dst)
         if owner is not None:

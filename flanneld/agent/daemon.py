@@ -44,6 +44,10 @@ def _counts(by_kind: dict[str, int]) -> str:
     return ",".join(f"{n} {kind}" for kind, n in sorted(by_kind.items())) or "0"
 
 
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
 class FatalError(StateError):
     """Startup cannot go on (bad interface, backend refuses the host)."""
 
@@ -82,6 +86,15 @@ class Agent:
         backend.parse_options(config.backend)
         if why := underlay_problem(config.network, ext.underlay, (ext.iface_addr, ext.ext_addr)):
             raise ConfigError(why)
+        if config.ipv6 is not None:
+            if ext.ext_addr6 is None:
+                raise ConfigError(
+                    f"network config: EnableIPv6 is true, but {ext.name} has no global IPv6 "
+                    "address; give it one, or pass --public-ipv6"
+                )
+            addrs6 = [a for a in (ext.iface_addr6, ext.ext_addr6) if a is not None]
+            if why := underlay_problem(config.ipv6.network, ext.underlay6, addrs6, "IPv6Network"):
+                raise ConfigError(why)
         return config
 
     @property
@@ -171,7 +184,12 @@ class Agent:
         async with AsyncIPRoute() as ipr:
             links, default_oif = await discover(ipr)
         ext = select(
-            links, self.opts.iface, self.opts.iface_regex, default_oif, self.opts.public_ip
+            links,
+            self.opts.iface,
+            self.opts.iface_regex,
+            default_oif,
+            self.opts.public_ip,
+            self.opts.public_ipv6,
         )
         log.info(
             "using interface %s (%s), public IP %s, MTU %d",
@@ -240,6 +258,9 @@ class Agent:
             ttl=LEASE_TTL,
             renew_margin=opts.subnet_lease_renew_margin * 60,
             on_lease=self._on_lease,
+            previous6=subnetenv.previous_subnet(opts.subnet_file, "FLANNEL_IPV6_SUBNET", 6)
+            if config.ipv6
+            else None,
         )
         lease = await self.leases.take()
         self._lease_changed = False
@@ -249,7 +270,7 @@ class Agent:
             self.registry,
             self._on_peers,
             self.leases.renew_now,
-            check=PeerRules(config, ext.ext_addr).check,
+            check=PeerRules(config, ext.ext_addr, ext.ext_addr6).check,
             on_data_loss=self.leases.etcd_lost_data,
             grace=opts.subnet_lease_renew_margin * 60,
         )
@@ -373,12 +394,14 @@ class Agent:
         """The snapshot the metrics render."""
         lm, w = self.leases, self.watcher
         lease = lm.lease if lm else None
+        peers = self.peers(lease.subnet) if w and lease else {}
         expiry = None
         if lm is not None and lm.expires_at is not None:
             expiry = time.time() + (lm.expires_at - time.monotonic())
         return AgentStats(
             ready=self.ready,
-            peers=len(self.peers(lease.subnet)) if w and lease else 0,
+            peers=len(peers),
+            peers_ipv6=sum(p.ipv6_subnet is not None for p in peers.values()),
             lease_expiry=expiry,
             renewals=lm.renewals if lm else None,
             renewal_failures=lm.renew_failures if lm else 0,
@@ -428,6 +451,7 @@ class Agent:
         doc["public_ip"] = str(lease.attrs.public_ip)
         doc["lease"] = {
             "subnet": str(lease.subnet),
+            "ipv6_subnet": _str_or_none(lease.ipv6_subnet),
             "reservation": lease.is_reservation,
             "expires_in": None if lm.expires_at is None else round(lm.expires_at - now),
             "renew_in": None if lm.renew_delay() is None else round(lm.renew_delay()),
@@ -444,6 +468,8 @@ class Agent:
                 {
                     "subnet": str(subnet),
                     "public_ip": str(peer.attrs.public_ip),
+                    "ipv6_subnet": _str_or_none(peer.ipv6_subnet),
+                    "public_ipv6": _str_or_none(peer.attrs.public_ipv6),
                     "backend_type": peer.attrs.backend_type,
                     "backend_data": peer.attrs.backend_data,
                     "last_change": self.peer_changed.get(subnet),
@@ -456,8 +482,14 @@ class Agent:
     def write_subnet_env(self) -> None:
         assert self.config and self.backend and self.leases and self.leases.lease
         lease = self.leases.lease
+        v6 = self.config.ipv6
         text = subnetenv.render(
-            self.config.network, lease.subnet, self.backend.mtu, self.opts.ip_masq
+            self.config.network,
+            lease.subnet,
+            self.backend.mtu,
+            self.opts.ip_masq,
+            v6.network if v6 else None,
+            lease.ipv6_subnet,
         )
         try:
             subnetenv.write(self.opts.subnet_file, text)

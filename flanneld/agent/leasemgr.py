@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from flanneld.core.allocation import OutOfSubnets, choose_subnet
 from flanneld.core.backoff import Backoff
@@ -40,11 +40,12 @@ class LeaseManager:
         renew_margin: int = 3600,
         rng: random.Random | None = None,
         on_lease: Callable[[Lease], None] | None = None,
+        previous6: IPv6Network | None = None,
     ) -> None:
         self.registry = registry
         self.attrs = attrs
         self.config = config
-        self.previous = previous
+        self.previous, self.previous6 = previous, previous6
         self.ttl = ttl
         self.renew_margin = min(renew_margin, ttl - 1)
         self.rng = rng or random.Random()
@@ -61,7 +62,12 @@ class LeaseManager:
         while True:
             snap = await self.registry.snapshot()
             choice = choose_subnet(
-                self.config, snap.leases.values(), self.attrs.public_ip, self.previous, self.rng
+                self.config,
+                snap.leases.values(),
+                self.attrs.public_ip,
+                self.previous,
+                self.rng,
+                self.previous6,
             )
             if choice.existing is not None:
                 lease = await self._adopt(choice.existing)
@@ -70,10 +76,12 @@ class LeaseManager:
                 continue
             for stale in choice.stale:
                 log.info(
-                    "deleting this node's lease %s: it no longer fits the config", stale.subnet
+                    "deleting this node's lease %s: it no longer fits the config", stale.key
                 )
-                await self.registry.delete_lease(stale.subnet)
-            lease = await self.registry.create_lease(choice.subnet, self.attrs, self.ttl)
+                await self.registry.delete_lease(stale)
+            lease = await self.registry.create_lease(
+                choice.subnet, self.attrs, self.ttl, choice.subnet6
+            )
             if lease is not None:
                 self.expires_at = time.monotonic() + self.ttl
                 return self._took(lease, "acquired")
@@ -95,9 +103,10 @@ class LeaseManager:
 
     def _took(self, lease: Lease, how: str) -> Lease:
         kind = "reservation" if lease.is_reservation else "lease"
-        log.info("%s %s %s for %s", how, kind, lease.subnet, lease.attrs.public_ip)
-        changed = self.lease is None or self.lease.subnet != lease.subnet
+        log.info("%s %s %s for %s", how, kind, lease.key, lease.attrs.public_ip)
+        changed = self.lease is None or self.lease.key != lease.key
         self.lease, self.previous = lease, lease.subnet
+        self.previous6 = lease.ipv6_subnet or self.previous6
         self._lost.clear()
         if self.on_lease is not None and changed:
             self.on_lease(lease)

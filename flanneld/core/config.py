@@ -282,11 +282,14 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
 
 
 def underlay_problem(
-    network: IPv4Network, underlay: IPv4Network | None, addrs: Iterable[IPv4Address]
+    network: IPv4Network | IPv6Network,
+    underlay: IPv4Network | IPv6Network | None,
+    addrs: Iterable[IPv4Address | IPv6Address],
+    key: str = "Network",
 ) -> str:
-    """Why `network` cannot be the overlay on a node whose underlay interface sits in
-    `underlay` and has or advertises `addrs` ("" when it can): overlay routes would capture
-    the nodes' own traffic. The message names the fix."""
+    """Why `network` (the config's `key`) cannot be the overlay on a node whose underlay
+    interface sits in `underlay` and has or advertises `addrs` ("" when it can): overlay
+    routes would capture the nodes' own traffic. The message names the fix."""
     if underlay is not None and network.overlaps(underlay):
         where = f"the underlay network {underlay}"
     elif hit := next((a for a in addrs if a in network), None):
@@ -294,6 +297,6 @@ def underlay_problem(
     else:
         return ""
     return (
-        f"network config: Network {network} overlaps {where}; pick a Network that holds no "
-        "node address"
+        f"network config: {key} {network} overlaps {where}; pick a {key} that holds no node "
+        "address"
     )

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from flanneld.core.errors import StateError
 
 
 @dataclass(frozen=True)
 class ExternalInterface:
-    """The underlay NIC: its name, index, own address, the address advertised, its MTU, and
-    the network of its address (None when unknown)."""
+    """The underlay NIC: its name, index, own address, the address advertised, its MTU, the
+    network of its address (None when unknown), and the same for IPv6 (None: no global IPv6
+    address, so no dual-stack on this node)."""
 
     name: str
     index: int
@@ -24,6 +25,9 @@ class ExternalInterface:
     ext_addr: IPv4Address
     mtu: int
     underlay: IPv4Network | None = None
+    iface_addr6: IPv6Address | None = None
+    ext_addr6: IPv6Address | None = None
+    underlay6: IPv6Network | None = None
 
 
 class InterfaceError(StateError):
@@ -37,6 +41,8 @@ class Link:
     mtu: int
     addrs: tuple[IPv4Address, ...]
     nets: tuple[IPv4Network, ...] = ()  # the networks of those addresses
+    addrs6: tuple[IPv6Address, ...] = ()  # global IPv6 addresses (no link-local)
+    nets6: tuple[IPv6Network, ...] = ()
 
 
 def _parse_ip(s: str) -> IPv4Address | None:
@@ -53,7 +59,18 @@ def select(
     regexes: list[str],
     default_oif: int | None,
     public_ip: str = "",
+    public_ipv6: str = "",
 ) -> ExternalInterface:
+    pub6 = None
+    if public_ipv6:
+        try:
+            pub6 = ip_address(public_ipv6)
+        except ValueError:
+            pub6 = None
+        if not isinstance(pub6, IPv6Address):
+            raise InterfaceError(
+                f"--public-ipv6 {public_ipv6!r} is not an IPv6 address; fix the flag"
+            )
     pub = None
     if public_ip:
         pub = _parse_ip(public_ip)
@@ -104,4 +121,16 @@ def select(
     if not link.mtu:
         raise InterfaceError(f"interface {link.name} reports MTU 0; fix the interface")
     underlay = next((net for net in link.nets if addr in net), None)
-    return ExternalInterface(link.name, link.index, addr, pub or addr, link.mtu, underlay)
+    addr6 = link.addrs6[0] if link.addrs6 else None
+    underlay6 = next((net for net in link.nets6 if addr6 in net), None) if addr6 else None
+    return ExternalInterface(
+        link.name,
+        link.index,
+        addr,
+        pub or addr,
+        link.mtu,
+        underlay,
+        addr6,
+        pub6 or addr6,
+        underlay6,
+    )

@@ -47,6 +47,7 @@ class Options:
     iface: list[str] = field(default_factory=list)
     iface_regex: list[str] = field(default_factory=list)
     public_ip: str = ""
+    public_ipv6: str = ""
     subnet_file: str = "/run/flannel/subnet.env"
     subnet_lease_renew_margin: int = 60
     ip_masq: bool = False
@@ -73,6 +74,8 @@ _HELP = {
     "iface": "interface (name or IP) to use for inter-host traffic; repeatable, first match wins",
     "iface_regex": "regex matched against interface IPs, then names; repeatable",
     "public_ip": "IP address advertised to other nodes (default: the interface's address)",
+    "public_ipv6": "IPv6 address advertised to other nodes with EnableIPv6 (default: the "
+    "interface's global IPv6 address)",
     "subnet_file": "file to write the subnet variables to (read back to reuse the lease)",
     "subnet_lease_renew_margin": "renew the lease this many minutes before it expires (1..1439)",
     "ip_masq": "set up IP masquerade for traffic leaving the flannel network",

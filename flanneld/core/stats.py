@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 class AgentStats:
     ready: bool = False
     peers: int = 0
+    peers_ipv6: int = 0  # of them, with an IPv6 subnet (dual-stack)
     lease_expiry: float | None = None  # Unix time; None: no lease yet, or a reservation
     renewals: int | None = None  # None until the lease manager runs
     renewal_failures: int = 0

@@ -1,12 +1,14 @@
-"""Reads the host's links, IPv4 addresses and default route from the kernel (one dump each)
-for `flanneld.core.interfaces.select()`."""
+"""Reads the host's links, their IPv4 and global IPv6 addresses, and the default route from
+the kernel (one dump each) for `flanneld.core.interfaces.select()`."""
 
 from __future__ import annotations
 
 import socket
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 
 from flanneld.core.interfaces import Link
+
+RT_SCOPE_UNIVERSE = 0  # a global address (link-local ones have scope link)
 
 
 async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - AsyncIPRoute
@@ -15,9 +17,15 @@ async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - Asyn
         addrs.setdefault(msg["index"], []).append(
             IPv4Interface(f"{msg.get('address')}/{msg['prefixlen']}")
         )
+    addrs6: dict[int, list[IPv6Interface]] = {}
+    async for msg in await ipr.addr("dump", family=socket.AF_INET6):
+        if msg["scope"] == RT_SCOPE_UNIVERSE:
+            addrs6.setdefault(msg["index"], []).append(
+                IPv6Interface(f"{msg.get('address')}/{msg['prefixlen']}")
+            )
     links = []
     async for m in await ipr.link("dump"):
-        ifaddrs = addrs.get(m["index"], [])
+        ifaddrs, ifaddrs6 = addrs.get(m["index"], []), addrs6.get(m["index"], [])
         links.append(
             Link(
                 m.get("ifname"),
@@ -25,6 +33,8 @@ async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - Asyn
                 m.get("mtu") or 0,
                 tuple(a.ip for a in ifaddrs),
                 tuple(a.network for a in ifaddrs),
+                tuple(a.ip for a in ifaddrs6),
+                tuple(a.network for a in ifaddrs6),
             )
         )
     best: tuple[int, int] | None = None  # (metric, oif): the lowest metric wins

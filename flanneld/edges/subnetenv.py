@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import os
 import tempfile
-from ipaddress import IPv4Network, ip_interface
+from ipaddress import IPv4Network, IPv6Network, ip_interface
 from pathlib import Path
+from typing import Any
 
 from flanneld.core.subnets import first_host
 
 
-def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
+def render(
+    network: IPv4Network,
+    subnet: IPv4Network,
+    mtu: int,
+    ipmasq: bool,
+    network6: IPv6Network | None = None,
+    subnet6: IPv6Network | None = None,
+) -> str:
+    """The reference's lines in its order; the IPv6 pair only for a dual-stack lease."""
+    v6 = (
+        f"FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={first_host(subnet6)}\n"
+        if network6 is not None and subnet6 is not None
+        else ""
+    )
     return (
         f"FLANNEL_NETWORK={network}\n"
         f"FLANNEL_SUBNET={first_host(subnet)}\n"
+        f"{v6}"
         f"FLANNEL_MTU={mtu}\n"
         f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n"
     )
@@ -55,18 +70,18 @@ def parse(text: str) -> dict[str, str]:
     return out
 
 
-def previous_subnet(path: str | Path) -> IPv4Network | None:
-    """The lease subnet named by FLANNEL_SUBNET in an existing file, or None."""
+def previous_subnet(path: str | Path, key: str = "FLANNEL_SUBNET", version: int = 4) -> Any:
+    """The lease subnet named by FLANNEL_SUBNET (or, with `key` FLANNEL_IPV6_SUBNET and
+    `version` 6, the IPv6 one) in an existing file, or None."""
     try:
         text = Path(path).read_text()
     except OSError:
         return None
-    value = parse(text).get("FLANNEL_SUBNET", "")
+    value = parse(text).get(key, "")
     if not value or "," in value:
         return None
     try:
         iface = ip_interface(value)
     except ValueError:
         return None
-    net = iface.network
-    return net if isinstance(net, IPv4Network) else None
+    return iface.network if iface.version == version else None

@@ -182,7 +182,9 @@ def render_status(doc: dict) -> str:
             else f"expires in {_duration(lease['expires_in'])}, "
             f"renewal in {_duration(lease['renew_in'])}"
         )
-        lines.append(f"{kind:<9} {lease['subnet']} (public IP {doc['public_ip']}), {expiry}")
+        v6 = lease.get("ipv6_subnet")
+        subnets = lease["subnet"] + (f" + {v6}" if v6 else "")
+        lines.append(f"{kind:<9} {subnets} (public IP {doc['public_ip']}), {expiry}")
     else:
         lines.append("lease     none yet")
     etcd = doc["etcd"]
@@ -195,14 +197,18 @@ def render_status(doc: dict) -> str:
         lines.append(f"config    {config['problem']}")
     if doc.get("datapath_error"):
         lines.append(f"datapath  cannot be inspected: {doc['datapath_error']}")
-    rows = [("PEER SUBNET", "PUBLIC IP", "BACKEND", "LAST CHANGE", "DATAPATH")]
+    dual = any(p.get("ipv6_subnet") for p in doc["peers"])
+    head = ("PEER SUBNET", "PUBLIC IP", "BACKEND", "LAST CHANGE", "DATAPATH")
+    rows = [head[:2] + ("IPV6 SUBNET", "PUBLIC IPV6") + head[2:] if dual else head]
     for p in doc["peers"]:
         health = (
             p["state"] if p["state"] != "drifted" else "DRIFTED: missing " + "; ".join(p["missing"])
         )
+        v6 = (p.get("ipv6_subnet") or "-", p.get("public_ipv6") or "-") if dual else ()
         rows.append(
-            (p["subnet"], p["public_ip"], p["backend_type"] or "-", _ago(p["last_change"]), health)
-        )
+            (p["subnet"], p["public_ip"], *v6, p["backend_type"] or "-", _ago(p["last_change"]),
+             health)
+        )  # fmt: skip
     lines.append("")
     lines += table_lines(rows, indent="")
     if len(rows) == 1:

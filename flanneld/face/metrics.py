@@ -26,6 +26,9 @@ class AgentCollector:
         st = self.stats
         yield GaugeMetricFamily("flannel_ready", "1 once subnet.env is written", st.ready)
         yield GaugeMetricFamily("flannel_peers", "Peer leases known", st.peers)
+        yield GaugeMetricFamily(
+            "flannel_peers_ipv6", "Peer leases with an IPv6 subnet (dual-stack)", st.peers_ipv6
+        )
         if st.lease_expiry is not None:
             yield GaugeMetricFamily(
                 "flannel_lease_expiry_timestamp_seconds",
