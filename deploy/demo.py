@@ -4,8 +4,10 @@ It builds the network-namespace lab (deploy.lab) with etcd on the switch, N node
 containers, runs the agent with the chosen backend on every node (deploy.cluster), proves
 connectivity with a ping matrix and prints a summary: nodes, subnets, backend, MTU and the
 reachability grid. Exit status 0 only when every container answers every other node's
-containers. Everything is torn down on exit, on Ctrl-C and on failure, unless --keep leaves
-the lab up (until Ctrl-C or `--down --prefix P` from another terminal).
+containers. With --ipv6 the lab, the network and the containers are dual-stack and a second
+grid pings the containers' IPv6 addresses; every ping of both grids must be answered.
+Everything is torn down on exit, on Ctrl-C and on failure, unless --keep leaves the lab up
+(until Ctrl-C or `--down --prefix P` from another terminal).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import backends
 from flanneld.core.text import table_lines
 
 from .cluster import AgentExited, Cluster
-from .lab import ETCD_ENDPOINT, Lab, LabError, Node, cleanup, etcd_tool
+from .lab import ETCD_ENDPOINT, Container, Lab, LabError, Node, cleanup, etcd_tool
 
 BACKENDS = ("host-gw", "vxlan", "udp")
 NETWORK = "10.244.0.0/16"
+NETWORK6 = "fd00:10:244::/56"  # IPv6Network of a dual-stack demo (--ipv6)
 READY_TIMEOUT = 30.0  # per node, from the agent's start to its subnet.env
 REACH_TIMEOUT = 15.0  # from the last subnet.env to an all-green ping matrix
 Matrix = dict[tuple[str, str], bool]
@@ -67,6 +70,58 @@ def _marks(encoding: str | None, color: bool) -> tuple[str, str, str]:
     return ok, bad, same
 
 
+def _address(container: Container, family: int) -> str | None:
+    return container.ip if family == 4 else container.ip6
+
+
+def expected_pairs(nodes: list[Node], family: int = 4) -> list[tuple[str, str | None]]:
+    """Every (source namespace, destination address) the grid of `family` must see answered:
+    each container pings each container on another node (an address of None: a container
+    without an address of that family, which counts as unanswered)."""
+    return [
+        (src.ns, _address(dst, family))
+        for a in nodes
+        for b in nodes
+        if a is not b
+        for src in a.containers
+        for dst in b.containers
+    ]
+
+
+def tally(nodes: list[Node], matrix: Matrix, family: int = 4) -> tuple[int, int]:
+    """(answered, expected): how many of the pairs `expected_pairs` names `matrix` holds an
+    answer for, and how many it names."""
+    pairs = expected_pairs(nodes, family)
+    answered = sum(dst is not None and bool(matrix.get((src, dst))) for src, dst in pairs)
+    return answered, len(pairs)
+
+
+def _grid_lines(
+    nodes: list[Node], matrix: Matrix, family: int, title: str, marks: tuple[str, str, str]
+) -> list[str]:
+    """One ping grid (row pings column) of the containers' addresses of `family`."""
+    ok, bad, same = marks
+    containers = [(node, c) for node in nodes for c in node.containers]
+    labels = [f"{node.name}c{j}" for node in nodes for j in range(1, len(node.containers) + 1)]
+    grid = [["", *labels]]
+    for (src_node, src), label in zip(containers, labels, strict=True):
+        cells = [
+            same
+            if dst_node is src_node
+            else ok
+            if (dst_ip := _address(dst, family)) is not None and matrix.get((src.ns, dst_ip))
+            else bad
+            for dst_node, dst in containers
+        ]
+        grid.append([label, *cells])
+    return [
+        "",
+        f"  {title}",
+        *table_lines(grid, indent="    ", center=True),
+        f"    {ok} answered   {bad} no answer   {same} same node, not pinged",
+    ]
+
+
 def render_summary(
     nodes: list[Node],
     envs: dict[str, dict[str, str]],
@@ -76,48 +131,57 @@ def render_summary(
     *,
     encoding: str | None = "utf-8",
     color: bool = False,
+    matrix6: Matrix | None = None,
 ) -> str:
-    """The readable result: a node table, the ping grid (row pings column) and a verdict."""
-    ok, bad, same = _marks(encoding, color)
+    """The readable result: a node table, the ping grid (row pings column) and a verdict;
+    with `matrix6` (a dual-stack demo) a second grid of the containers' IPv6 addresses, and
+    the verdict counts both."""
+    marks = _marks(encoding, color)
+    network = NETWORK if matrix6 is None else f"{NETWORK} and {NETWORK6}"
     lines = [
-        f"flanneld-py demo lab: {len(nodes)} nodes, backend {backend}, network {NETWORK}",
+        f"flanneld-py demo lab: {len(nodes)} nodes, backend {backend}, network {network}",
         "",
     ]
-    rows = [["node", "namespace", "underlay", "subnet", "MTU", "containers"]]
+    with_v6 = any("FLANNEL_IPV6_SUBNET" in env for env in envs.values())
+    v6_column = ["IPv6 subnet"] if with_v6 else []
+    rows = [["node", "namespace", "underlay", "subnet", *v6_column, "MTU", "containers"]]
     for node in nodes:
         env = envs.get(node.name, {})
         rows.append(
             [
                 node.name,
                 node.ns,
-                f"{node.iface} {node.ip}",
+                " ".join(x for x in (node.iface, node.ip, node.ip6) if x),
                 env.get("FLANNEL_SUBNET", "-"),
+                *([env.get("FLANNEL_IPV6_SUBNET", "-")] * with_v6),
                 env.get("FLANNEL_MTU", "-"),
-                " ".join(c.ip for c in node.containers) or "-",
+                " ".join(a for c in node.containers for a in (c.ip, c.ip6) if a) or "-",
             ]
         )
     lines += table_lines(rows)
 
-    containers = [(node, c) for node in nodes for c in node.containers]
-    labels = [f"{node.name}c{j}" for node in nodes for j in range(1, len(node.containers) + 1)]
-    if len(nodes) > 1 and containers:
-        lines += ["", "  ping matrix (row pings column, one ICMP echo each):"]
-        grid = [["", *labels]]
-        for (src_node, src), label in zip(containers, labels, strict=True):
-            cells = [
-                same if dst_node is src_node else ok if matrix.get((src.ns, dst.ip)) else bad
-                for dst_node, dst in containers
-            ]
-            grid.append([label, *cells])
-        lines += table_lines(grid, indent="    ", center=True)
-        lines.append(f"    {ok} answered   {bad} no answer   {same} same node, not pinged")
-    answered = sum(matrix.values())
-    if not matrix:
-        verdict = "nothing to ping: one node"
-    elif answered == len(matrix):
-        verdict = f"{answered}/{len(matrix)} pings answered: all green"
+    if len(nodes) > 1 and any(node.containers for node in nodes):
+        if matrix6 is None:
+            title = "ping matrix (row pings column, one ICMP echo each):"
+            lines += _grid_lines(nodes, matrix, 4, title, marks)
+        else:
+            title = "IPv4 ping matrix (row pings column, one ICMP echo each):"
+            lines += _grid_lines(nodes, matrix, 4, title, marks)
+            title = "IPv6 ping matrix (row pings column, one ICMPv6 echo each):"
+            lines += _grid_lines(nodes, matrix6, 6, title, marks)
+    if matrix6 is None:
+        answered, total = sum(matrix.values()), len(matrix)
+        detail = ""
     else:
-        verdict = f"{answered}/{len(matrix)} pings answered: {len(matrix) - answered} FAILED"
+        (a4, t4), (a6, t6) = tally(nodes, matrix, 4), tally(nodes, matrix6, 6)
+        answered, total = a4 + a6, t4 + t6
+        detail = f" (IPv4 {a4}/{t4}, IPv6 {a6}/{t6})"
+    if not total:
+        verdict = "nothing to ping: one node"
+    elif answered == total:
+        verdict = f"{answered}/{total} pings answered{detail}: all green"
+    else:
+        verdict = f"{answered}/{total} pings answered{detail}: {total - answered} FAILED"
     lines += ["", f"  {verdict} ({seconds:.1f} s)"]
     return "\n".join(lines)
 
@@ -160,29 +224,45 @@ def _print_keep_help(lab: Lab) -> None:
 
 def up(args: argparse.Namespace) -> int:
     progress = Progress()
-    config = {"Network": NETWORK, "Backend": {"Type": args.backend}}
-    with Lab(args.nodes, args.containers, prefix=args.prefix) as lab:
+    config: dict = {"Network": NETWORK, "Backend": {"Type": args.backend}}
+    networks = NETWORK
+    if args.ipv6:
+        config.update({"EnableIPv6": True, "IPv6Network": NETWORK6})
+        networks = f"{NETWORK} and {NETWORK6}"
+    with Lab(args.nodes, args.containers, prefix=args.prefix, ipv6=args.ipv6) as lab:
         progress(
             f"lab {lab.prefix}: {args.nodes} node namespaces, {args.containers} container(s) "
-            f"each, a switch {lab.switch_ns}"
+            f"each, a switch {lab.switch_ns}" + (", a dual-stack underlay" if args.ipv6 else "")
         )
         lab.start_etcd()
-        progress(f"etcd is up at {lab.etcd_endpoint}; network config: {NETWORK}, {args.backend}")
+        progress(f"etcd is up at {lab.etcd_endpoint}; network config: {networks}, {args.backend}")
         cluster = Cluster(lab, config)
         for node in lab.nodes:
             cluster.start(node)
         progress(f"flanneld started on {', '.join(n.name for n in lab.nodes)}")
         envs: dict[str, dict[str, str]] = {}
+        matrix6: Matrix | None = None
         try:
             for node in lab.nodes:
                 envs[node.name] = env = cluster.wait_ready(node, timeout=READY_TIMEOUT)
+                if args.ipv6 and not env.get("FLANNEL_IPV6_SUBNET"):
+                    raise LabError(
+                        f"{node.name}'s subnet.env has no FLANNEL_IPV6_SUBNET: its agent "
+                        "leased no IPv6 subnet"
+                    )
+                subnet6 = f" and {env['FLANNEL_IPV6_SUBNET']}" if args.ipv6 else ""
                 progress(
-                    f"{node.name} ready: subnet {env['FLANNEL_SUBNET']}, MTU {env['FLANNEL_MTU']}, "
-                    f"{len(node.containers)} container(s) on cni0"
+                    f"{node.name} ready: subnet {env['FLANNEL_SUBNET']}{subnet6}, "
+                    f"MTU {env['FLANNEL_MTU']}, {len(node.containers)} container(s) on cni0"
                 )
             pairs = len(lab.nodes) * (len(lab.nodes) - 1) * args.containers**2
-            progress(f"ping matrix: {pairs} container pairs across nodes")
-            matrix = cluster.wait_reachable(REACH_TIMEOUT)
+            if not args.ipv6:
+                progress(f"ping matrix: {pairs} container pairs across nodes")
+                matrix = cluster.wait_reachable(REACH_TIMEOUT)
+            else:
+                progress(f"ping matrices: {pairs} container pairs across nodes, IPv4 and IPv6")
+                matrix = cluster.wait_reachable(REACH_TIMEOUT)
+                matrix6 = cluster.wait_reachable(REACH_TIMEOUT, family=6)
         except (AgentExited, TimeoutError, LabError) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             for node in lab.nodes:
@@ -201,6 +281,7 @@ def up(args: argparse.Namespace) -> int:
                 progress.elapsed(),
                 encoding=sys.stdout.encoding,
                 color=color,
+                matrix6=matrix6,
             ),
             flush=True,
         )
@@ -210,7 +291,8 @@ def up(args: argparse.Namespace) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
         progress(f"tearing down the lab {lab.prefix}")
-    return 0 if all(matrix.values()) else 1
+    answered6, expected6 = (0, 0) if matrix6 is None else tally(lab.nodes, matrix6, 6)
+    return 0 if all(matrix.values()) and answered6 == expected6 else 1
 
 
 def _workdirs(prefix: str) -> list[Path]:
@@ -270,6 +352,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="leave the lab up until Ctrl-C (or --down)"
     )
+    parser.add_argument(
+        "--ipv6",
+        action="store_true",
+        help=f"dual-stack: the network gets IPv6Network {NETWORK6} too, nodes and containers "
+        "IPv6 addresses, and a second ping grid pings those (host-gw or vxlan)",
+    )
     parser.add_argument("--down", action="store_true", help="tear down a kept lab (needs --prefix)")
     parser.add_argument(
         "--prefix",
@@ -288,6 +376,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.containers <= 8:
         parser.error("--containers must be between 1 and 8")
     args.backend = args.backend or default_backend()
+    if args.ipv6 and args.backend == "udp":
+        parser.exit(
+            2, "deploy/demo.sh: --ipv6 needs host-gw or vxlan: the udp backend carries IPv4 only\n"
+        )
     if args.backend not in backends.known_backends():
         parser.error(
             f"backend {args.backend} is not available in this build; "

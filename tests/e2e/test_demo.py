@@ -1,5 +1,6 @@
 """The demo lab as a user runs it (`python -m deploy.demo`, what deploy/demo.sh ends in): the
-summary, the exit status, --keep and --down, and that no namespace of the run is left."""
+summary (also dual-stack, --ipv6), the exit status, --keep and --down, and that no namespace
+of the run is left."""
 
 from __future__ import annotations
 
@@ -129,4 +130,32 @@ def test_ctrl_c_while_building_tears_down(prefix):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and "interrupted; the lab is torn down" in err
+    assert namespaces(prefix) == []
+
+
+def test_ipv6_refuses_udp_in_one_line_before_building():
+    res = demo("--ipv6", "--backend", "udp", "--nodes", "2", timeout=30)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "deploy/demo.sh: --ipv6 needs host-gw or vxlan: the udp backend carries IPv4 only"
+    ]
+    assert res.stdout == ""
+
+
+def test_ipv6_two_nodes_both_grids_all_green_and_nothing_left(prefix):
+    res = demo("--ipv6", "--backend", "host-gw", "--nodes", "2", "--prefix", prefix)
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "network 10.244.0.0/16 and fd00:10:244::/56" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("  n1 ", "  n2 "))]
+    assert [r[:5] for r in rows] == [
+        ["n1", f"{prefix}-n1", "eth0", "192.0.2.11", "fd00:192::11"],
+        ["n2", f"{prefix}-n2", "eth0", "192.0.2.12", "fd00:192::12"],
+    ]
+    assert all(r[5].startswith("10.244.") and r[6].startswith("fd00:10:244:") for r in rows)
+    assert all(r[8].startswith("10.244.") and r[9].startswith("fd00:10:244:") for r in rows)
+    assert "IPv4 ping matrix" in out and "IPv6 ping matrix" in out
+    assert out.index("IPv4 ping matrix") < out.index("IPv6 ping matrix")
+    assert out.count("    n1c1   ·     ✓") == 2 and out.count("    n2c1   ✓     ·") == 2
+    assert "4/4 pings answered (IPv4 2/2, IPv6 2/2): all green" in out
     assert namespaces(prefix) == []
