@@ -4,6 +4,6 @@ Importing this package registers all three."""
 from __future__ import annotations
 
 from . import hostgw, udp, vxlan  # noqa: F401 - each registers itself
-from .registry import get_backend, known_backends, register
+from .registry import checked_config, get_backend, known_backends, register
 
-__all__ = ["get_backend", "known_backends", "register"]
+__all__ = ["checked_config", "get_backend", "known_backends", "register"]

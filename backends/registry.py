@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from flanneld.core.config import ConfigError, NetworkConfig, parse_config
+
 from .base import Backend, BackendError
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -31,3 +33,15 @@ def get_backend(name: str) -> type[Backend]:
 
 def known_backends() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def checked_config(raw: bytes | str) -> NetworkConfig:
+    """The network config with its Backend object checked by its backend's pure
+    `parse_options()`: ConfigError naming the key and the fix, whatever is wrong."""
+    config = parse_config(raw)
+    try:
+        backend = get_backend(config.backend_type)
+    except BackendError as e:  # an unknown type
+        raise ConfigError(str(e)) from None
+    backend.parse_options(config.backend)
+    return config

@@ -16,12 +16,12 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 
 import backends
-from backends.base import Backend, BackendContext, BackendError
+from backends.base import Backend, BackendContext
 from flanneld import __version__
 from flanneld.agent.leasemgr import LEASE_TTL, LeaseManager
 from flanneld.agent.watcher import PeerWatcher
 from flanneld.core.admission import PeerRules
-from flanneld.core.config import ConfigError, NetworkConfig, parse_config, underlay_problem
+from flanneld.core.config import ConfigError, NetworkConfig, underlay_problem
 from flanneld.core.errors import FlannelError, StateError
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
 from flanneld.core.lease import Lease
@@ -78,12 +78,7 @@ class Agent:
     def validate(self, raw: bytes, ext: ExternalInterface) -> NetworkConfig:
         """The whole config as this node would run it, checked before anything is touched:
         the JSON, the backend's options, the Network against this node's underlay."""
-        config = parse_config(raw)
-        try:
-            backend = backends.get_backend(config.backend_type)
-        except BackendError as e:  # an unknown type
-            raise ConfigError(str(e)) from None
-        backend.parse_options(config.backend)
+        config = backends.checked_config(raw)
         if why := underlay_problem(config.network, ext.underlay, (ext.iface_addr, ext.ext_addr)):
             raise ConfigError(why)
         if config.ipv6 is not None:

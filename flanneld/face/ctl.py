@@ -3,9 +3,10 @@
 `status` asks the running agent (its unix socket in the state directory) for its lease, peers
 and datapath health; `leases`, `config` and `reserve`/`unreserve` work on etcd directly with the
 agent's own flags and validation; `cleanup` removes everything the agent owns on this node (its
-routes, its devices with their ARP/FDB entries, its iptables chains or nft table) and nothing
-else, and is harmless twice; `rules` installs, checks, repairs or removes the masquerade and
-forward rules alone, as the agent would for a network and subnet.
+routes, its devices with their ARP/FDB entries, its iptables and ip6tables chains or nft
+tables) and nothing else, and is harmless twice; `rules` installs, checks, repairs or removes
+the masquerade and forward rules alone, as the agent would for a network and subnet (and an
+IPv6 network and subnet on a dual-stack node).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import shutil
 import socket
 import sys
 import time
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
 import backends
-from backends.base import BackendError
 from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
@@ -93,7 +93,7 @@ async def _cleanup(args: argparse.Namespace) -> int:
         print(f"removed {item}")
     if not removed:
         print("no route or device of the agent's left on this node")
-    if shutil.which("iptables") or shutil.which("nft"):
+    if any(shutil.which(tool) for tool in ("iptables", "ip6tables", "nft")):
         if not await Masquerade.cleanup():
             print("could not remove every masquerade/forward rule (see the error above)")
             return 1
@@ -108,6 +108,11 @@ async def _rules(args: argparse.Namespace) -> int:
             f"rules {args.action} needs --network and --subnet (FLANNEL_NETWORK and the "
             "network of FLANNEL_SUBNET in subnet.env)"
         )
+    if args.action != "cleanup" and (args.network6 is None) != (args.subnet6 is None):
+        raise CtlError(
+            f"rules {args.action} needs --network6 and --subnet6 together for the IPv6 rules "
+            "(FLANNEL_IPV6_NETWORK and the network of FLANNEL_IPV6_SUBNET), or neither"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.action == "cleanup":
         return 0 if await Masquerade.cleanup() else 1
@@ -118,6 +123,8 @@ async def _rules(args: argparse.Namespace) -> int:
         random_fully=not args.no_random_fully,
         mode=args.mode,
         masq=not args.no_masq,
+        network6=args.network6,
+        subnet6=args.subnet6,
     )
     if args.action == "check":
         drift = await masq.check()
@@ -128,29 +135,40 @@ async def _rules(args: argparse.Namespace) -> int:
 
 
 # -- status ----------------------------------------------------------------------------------
-def fetch_status(state_dir: str) -> dict:
-    path = Path(state_dir) / SOCKET_NAME
+def ask_agent(state_dir: str, path: str) -> bytes:
+    """GET `path` from the running agent on its status socket in `state_dir`; the body of a
+    200 answer (CtlError for no agent or any other answer)."""
+    sock = Path(state_dir) / SOCKET_NAME
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
-            s.connect(str(path))
-            s.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+            s.connect(str(sock))
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
     except OSError as e:
         raise CtlError(
-            f"cannot reach the agent at {path} ({e.strerror or e}); is flanneld running with "
+            f"cannot reach the agent at {sock} ({e.strerror or e}); is flanneld running with "
             "this --state-dir (env FLANNELD_STATE_DIR)?"
         ) from None
     head, _, body = data.partition(b"\r\n\r\n")
+    first = head.split(b"\r\n", 1)[0].decode(errors="replace") or "nothing"
+    if first.split(" ")[1:2] != ["200"]:
+        raise CtlError(
+            f"the agent at {sock} answered {first!r} for {path}: "
+            f"{body[:200].decode(errors='replace')!r}; see its log"
+        )
+    return body
+
+
+def fetch_status(state_dir: str) -> dict:
+    body = ask_agent(state_dir, "/status")
     try:
         return json.loads(body)
     except ValueError:
-        first = head.split(b"\r\n", 1)[0].decode(errors="replace") or "nothing"
         raise CtlError(
-            f"the agent at {path} answered {first!r}, not a status: "
-            f"{body[:200].decode(errors='replace')!r}; see its log"
+            f"the agent in {state_dir} answered a /status that is not JSON; see its log"
         ) from None
 
 
@@ -244,12 +262,7 @@ def _read(path: str) -> bytes:
 
 def validate_config(raw: bytes) -> str:
     """The agent's own validation; returns a one-line summary or raises ConfigError."""
-    config = parse_config(raw)
-    try:
-        backend = backends.get_backend(config.backend_type)
-    except BackendError as e:  # an unknown type
-        raise ConfigError(str(e)) from None
-    backend.parse_options(config.backend)
+    config = backends.checked_config(raw)
     return (
         f"network {config.network}, subnets /{config.subnet_len} from {config.subnet_min} "
         f"to {config.subnet_max}, backend {config.backend_type}"
@@ -428,6 +441,10 @@ def _parser() -> argparse.ArgumentParser:
     ru.add_argument("action", choices=("ensure", "check", "resync", "cleanup"))
     ru.add_argument("--network", type=IPv4Network, help="cluster network (FLANNEL_NETWORK)")
     ru.add_argument("--subnet", type=IPv4Network, help="this node's lease subnet")
+    ru.add_argument(
+        "--network6", type=IPv6Network, help="IPv6 cluster network (FLANNEL_IPV6_NETWORK)"
+    )
+    ru.add_argument("--subnet6", type=IPv6Network, help="this node's IPv6 lease subnet")
     ru.add_argument("--mode", choices=(IPTABLES, NFTABLES), help="default: what the host has")
     ru.add_argument("--no-forward", action="store_true", help="no FLANNEL-FWD rules")
     ru.add_argument("--no-masq", action="store_true", help="no FLANNEL-POSTRTG rules")

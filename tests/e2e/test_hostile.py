@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from ipaddress import IPv4Network
 
@@ -20,22 +19,6 @@ ARGS = ("--reconcile-interval=1", "--healthz-ip=127.0.0.1", "--healthz-port=8471
 
 def subnet(c: Cluster, node) -> IPv4Network:
     return IPv4Network(c.env(node)["FLANNEL_SUBNET"], strict=False)
-
-
-def status(c: Cluster, node) -> dict:
-    out = c.lab.run(
-        node.ns,
-        sys.executable,
-        "-m",
-        "flanneld.face.ctl",
-        "status",
-        "--json",
-        "--state-dir",
-        str(c.lab.workdir / node.name),
-        check=False,
-    )
-    assert out.stdout, out.stderr
-    return json.loads(out.stdout)
 
 
 def metric(c: Cluster, node, name: str, **labels: str) -> float:
@@ -85,7 +68,7 @@ def test_hostile_records_take_over_nothing(backend):
             lab.etcdctl("put", f"{PREFIX}/subnets/{key}", value)
 
         def all_rejected() -> bool:
-            return {r["key"] for r in status(c, n1)["rejected"]} == set(hostile)
+            return {r["key"] for r in c.status(n1)["rejected"]} == set(hostile)
 
         wait_until(all_rejected, 10, what="every hostile record rejected on n1")
         time.sleep(2.5)  # two more full passes
@@ -98,7 +81,7 @@ def test_hostile_records_take_over_nothing(backend):
                 assert dst.subnet_of(NETWORK), r
                 assert dst == NETWORK or not dst.overlaps(subnet(c, node)), r  # udp: one route
         c.assert_all_reachable()
-        rules = {r["key"]: r["rule"] for r in status(c, n1)["rejected"]}
+        rules = {r["key"]: r["rule"] for r in c.status(n1)["rejected"]}
         assert rules["0.0.0.0-0"] == "outside_network"
         assert rules[f"{own.network_address}-25"] == "subnet_len"
         assert rules[f"{own.network_address}-024"] == "key"
@@ -112,7 +95,7 @@ def test_hostile_records_take_over_nothing(backend):
         c.subnet_file(n3).unlink()  # so that ready means this run's subnet.env
         c.start(n3)
         c.wait_ready(n3)
-        doc3 = status(c, n3)
+        doc3 = c.status(n3)
         assert {r["key"] for r in doc3["rejected"]} == set(hostile), (doc3, c.log(n3)[-3000:])
         c.assert_all_reachable(timeout=15)
 
@@ -169,12 +152,12 @@ def test_invalid_config_keeps_the_running_one_and_a_restart_uses_the_last_good()
             10,
             what="the running agent to notice the invalid config",
         )
-        assert "Backend.VNI" in status(c, n1)["config"]["problem"]
+        assert "Backend.VNI" in c.status(n1)["config"]["problem"]
         c.stop(n2)
         c.subnet_file(n2).unlink()  # so that ready means this run's subnet.env
         c.start(n2)
         c.wait_ready(n2)
-        doc = status(c, n2)
+        doc = c.status(n2)
         assert doc["ready"] and doc["config"]["source"] == "saved"
         assert subnet(c, n2) == before
         c.assert_all_reachable()
