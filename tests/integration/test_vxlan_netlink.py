@@ -1,8 +1,10 @@
 """vxlan against a real kernel, in a throw-away namespace: the device (create, reuse, replace,
-re-create with the same MAC), its address, and the ARP/FDB/route entries per peer.
+re-create with the same MAC), its address, and the ARP/FDB/route entries per peer; in
+dual-stack the IPv6 device `flannel-v6.1` and its NDP/FDB/route entries too.
 
 Each test gets its own namespace `fltest-<random>` with a veth pair `ul0`/`ul0p` inside it and
-192.0.2.10/24 on `ul0`; the namespace is deleted afterwards, also when the test fails.
+192.0.2.10/24 and 2001:db8::10/64 on `ul0`; the namespace is deleted afterwards, also when the
+test fails.
 """
 
 import json
@@ -10,7 +12,8 @@ import os
 import secrets
 import shutil
 import subprocess
-from ipaddress import IPv4Address, IPv4Network
+import time
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -88,9 +91,11 @@ def ns():
     try:
         ip(name, "link", "add", "name", "ul0", "type", "veth", "peer", "name", "ul0p")
         ip(name, "addr", "add", "192.0.2.10/24", "dev", "ul0")
+        ip(name, "addr", "add", "2001:db8::10/64", "dev", "ul0", "nodad")
         ip(name, "link", "set", "dev", "ul0", "up")
         ip(name, "link", "set", "dev", "ul0p", "up")
         ip(name, "route", "add", "default", "via", "192.0.2.1", "dev", "ul0")
+        ip(name, "-6", "route", "add", "default", "via", "2001:db8::1", "dev", "ul0")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
@@ -336,3 +341,342 @@ async def test_bad_option_is_refused_before_touching_the_kernel(ns, tmp_path) ->
     with pytest.raises(ConfigError, match="Backend.VNI"):
         await b.prepare()
     assert DEV not in ip(ns, "link", "show")
+
+
+async def test_v4_only_config_creates_no_ipv6_device(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2))
+    assert DEV6 not in ip(ns, "link", "show")
+    assert backend.mtu == 1450 and routes6(ns) == {}
+
+
+# -- dual-stack: the second device flannel-v6.1 ----------------------------------------------
+DEV6 = "flannel-v6.1"
+PUBLIC_IP6 = IPv6Address("2001:db8::10")
+MAC6 = vtep_mac(PUBLIC_IP6, 1)
+N6 = "fd00:10:244:{}::"
+LOCAL6 = Lease(
+    IPv4Network("10.244.1.0/24"),
+    LeaseAttrs(
+        PUBLIC_IP, "vxlan", {"VNI": 1, "VtepMAC": MAC}, PUBLIC_IP6, {"VNI": 1, "VtepMAC": MAC6}
+    ),
+    ipv6_subnet=IPv6Network(N6.format(1) + "/64"),
+)
+M2_6, M3_6 = "0a:00:00:00:06:02", "0a:00:00:00:06:03"
+
+
+def peer6(n: int, public_ip: str, mac: str, public_ip6: str, mac6: str) -> Lease:
+    data = {"VNI": 1, "VtepMAC": mac}
+    return Lease(
+        IPv4Network(f"10.244.{n}.0/24"),
+        LeaseAttrs(IPv4Address(public_ip), "vxlan", data, IPv6Address(public_ip6),
+                   {"VNI": 1, "VtepMAC": mac6}),
+        ipv6_subnet=IPv6Network(N6.format(n) + "/64"),
+    )  # fmt: skip
+
+
+Q2 = peer6(2, "192.0.2.11", M2, "2001:db8::11", M2_6)  # IPv6 underlay on-link
+Q3 = peer6(3, "198.18.0.13", M3, "2001:db8:ff::13", M3_6)  # behind the IPv6 router
+
+
+def fdb6(ns: str) -> dict[str, str]:
+    entries = json.loads(run("bridge", "-n", ns, "-j", "fdb", "show", "dev", DEV6))
+    return {e["mac"]: e.get("dst") for e in entries if "permanent" in e.get("state", "")}
+
+
+def ndp(ns: str) -> dict[str, str]:
+    entries = json.loads(ip(ns, "-6", "-j", "neigh", "show", "dev", DEV6))
+    return {e["dst"]: e["lladdr"] for e in entries if "PERMANENT" in e.get("state", [])}
+
+
+def routes6(ns: str) -> dict[str, dict]:
+    listed = json.loads(ip(ns, "-6", "-j", "route", "show", "table", "main"))
+    return {r["dst"]: r for r in listed if r.get("protocol") == str(netlink.ROUTE_PROTOCOL)}
+
+
+def addrs6(ns: str, name: str = DEV6) -> set[tuple[str, int]]:
+    dev = json.loads(ip(ns, "-j", "addr", "show", "dev", name))[0]
+    return {(a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet6"}
+
+
+def make6(
+    ns: str,
+    tmp_path: Path,
+    public: IPv4Address = PUBLIC_IP,
+    public6: IPv6Address = PUBLIC_IP6,
+    **options: object,
+) -> VxlanBackend:
+    ext = ExternalInterface(
+        "ul0", link(ns, "ul0")["ifindex"], public, public, 1500,
+        iface_addr6=public6, ext_addr6=public6,
+    )  # fmt: skip
+    doc = {
+        "Network": "10.244.0.0/16",
+        "EnableIPv6": True,
+        "IPv6Network": "fd00:10:244::/56",
+        "Backend": {"Type": "vxlan", **options},
+    }
+    config = parse_config(json.dumps(doc))
+    return VxlanBackend(BackendContext(ext, config, tmp_path, config.backend), netns=ns)
+
+
+@pytest.fixture
+async def backend6(ns, tmp_path: Path):
+    b = make6(ns, tmp_path)
+    try:
+        await b.prepare()
+        await b.configure(LOCAL6)
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_dual_stack_prepare_creates_the_ipv6_device_the_reference_way(ns, tmp_path) -> None:
+    b = make6(ns, tmp_path)
+    try:
+        attrs = await b.prepare()
+    finally:
+        await b.close()
+    assert attrs == LOCAL6.attrs
+    assert attrs.encode() == (
+        b'{"PublicIP":"192.0.2.10","PublicIPv6":"2001:db8::10","BackendType":"vxlan",'
+        b'"BackendData":{"VNI":1,"VtepMAC":"' + MAC.encode() + b'"},'
+        b'"BackendV6Data":{"VNI":1,"VtepMAC":"' + MAC6.encode() + b'"}}'
+    )
+    dev = link(ns, DEV6)
+    info = dev["linkinfo"]["info_data"]
+    assert MAC6 != MAC and dev["address"] == MAC6
+    assert dev["mtu"] == 1430 == b.mtu  # FLANNEL_MTU fits both devices
+    assert (info["id"], info["local6"], info["link"], info["port"]) == (
+        1,
+        "2001:db8::10",
+        "ul0",
+        8472,
+    )
+    assert info["learning"] is False and "gbp" not in info and "group6" not in info
+    v4 = link(ns)
+    assert (v4["address"], v4["mtu"]) == (MAC, 1450)  # the IPv4 device as without IPv6
+
+
+async def test_dual_stack_compatible_devices_are_reused(ns, backend6, tmp_path) -> None:
+    index = link(ns, DEV6)["ifindex"]
+    await backend6.reconcile(LOCAL6, peers(Q2))
+    again = make6(ns, tmp_path)
+    try:
+        assert (await again.prepare()).backend_v6_data == {"VNI": 1, "VtepMAC": MAC6}
+        await again.configure(LOCAL6)
+        result = await again.reconcile(LOCAL6, peers(Q2))
+    finally:
+        await again.close()
+    assert link(ns, DEV6)["ifindex"] == index and not result.changed
+
+
+async def test_dual_stack_incompatible_ipv6_device_is_replaced(ns, tmp_path) -> None:
+    # An IPv4 device under the IPv6 name, and one with the wrong IPv6 source address.
+    for local in ("192.0.2.10", "2001:db8::99"):
+        ip(ns, "link", "add", DEV6, "type", "vxlan", "id", "1", "local", local,
+           "dev", "ul0", "dstport", "8472")  # fmt: skip
+        index = link(ns, DEV6)["ifindex"]
+        b = make6(ns, tmp_path)
+        try:
+            await b.prepare()
+        finally:
+            await b.close()
+        dev = link(ns, DEV6)
+        assert dev["ifindex"] != index and dev["address"] == MAC6
+        assert dev["linkinfo"]["info_data"].get("local6") == "2001:db8::10"
+        ip(ns, "link", "del", DEV6)
+
+
+async def test_dual_stack_configure_sets_the_ipv6_address(ns, backend6) -> None:
+    ip(ns, "addr", "add", "fd00:10:244:9::/128", "dev", DEV6, "nodad")  # an old lease's
+    ip(ns, "addr", "add", "fd00:99::1/128", "dev", DEV6, "nodad")  # not IPv6Network: kept
+    await backend6.configure(LOCAL6)
+    have = {a for a in addrs6(ns) if not a[0].startswith("fe80:")}
+    assert have == {("fd00:10:244:1::", 128), ("fd00:99::1", 128)}
+    assert "UP" in link(ns, DEV6)["flags"]
+    v4 = json.loads(ip(ns, "-j", "addr", "show", "dev", DEV))[0]
+    assert [a["local"] for a in v4["addr_info"] if a["family"] == "inet"] == ["10.244.1.0"]
+
+
+async def test_dual_stack_peers_get_ndp_fdb_and_onlink_route(ns, backend6) -> None:
+    result = await backend6.reconcile(LOCAL6, peers(Q2, Q3))
+    assert result.added == {"arp": 4, "fdb": 4, "route": 4} and not result.failed
+    assert fdb(ns) == {M2: "192.0.2.11", M3: "198.18.0.13"}
+    assert fdb6(ns) == {M2_6: "2001:db8::11", M3_6: "2001:db8:ff::13"}
+    assert ndp(ns) == {N6.format(2): M2_6, N6.format(3): M3_6}
+    r = routes6(ns)
+    assert set(r) == {N6.format(2) + "/64", N6.format(3) + "/64"}
+    r2 = r[N6.format(2) + "/64"]
+    assert (r2["gateway"], r2["dev"], r2["flags"]) == (N6.format(2), DEV6, ["onlink"])
+    assert routes(ns)["10.244.2.0/24"]["dev"] == DEV
+    assert not (await backend6.reconcile(LOCAL6, peers(Q2, Q3))).changed
+
+
+async def test_dual_stack_peer_without_ipv6_data_gets_ipv4_only(ns, backend6) -> None:
+    bare = Lease(Q3.subnet, LeaseAttrs(Q3.attrs.public_ip, "vxlan", Q3.attrs.backend_data))
+    result = await backend6.reconcile(LOCAL6, peers(Q2, bare))
+    assert result.added == {"arp": 3, "fdb": 3, "route": 3}
+    assert fdb6(ns) == {M2_6: "2001:db8::11"} and fdb(ns) == {M2: "192.0.2.11", M3: "198.18.0.13"}
+
+
+async def test_dual_stack_hand_deleted_entries_are_restored(ns, backend6) -> None:
+    await backend6.reconcile(LOCAL6, peers(Q2, Q3))
+    run("bridge", "-n", ns, "fdb", "del", M2_6, "dev", DEV6, "dst", "2001:db8::11")
+    ip(ns, "-6", "neigh", "del", N6.format(3), "dev", DEV6)
+    ip(ns, "-6", "route", "del", N6.format(3) + "/64")
+    missing = await backend6.inspect(LOCAL6, peers(Q2, Q3))
+    assert missing == {
+        Q2.subnet: [f"{M2_6} dst 2001:db8::11 dev {DEV6}"],
+        Q3.subnet: [
+            f"{N6.format(3)} lladdr {M3_6} dev {DEV6}",
+            f"{N6.format(3)}/64 via {N6.format(3)} dev {DEV6} onlink",
+        ],
+    }
+    result = await backend6.reconcile(LOCAL6, peers(Q2, Q3))
+    assert result.added == {"arp": 1, "fdb": 1, "route": 1} and not result.removed
+    assert result.repaired == result.added
+    assert fdb6(ns) == {M2_6: "2001:db8::11", M3_6: "2001:db8:ff::13"}
+    assert ndp(ns)[N6.format(3)] == M3_6 and N6.format(3) + "/64" in routes6(ns)
+
+
+async def test_dual_stack_removed_peer_and_stale_entries_are_cleaned(ns, backend6) -> None:
+    await backend6.reconcile(LOCAL6, peers(Q2, Q3))
+    # Left by an earlier run for a peer that vanished while the agent was down.
+    run(
+        "bridge", "-n", ns, "fdb", "append", "0a:00:00:00:06:07", "dev", DEV6, "dst", "2001:db8::17"
+    )
+    result = await backend6.reconcile(LOCAL6, peers(Q2))
+    assert result.removed == {"arp": 2, "fdb": 3, "route": 2} and not result.added
+    assert fdb6(ns) == {M2_6: "2001:db8::11"} and ndp(ns) == {N6.format(2): M2_6}
+    assert set(routes6(ns)) == {N6.format(2) + "/64"}
+
+
+async def test_dual_stack_ipv6_mac_change_replaces_ndp_and_drops_the_old_fdb_entry(
+    ns, backend6
+) -> None:
+    await backend6.reconcile(LOCAL6, peers(Q2))
+    moved = peer6(2, "192.0.2.11", M2, "2001:db8::11", "0a:00:00:00:06:22")
+    result = await backend6.reconcile(LOCAL6, peers(moved))
+    assert result.removed == {"fdb": 1} and result.added == {"arp": 1, "fdb": 1}
+    assert fdb6(ns) == {"0a:00:00:00:06:22": "2001:db8::11"}
+    assert ndp(ns) == {N6.format(2): "0a:00:00:00:06:22"} and fdb(ns) == {M2: "192.0.2.11"}
+
+
+async def test_dual_stack_deleted_ipv6_device_is_recreated_and_replayed(ns, backend6) -> None:
+    await backend6.reconcile(LOCAL6, peers(Q2, Q3))
+    ip(ns, "link", "del", DEV6)
+    assert routes6(ns) == {} and not await backend6.intact()
+    result = await backend6.reconcile(LOCAL6, peers(Q2, Q3), full=False)
+    assert result.added == {"arp": 2, "fdb": 2, "route": 2}  # the IPv4 side was left alone
+    assert await backend6.intact()
+    dev = link(ns, DEV6)
+    assert (dev["address"], dev["mtu"]) == (MAC6, 1430) and "UP" in dev["flags"]
+    assert ("fd00:10:244:1::", 128) in addrs6(ns)
+    assert fdb6(ns) == {M2_6: "2001:db8::11", M3_6: "2001:db8:ff::13"}
+    assert routes6(ns)[N6.format(3) + "/64"]["dev"] == DEV6
+
+
+async def test_dual_stack_intact_checks_both_devices(ns, backend6) -> None:
+    assert await backend6.intact()
+    ip(ns, "link", "set", DEV6, "down")
+    assert not await backend6.intact()
+    await backend6.reconcile(LOCAL6, peers(), full=False)
+    assert await backend6.intact()
+    ip(ns, "link", "set", DEV, "down")
+    assert not await backend6.intact()
+
+
+async def test_dual_stack_direct_routing_for_on_link_peers(ns, tmp_path) -> None:
+    b = make6(ns, tmp_path, DirectRouting=True)
+    try:
+        await b.prepare()
+        await b.configure(LOCAL6)
+        await b.reconcile(LOCAL6, peers(Q2, Q3))
+    finally:
+        await b.close()
+    r = routes6(ns)
+    r2, r3 = r[N6.format(2) + "/64"], r[N6.format(3) + "/64"]
+    assert (r2["gateway"], r2["dev"], r2["flags"]) == ("2001:db8::11", "ul0", [])
+    assert (r3["gateway"], r3["dev"]) == (N6.format(3), DEV6)
+    assert fdb6(ns) == {M3_6: "2001:db8:ff::13"} and ndp(ns) == {N6.format(3): M3_6}
+    assert routes(ns)["10.244.2.0/24"]["dev"] == "ul0"
+
+
+async def test_dual_stack_ipv6_dumps_list_only_permanent_unicast_entries(ns, backend6) -> None:
+    index = link(ns, DEV6)["ifindex"]
+    run(
+        "bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", DEV6, "dst", "2001:db8::99"
+    )
+    run("bridge", "-n", ns, "fdb", "add", M2_6, "dev", DEV6, "dst", "2001:db8::11")
+    ip(ns, "-6", "neigh", "add", N6.format(2), "lladdr", M2_6, "dev", DEV6, "nud", "permanent")
+    ip(ns, "-6", "neigh", "add", N6.format(4), "lladdr", M3_6, "dev", DEV6, "nud", "stale")
+    async with netlink.open_ipr(ns) as ipr:
+        assert await netlink.dump_fdb(ipr, index) == {Fdb(index, M2_6, IPv6Address("2001:db8::11"))}
+        assert await netlink.dump_neighs(ipr, index, version=6) == {
+            Neigh(index, IPv6Address(N6.format(2)), M2_6)
+        }
+
+
+def reassembled(ns: str) -> int:
+    """How many IPv6 packets the namespace had to reassemble from fragments."""
+    counters = run("ip", "netns", "exec", ns, "cat", "/proc/net/snmp6").split("\n")
+    return next(int(line.split()[1]) for line in counters if line.startswith("Ip6ReasmReqds"))
+
+
+@pytest.fixture
+def two_nodes():
+    """Two namespaces joined by a veth pair `ul0`—`ul0`: 192.0.2.10 and 2001:db8::10 in the
+    first, .11 and ::11 in the second."""
+    names = [f"fltest-{secrets.token_hex(4)}" for _ in range(2)]
+    try:
+        for name in names:
+            run("ip", "netns", "add", name)
+        a, b = names
+        ip(a, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", b)
+        for name, host in zip(names, ("10", "11"), strict=True):
+            ip(name, "addr", "add", f"192.0.2.{host}/24", "dev", "ul0")
+            ip(name, "addr", "add", f"2001:db8::{host}/64", "dev", "ul0", "nodad")
+            ip(name, "link", "set", "dev", "ul0", "up")
+            ip(name, "link", "set", "dev", "lo", "up")
+        yield names
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+async def test_dual_stack_packets_cross_both_devices_at_the_advertised_mtu(
+    two_nodes, tmp_path
+) -> None:
+    """Real packets between two nodes: IPv4 through flannel.1, IPv6 through flannel-v6.1, and
+    an IPv6 packet of FLANNEL_MTU bytes (1430) crossing the 1500-byte underlay unfragmented."""
+    a, b = two_nodes
+    ip4, ip6 = IPv4Address("192.0.2.11"), IPv6Address("2001:db8::11")
+    node_a, node_b = make6(a, tmp_path), make6(b, tmp_path, ip4, ip6)
+    try:
+        lease_a = Lease(LOCAL6.subnet, await node_a.prepare(), ipv6_subnet=LOCAL6.ipv6_subnet)
+        lease_b = Lease(
+            IPv4Network("10.244.2.0/24"),
+            await node_b.prepare(),
+            ipv6_subnet=IPv6Network(N6.format(2) + "/64"),
+        )
+        assert lease_b.attrs.backend_v6_data == {"VNI": 1, "VtepMAC": vtep_mac(ip6, 1)}
+        for node, mine, theirs in ((node_a, lease_a, lease_b), (node_b, lease_b, lease_a)):
+            await node.configure(mine)
+            result = await node.reconcile(mine, peers(theirs))
+            assert result.added == {"arp": 2, "fdb": 2, "route": 2}
+    finally:
+        await node_a.close()
+        await node_b.close()
+    for name in two_nodes:  # the kernel's duplicate address detection: about a second
+        deadline = time.monotonic() + 10
+        while ip(name, "-6", "addr", "show", "dev", DEV6, "tentative").strip():
+            assert time.monotonic() < deadline, "the IPv6 address stays tentative"
+            time.sleep(0.1)
+    ping = ("ip", "netns", "exec", a, "ping", "-c", "1", "-W", "2")
+    run(*ping, "-I", "10.244.1.0", "10.244.2.0")
+    run(*ping, "-6", "-I", N6.format(1), N6.format(2))
+    big = (*ping, "-6", "-I", N6.format(1), "-M", "do", "-s")
+    run(*big, "1382", N6.format(2))  # 1430 bytes: an outer packet of exactly 1500
+    assert reassembled(b) == 0
+    with pytest.raises(subprocess.CalledProcessError):  # the kernel's limit too: not 1450
+        ip(a, "link", "set", "dev", DEV6, "mtu", "1431")
