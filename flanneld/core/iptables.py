@@ -1,5 +1,6 @@
 """A firewall rule set in iptables terms: the `iptables-restore --noflush` input that installs
-it, and its drift from `iptables-save` output. Pure: text in, text out.
+it, and its drift from `iptables-save` output; for IPv6 (`family` 6) the same in ip6tables
+terms (`ip6tables-restore`, `ip6tables-save`). Pure: text in, text out.
 """
 
 # Installing means flushing and refilling our chain in one transaction: rules of a previous
@@ -9,13 +10,23 @@ it, and its drift from `iptables-save` output. Pure: text in, text out.
 # Docker's DOCKER-USER jump) stay above it, and an existing jump is never moved. A missing jump
 # is appended; of duplicates the last one is kept; any other rule that jumps to our chain or
 # carries our comment (an old flannel's rule in POSTROUTING) is deleted in the same transaction.
+# ip6tables has the same tables, chains and syntax: only the addresses differ, so both families
+# are rendered by the same code, each from its own chains of the rule set.
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 
-from flanneld.core.firewall import CHAINS, KUBE_PROXY_MARK, Chain, Rule, RuleSet, rule_diff
+from flanneld.core.firewall import (
+    CHAINS,
+    KUBE_PROXY_MARK,
+    Chain,
+    Rule,
+    RuleSet,
+    labelled,
+    rule_diff,
+)
 
 WAIT_AND_RANDOM_FULLY = (1, 6, 2)  # first iptables with `--random-fully` and restore `--wait`
 
@@ -101,13 +112,17 @@ def _section(template: Chain, want: Chain | None, saved: dict[str, list[str]]) -
     return "".join(f"{line}\n" for line in [f"*{template.table}", *lines, "COMMIT"])
 
 
-def iptables_payload(ruleset: RuleSet, saved: Mapping[str, str] | None = None) -> str:
-    """The `iptables-restore --noflush` input that turns the tables in `saved` (table name →
-    `iptables-save -t` output; none for a node without our rules) into `ruleset`; our chains
-    not in `ruleset` are removed. Empty when there is nothing to do."""
+def iptables_payload(
+    ruleset: RuleSet, saved: Mapping[str, str] | None = None, family: int = 4
+) -> str:
+    """The `iptables-restore --noflush` input (`ip6tables-restore` for `family` 6) that turns
+    the tables in `saved` (table name → `iptables-save -t` output; none for a node without our
+    rules) into the `family` chains of `ruleset`; our chains not in it are removed. Empty when
+    there is nothing to do."""
     saved = saved or {}
     return "".join(
-        _section(t, ruleset.chain(t.name), parse_save(saved.get(t.table, ""))) for t in CHAINS
+        _section(t, ruleset.chain(t.name, family), parse_save(saved.get(t.table, "")))
+        for t in CHAINS
     )
 
 
@@ -116,11 +131,12 @@ def payload_tables(payload: str) -> list[str]:
     return re.findall(r"^\*(\w+)$", payload, re.M)
 
 
-def iptables_drift(ruleset: RuleSet, saved: Mapping[str, str]) -> list[str]:
-    """How the saved tables differ from `ruleset`, one phrase per difference; [] when exact."""
+def iptables_drift(ruleset: RuleSet, saved: Mapping[str, str], family: int = 4) -> list[str]:
+    """How the saved tables (of `ip6tables-save` for `family` 6) differ from the `family`
+    chains of `ruleset`, one phrase per difference (IPv6 ones say so); [] when exact."""
     out: list[str] = []
     for template in CHAINS:
-        want = ruleset.chain(template.name)
+        want = ruleset.chain(template.name, family)
         tables = parse_save(saved.get(template.table, ""))
         if want is None:
             if template.name in tables or _refs(template, tables):
@@ -136,4 +152,4 @@ def iptables_drift(ruleset: RuleSet, saved: Mapping[str, str]) -> list[str]:
             out.append(f"{want.hook}: {copies} jumps to {want.name}, want 1")
         if others:
             out.append(f"{len(others)} other rule(s) refer to {want.name}")
-    return out
+    return labelled(family, out)

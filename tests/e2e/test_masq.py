@@ -1,5 +1,6 @@
 """Masquerade rules in a lab node, iptables and nftables: the exact rule set, resync after a
-deleted or moved rule, switching modes, and a cleanup that leaves the tables as they were.
+deleted or moved rule, switching modes, and a cleanup that leaves the tables as they were; on a
+dual-stack node the same for IPv6 (ip6tables, table ip6 flannel-ipv6).
 
 Every iptables/nft command runs inside the node's namespace (`ip netns exec`), never outside.
 """
@@ -83,9 +84,11 @@ def need(*tools: str) -> None:
             pytest.skip(f"{tool} is not installed (deploy/run-tests.sh installs it)")
 
 
-def masq(node, command: str, *args: str, mode: str | None = None):
+def masq(node, command: str, *args: str, mode: str | None = None, dual: bool = False):
     lab, ns = node
     extra = [] if command == "cleanup" else ["--network", NET, "--subnet", SUBNET]
+    if dual and command != "cleanup":
+        extra += ["--network6", NET6, "--subnet6", SUBNET6]
     extra += ["--mode", mode] if mode else []
     cmd = (sys.executable, "-m", "flanneld.face.ctl", "rules", command)
     return lab.run(ns, *cmd, *extra, *args, check=False)
@@ -111,6 +114,8 @@ def snapshot(node) -> str:
     """Every table of the node as iptables-save and nft see them, minus timestamps/counters."""
     lab, ns = node
     text = lab.run(ns, "iptables-save").stdout
+    if shutil.which("ip6tables-save"):
+        text += "\n--- ip6tables\n" + lab.run(ns, "ip6tables-save").stdout
     if shutil.which("nft"):
         text += "\n--- nft\n" + lab.run(ns, "nft", "list", "ruleset").stdout
     text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
@@ -301,3 +306,136 @@ def test_switching_mode_removes_the_other_modes_rules(node):
     lab, ns = node
     assert "flannel-ipv4" not in lab.run(ns, "nft", "list", "tables").stdout
     assert rules(node, "nat") == NAT_RULES
+
+
+# -- IPv6 (dual-stack) --------------------------------------------------------------------------
+
+NET6, SUBNET6 = "fd00:10:244::/48", "fd00:10:244:3::/64"
+NAT6_RULES = [
+    f"-A POSTROUTING {COMMENT} -j FLANNEL-POSTRTG",
+    f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {COMMENT} -j RETURN",
+    f"-A FLANNEL-POSTRTG -s fd00:10:244:3::/64 -d fd00:10:244::/48 {COMMENT} -j RETURN",
+    f"-A FLANNEL-POSTRTG -s fd00:10:244::/48 -d fd00:10:244:3::/64 {COMMENT} -j RETURN",
+    f"-A FLANNEL-POSTRTG ! -s fd00:10:244::/48 -d fd00:10:244:3::/64 {COMMENT} -j RETURN",
+    f"-A FLANNEL-POSTRTG -s fd00:10:244::/48 ! -d ff00::/8 {COMMENT} {MASQ}",
+    f"-A FLANNEL-POSTRTG ! -s fd00:10:244::/48 -d fd00:10:244::/48 {COMMENT} {MASQ}",
+]
+FILTER6_RULES = [
+    f"-A FORWARD {FWD_COMMENT} -j FLANNEL-FWD",
+    f"-A FLANNEL-FWD -s fd00:10:244::/48 {FWD_COMMENT} -j ACCEPT",
+    f"-A FLANNEL-FWD -d fd00:10:244::/48 {FWD_COMMENT} -j ACCEPT",
+]
+NFT6_TABLE = f"""table ip6 flannel-ipv6 {{
+	chain postrtg {{
+		type nat hook postrouting priority srcnat; policy accept;
+		meta mark & 0x00004000 == 0x00004000 return {M}
+		ip6 saddr fd00:10:244:3::/64 ip6 daddr fd00:10:244::/48 return {M}
+		ip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244:3::/64 return {M}
+		ip6 saddr != fd00:10:244::/48 ip6 daddr fd00:10:244:3::/64 return {M}
+		ip6 saddr fd00:10:244::/48 ip6 daddr != ff00::/8 masquerade fully-random {M}
+		ip6 saddr != fd00:10:244::/48 ip6 daddr fd00:10:244::/48 masquerade fully-random {M}
+	}}
+
+	chain forward {{
+		type filter hook forward priority filter; policy accept;
+		ip6 saddr fd00:10:244::/48 accept {F}
+		ip6 daddr fd00:10:244::/48 accept {F}
+	}}
+}}"""
+
+
+def rules6(node, table: str) -> list[str]:
+    lab, ns = node
+    out = lab.run(ns, "ip6tables-save", "-t", table).stdout
+    return [line for line in out.splitlines() if line.startswith("-A ")]
+
+
+def nft_table6(node) -> str:
+    lab, ns = node
+    return lab.run(ns, "nft", "list", "table", "ip6", "flannel-ipv6").stdout.strip()
+
+
+def test_ipv4_only_rules_leave_ip6tables_alone(node):
+    need("iptables", "ip6tables")
+    assert masq(node, "ensure", mode="iptables").returncode == 0
+    assert rules(node, "nat") == NAT_RULES
+    assert rules6(node, "nat") == [] and rules6(node, "filter") == []
+
+
+def test_ipv6_iptables_rules_installed_restored_and_cleaned_with_the_ipv4_ones(node):
+    need("iptables", "ip6tables")
+    lab, ns = node
+    before = snapshot(node)
+    assert masq(node, "ensure", mode="iptables", dual=True).returncode == 0
+    assert rules(node, "nat") == NAT_RULES and rules(node, "filter") == FILTER_RULES
+    assert rules6(node, "nat") == NAT6_RULES and rules6(node, "filter") == FILTER6_RULES
+    first = snapshot(node)
+    assert masq(node, "ensure", mode="iptables", dual=True).returncode == 0
+    assert snapshot(node) == first  # no duplicates, same order
+    res = masq(node, "check", mode="iptables", dual=True)
+    assert res.returncode == 0 and res.stdout.strip() == "in sync"
+
+    lab.run(ns, "ip6tables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "3")  # a deleted IPv6 rule
+    lab.run(ns, "ip6tables", "-I", "FORWARD", "1", "-j", "DROP")  # an admin's rule
+    lab.run(ns, "ip6tables", "-D", "FORWARD", *shlex.split(FILTER6_RULES[0])[2:])  # jump gone
+    res = masq(node, "check", mode="iptables", dual=True)
+    assert res.returncode == 1
+    assert res.stdout.splitlines() == [
+        "IPv6: FLANNEL-POSTRTG: 1 rule(s) missing",
+        "IPv6: FORWARD: 0 jumps to FLANNEL-FWD, want 1",
+    ]
+    res = masq(node, "resync", mode="iptables", dual=True)
+    assert res.returncode == 0 and res.stderr.count("masquerade rules repaired (IPv6: ") == 1
+    assert rules6(node, "nat") == NAT6_RULES
+    assert rules6(node, "filter") == ["-A FORWARD -j DROP", *FILTER6_RULES]  # appended below
+    assert rules(node, "nat") == NAT_RULES and rules(node, "filter") == FILTER_RULES
+    again = masq(node, "resync", mode="iptables", dual=True)
+    assert again.returncode == 0 and "repaired" not in again.stderr
+    lab.run(ns, "ip6tables", "-D", "FORWARD", "-j", "DROP")
+
+    assert masq(node, "cleanup").returncode == 0  # IPv4 and IPv6 alike
+    assert rules6(node, "nat") == [] and rules6(node, "filter") == []
+    assert rules(node, "nat") == [] and rules(node, "filter") == []
+    assert snapshot(node) == before
+    assert masq(node, "cleanup").returncode == 0
+    assert snapshot(node) == before
+
+
+def test_ipv6_nftables_table_installed_restored_and_cleaned_with_the_ipv4_one(node):
+    need("nft")
+    lab, ns = node
+    before = lab.run(ns, "nft", "list", "ruleset").stdout
+    assert masq(node, "ensure", mode="nftables", dual=True).returncode == 0
+    assert nft_table(node) == NFT_TABLE
+    assert nft_table6(node) == NFT6_TABLE
+    res = masq(node, "check", mode="nftables", dual=True)
+    assert res.returncode == 0 and res.stdout.strip() == "in sync"
+
+    listing = lab.run(ns, "nft", "-a", "list", "chain", "ip6", "flannel-ipv6", "postrtg").stdout
+    handles = re.findall(r'masq" # handle (\d+)', listing)
+    lab.run(ns, "nft", "delete", "rule", "ip6", "flannel-ipv6", "postrtg", "handle", handles[3])
+    res = masq(node, "check", mode="nftables", dual=True)
+    assert res.returncode == 1 and res.stdout.strip() == "IPv6: postrtg: 1 rule(s) missing"
+    res = masq(node, "resync", mode="nftables", dual=True)
+    assert res.returncode == 0 and res.stderr.count("masquerade rules repaired (IPv6: ") == 1
+    assert nft_table6(node) == NFT6_TABLE and nft_table(node) == NFT_TABLE
+    lab.run(ns, "nft", "delete", "table", "ip6", "flannel-ipv6")
+    assert masq(node, "resync", mode="nftables", dual=True).returncode == 0
+    assert nft_table6(node) == NFT6_TABLE
+
+    assert masq(node, "cleanup").returncode == 0  # IPv4 and IPv6 alike
+    assert lab.run(ns, "nft", "list", "ruleset").stdout == before
+    assert masq(node, "cleanup").returncode == 0
+    assert lab.run(ns, "nft", "list", "ruleset").stdout == before
+
+
+def test_ipv6_switching_mode_removes_the_other_modes_rules(node):
+    need("iptables", "ip6tables", "nft")
+    lab, ns = node
+    assert masq(node, "ensure", mode="iptables", dual=True).returncode == 0
+    assert masq(node, "ensure", mode="nftables", dual=True).returncode == 0
+    assert rules6(node, "nat") == [] and rules6(node, "filter") == []
+    assert nft_table6(node) == NFT6_TABLE
+    assert masq(node, "ensure", mode="iptables", dual=True).returncode == 0
+    assert "flannel-ipv6" not in lab.run(ns, "nft", "list", "tables").stdout
+    assert rules6(node, "nat") == NAT6_RULES

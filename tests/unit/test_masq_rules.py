@@ -1,13 +1,13 @@
 """Masquerade and forward rules: the rule set (flanneld.core.firewall), its iptables-restore and
 nft renderings and the drift found in `iptables-save` / `nft -j list` output (core.iptables,
-core.nftables); and flanneld.edges.masq's error handling, driven by a fake runner instead of the
-real tools."""
+core.nftables), for IPv4 and, on a dual-stack node, IPv6; and flanneld.edges.masq's error
+handling, driven by a fake runner instead of the real tools."""
 
 from __future__ import annotations
 
 import json
 import logging
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -415,10 +415,12 @@ async def test_check_and_cleanup_use_the_runner_they_are_given(monkeypatch):
 
     async def fake(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
         calls.append(cmd)
-        if cmd[0] == "iptables":
-            return 0, "iptables v1.8.9 (legacy)\n", ""
+        if cmd[0] in ("iptables", "ip6tables"):
+            return 0, f"{cmd[0]} v1.8.9 (legacy)\n", ""
         if cmd[0] == "iptables-save":
             return 0, tables[cmd[2]], ""
+        if cmd[0] == "ip6tables-save":  # cleanup looks at IPv6 too: nothing of ours there
+            return 0, saved([])[cmd[2]], ""
         assert cmd == ("iptables-restore", "--noflush", "--wait")
         assert stdin == iptables_payload(NOTHING, INSTALLED)
         tables.update(saved([]))
@@ -451,3 +453,398 @@ async def test_check_logs_a_failure_and_returns_none(caplog):
 def test_flannelctl_rules_needs_the_network_and_subnet(capsys):
     assert ctl.main(["rules", "ensure", "--subnet", str(P)]) == 2
     assert "rules ensure needs --network and --subnet" in capsys.readouterr().err
+
+
+# -- IPv6 (dual-stack): the same rules in ip6tables and table ip6 flannel-ipv6 -----------------
+
+C6, P6 = IPv6Network("fd00:10:244::/48"), IPv6Network("fd00:10:244:3::/64")
+
+
+def masq_rules6(random_fully: bool) -> list[str]:
+    """As `ip6tables-save` prints them (captured from ip6tables 1.8.9 after ip6tables-restore)."""
+    rf = " --random-fully" if random_fully else ""
+    return [
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {COMMENT} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10:244:3::/64 -d fd00:10:244::/48 {COMMENT} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10:244::/48 -d fd00:10:244:3::/64 {COMMENT} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s fd00:10:244::/48 -d fd00:10:244:3::/64 {COMMENT} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s fd00:10:244::/48 ! -d ff00::/8 {COMMENT} -j MASQUERADE{rf}",
+        f"-A FLANNEL-POSTRTG ! -s fd00:10:244::/48 -d fd00:10:244::/48 {COMMENT} -j MASQUERADE{rf}",
+    ]
+
+
+FWD_RULES6 = [
+    f"-A FLANNEL-FWD -s fd00:10:244::/48 {FWD_COMMENT} -j ACCEPT",
+    f"-A FLANNEL-FWD -d fd00:10:244::/48 {FWD_COMMENT} -j ACCEPT",
+]
+INSTALLED6 = saved([JUMP, *masq_rules6(True)], [FWD_JUMP, *FWD_RULES6])  # ip6tables-save
+
+
+def dual(random_fully: bool = True, forward: bool = True, masq: bool = True):
+    return rules(C, P, random_fully, forward, masq, network6=C6, subnet6=P6)
+
+
+def test_the_ipv4_rules_of_a_dual_stack_node_are_the_ipv4_only_ones():
+    want = dual()
+    assert want.family(4) == rules(C, P, True, True)
+    assert iptables_payload(want) == iptables_payload(rules(C, P, True, True))
+    assert iptables_drift(want, INSTALLED) == []
+    assert nft_script(want) == nft_script(rules(C, P, True, True))
+    assert nft_drift(want, LISTING) == []
+    assert [c.family for c in want.chains] == [4, 4, 6, 6]
+
+
+def test_ipv6_rules_need_both_network6_and_subnet6():
+    with pytest.raises(ValueError, match="both network6 and subnet6"):
+        rules(C, P, True, True, network6=C6)
+    with pytest.raises(ValueError, match="network6 and subnet6 go together"):
+        Masquerade(C, P, subnet6=P6, mode="iptables")
+
+
+@pytest.mark.parametrize("random_fully", [True, False])
+def test_ipv6_payload_on_a_node_without_our_rules(random_fully):
+    payload = iptables_payload(dual(random_fully), family=6)
+    assert payload.splitlines() == [
+        "*nat",
+        ":FLANNEL-POSTRTG - [0:0]",
+        JUMP,
+        *masq_rules6(random_fully),
+        "COMMIT",
+        "*filter",
+        ":FLANNEL-FWD - [0:0]",
+        FWD_JUMP,
+        *FWD_RULES6,
+        "COMMIT",
+    ]
+    assert iptables_payload(rules(C, P, random_fully, True), family=6) == ""  # IPv4-only
+
+
+def test_ipv6_payload_on_an_installed_node_refills_the_chains_and_keeps_the_jumps():
+    assert iptables_payload(dual(), INSTALLED6, family=6).splitlines() == [
+        "*nat",
+        ":FLANNEL-POSTRTG - [0:0]",
+        *masq_rules6(True),
+        "COMMIT",
+        "*filter",
+        ":FLANNEL-FWD - [0:0]",
+        *FWD_RULES6,
+        "COMMIT",
+    ]
+
+
+def test_ipv6_jumps_are_appended_below_rules_there_and_duplicates_removed_as_for_ipv4():
+    admin = "-A POSTROUTING -s fd00:17::/64 ! -o docker0 -j MASQUERADE"
+    state = saved([admin, JUMP, JUMP, *masq_rules6(True)], ["-A FORWARD -j DROP", *FWD_RULES6])
+    assert iptables_drift(dual(), state, family=6) == [
+        "IPv6: POSTROUTING: 2 jumps to FLANNEL-POSTRTG, want 1",
+        "IPv6: FORWARD: 0 jumps to FLANNEL-FWD, want 1",
+    ]
+    lines = iptables_payload(dual(), state, family=6).splitlines()
+    assert f"-D POSTROUTING {COMMENT} -j FLANNEL-POSTRTG" in lines  # the first copy
+    assert FWD_JUMP in lines  # appended, below the admin's DROP
+    assert not any(line.startswith("-I ") for line in lines)
+
+
+def test_ipv6_cleanup_payload_removes_jumps_then_chains():
+    assert iptables_payload(NOTHING, INSTALLED6, family=6).splitlines() == [
+        "*nat",
+        f"-D POSTROUTING {COMMENT} -j FLANNEL-POSTRTG",
+        "-F FLANNEL-POSTRTG",
+        "-X FLANNEL-POSTRTG",
+        "COMMIT",
+        "*filter",
+        f"-D FORWARD {FWD_COMMENT} -j FLANNEL-FWD",
+        "-F FLANNEL-FWD",
+        "-X FLANNEL-FWD",
+        "COMMIT",
+    ]
+
+
+def test_no_ipv6_drift_when_exact():
+    assert iptables_drift(dual(), INSTALLED6, family=6) == []
+
+
+@pytest.mark.parametrize(
+    ("nat", "expected"),
+    [
+        (
+            [JUMP, *masq_rules6(True)[:2], *masq_rules6(True)[3:]],
+            "IPv6: FLANNEL-POSTRTG: 1 rule(s) missing",
+        ),
+        ([JUMP, *masq_rules6(True)[::-1]], "IPv6: FLANNEL-POSTRTG: out of order"),
+        ([JUMP, *masq_rules6(False)], "IPv6: FLANNEL-POSTRTG: 2 rule(s) missing, 2 unexpected"),
+        # the IPv4 rules in ip6tables: all but the mark test are wrong
+        ([JUMP, *masq_rules(True)], "IPv6: FLANNEL-POSTRTG: 5 rule(s) missing, 5 unexpected"),
+        ([*masq_rules6(True)], "IPv6: POSTROUTING: 0 jumps to FLANNEL-POSTRTG, want 1"),
+        ([], "IPv6: FLANNEL-POSTRTG missing"),
+    ],
+)
+def test_ipv6_drift_is_named(nat, expected):
+    state = saved(nat, [FWD_JUMP, *FWD_RULES6])
+    assert iptables_drift(dual(), state, family=6) == [expected]
+
+
+def test_ipv6_forward_rules_left_over_are_drift_when_forward_is_off():
+    assert iptables_drift(dual(forward=False), INSTALLED6, family=6) == [
+        "IPv6: FLANNEL-FWD should not exist"
+    ]
+
+
+@pytest.mark.parametrize("random_fully", [True, False])
+def test_ipv6_nft_script(random_fully):
+    fr = " fully-random" if random_fully else ""
+    m, f = 'comment "flanneld masq"', 'comment "flanneld forward"'
+    assert nft_script(dual(random_fully), family=6).splitlines() == [
+        "add table ip6 flannel-ipv6",
+        "delete table ip6 flannel-ipv6",
+        "table ip6 flannel-ipv6 {",
+        "\tchain postrtg {",
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+        f"\t\tmeta mark & 0x4000 == 0x4000 return {m}",
+        f"\t\tip6 saddr fd00:10:244:3::/64 ip6 daddr fd00:10:244::/48 return {m}",
+        f"\t\tip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244:3::/64 return {m}",
+        f"\t\tip6 saddr != fd00:10:244::/48 ip6 daddr fd00:10:244:3::/64 return {m}",  # rule 4
+        f"\t\tip6 saddr fd00:10:244::/48 ip6 daddr != ff00::/8 masquerade{fr} {m}",
+        f"\t\tip6 saddr != fd00:10:244::/48 ip6 daddr fd00:10:244::/48 masquerade{fr} {m}",
+        "\t}",
+        "\tchain forward {",
+        "\t\ttype filter hook forward priority filter; policy accept;",
+        f"\t\tip6 saddr fd00:10:244::/48 accept {f}",
+        f"\t\tip6 daddr fd00:10:244::/48 accept {f}",
+        "\t}",
+        "}",
+    ]
+
+
+LISTING6 = json.loads((Path(__file__).parent / "masq_nft6_listing.json").read_text())["nftables"]
+
+
+def test_ipv6_nft_listing_captured_from_nft_matches():
+    """`nft -j list table ip6 flannel-ipv6` (nft 1.0.6) after loading nft_script's output."""
+    assert nft_drift(dual(), LISTING6, family=6) == []
+
+
+def test_ipv6_nft_drift_is_named():
+    want = dual()
+    rules_only = [o for o in LISTING6 if "rule" in o]
+    other = [o for o in LISTING6 if "rule" not in o]
+    assert nft_drift(want, None, family=6) == ["IPv6: table ip6 flannel-ipv6 missing"]
+    assert nft_drift(want, other + rules_only[1:], family=6) == ["IPv6: postrtg: 1 rule(s) missing"]
+    assert nft_drift(dual(random_fully=False), LISTING6, family=6) == [
+        "IPv6: postrtg: 2 rule(s) missing, 2 unexpected"
+    ]
+    assert nft_drift(dual(forward=False), LISTING6, family=6) == ["IPv6: unexpected chain forward"]
+    # the IPv4 table's rules are not the IPv6 ones (`ip` matches, other addresses)
+    assert nft_drift(want, LISTING, family=6) == [
+        "IPv6: postrtg: 5 rule(s) missing, 5 unexpected",
+        "IPv6: forward: 2 rule(s) missing, 2 unexpected",
+    ]
+
+
+def test_an_ip6tables_nft_table_left_empty_is_dropped_in_the_ip6_family():
+    meta = [{"metainfo": {"json_schema_version": 1}}, {"table": {"family": "ip6", "name": "nat"}}]
+    empty = {"family": "ip6", "table": "nat", "name": "POSTROUTING", "hook": "postrouting"}
+    base = [*meta, {"chain": {**empty, "policy": "accept"}}]
+    assert drop_if_empty("nat", base, family=6) == (
+        "delete chain ip6 nat POSTROUTING\ndelete table ip6 nat\n"
+    )
+
+
+class FakeHost:
+    """iptables and ip6tables of a node, answered by a fake runner: `save` output per family
+    and table; a restore installs `after[family]`; commands of a family in `broken` fail."""
+
+    def __init__(self, broken: tuple[str, ...] = ()) -> None:
+        self.tables = {4: dict(saved([])), 6: dict(saved([]))}
+        self.after = {4: INSTALLED, 6: INSTALLED6}
+        self.broken = broken
+        self.calls: list[tuple[str, ...]] = []
+        self.restores: dict[int, list[str]] = {4: [], 6: []}
+
+    async def __call__(self, *cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
+        self.calls.append(cmd)
+        tool = cmd[0]
+        family = 6 if tool.startswith("ip6tables") else 4
+        if tool in self.broken:
+            return 1, "", f"{tool}: Permission denied (you must be root)"
+        if tool in ("iptables", "ip6tables"):
+            return 0, f"{tool} v1.8.9 (legacy)\n", ""
+        if tool.endswith("-save"):
+            return 0, self.tables[family][cmd[2]], ""
+        assert tool.endswith("-restore") and cmd[1:] == ("--noflush", "--wait"), cmd
+        self.restores[family].append(stdin or "")
+        self.tables[family].update(self.after[family])
+        return 0, "", ""
+
+
+@pytest.fixture
+def iptables_only(monkeypatch):
+    monkeypatch.setattr(
+        masq.shutil, "which", lambda tool: None if tool == "nft" else f"/sbin/{tool}"
+    )
+    monkeypatch.setattr(masq, "ipv6_kernel", lambda: True)
+
+
+async def test_ipv6_rules_installed_checked_and_repaired_beside_the_ipv4_ones(
+    iptables_only, caplog
+):
+    host = FakeHost()
+    m = Masquerade(C, P, mode="iptables", runner=host, network6=C6, subnet6=P6)
+    assert await m.check() == [
+        "FLANNEL-POSTRTG missing",
+        "FLANNEL-FWD missing",
+        "IPv6: FLANNEL-POSTRTG missing",
+        "IPv6: FLANNEL-FWD missing",
+    ]
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
+        assert await m.resync() is True
+        assert await m.resync() is True
+    repaired = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
+    assert repaired == [
+        "masquerade rules repaired (FLANNEL-POSTRTG missing; FLANNEL-FWD missing)",
+        "masquerade rules repaired (IPv6: FLANNEL-POSTRTG missing; IPv6: FLANNEL-FWD missing)",
+    ]
+    assert host.restores[6] == [iptables_payload(dual(), family=6)]
+    assert host.restores[4] == [iptables_payload(rules(C, P, True, True))]
+    assert await m.check() == []
+    # one IPv6 rule deleted: only the IPv6 half is rewritten
+    state = saved([JUMP, *masq_rules6(True)[1:]], [FWD_JUMP, *FWD_RULES6])
+    host.tables[6] = dict(state)
+    assert await m.check() == ["IPv6: FLANNEL-POSTRTG: 1 rule(s) missing"]
+    assert await m.resync() is True
+    assert len(host.restores[4]) == 1
+    assert host.restores[6][1:] == [iptables_payload(dual(), state, family=6)]
+    assert await m.check() == []
+
+
+@pytest.mark.parametrize("dual_stack", [False, True])
+async def test_fully_random_disabled_still_installs(iptables_only, dual_stack):
+    host = FakeHost()
+    six = {"network6": C6, "subnet6": P6} if dual_stack else {}
+    m = Masquerade(C, P, mode="iptables", runner=host, random_fully=False, **six)
+    assert await m.ensure() is True
+    assert host.restores[4] == [iptables_payload(rules(C, P, False, True))]
+    assert host.restores[6] == ([iptables_payload(dual(False), family=6)] if dual_stack else [])
+
+
+async def test_a_new_ipv6_subnet_is_drift_and_replaces_the_old_ipv6_rules(iptables_only):
+    host = FakeHost()
+    m = Masquerade(C, P, mode="iptables", runner=host, network6=C6, subnet6=P6)
+    assert await m.ensure() is True
+    m.subnet6 = IPv6Network("fd00:10:244:9::/64")  # as the agent does on a lease change
+    assert await m.check() == ["IPv6: FLANNEL-POSTRTG: 3 rule(s) missing, 3 unexpected"]
+    assert await m.ensure() is True
+    assert "fd00:10:244:9::/64" in host.restores[6][-1]
+    assert "fd00:10:244:3::/64" not in host.restores[6][-1]
+
+
+async def test_an_ipv4_only_node_never_runs_ip6tables(iptables_only):
+    host = FakeHost()
+    m = Masquerade(C, P, mode="iptables", runner=host)
+    assert await m.ensure() is True
+    assert await m.check() == []
+    assert await m.resync() is True
+    assert not any(cmd[0].startswith("ip6tables") for cmd in host.calls)
+
+
+async def test_a_broken_ipv6_half_keeps_the_ipv4_rules_and_logs_one_line(iptables_only, caplog):
+    host = FakeHost(broken=("ip6tables-save",))
+    m = Masquerade(C, P, mode="iptables", runner=host, network6=C6, subnet6=P6)
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
+        assert await m.ensure() is False
+        for _ in range(3):
+            assert await m.resync() is False
+    assert host.restores[4] == [iptables_payload(rules(C, P, True, True))]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "masquerade: IPv6: `ip6tables-save -t filter` failed: "
+        "ip6tables-save: Permission denied (you must be root)"
+    ]
+    assert await m.check() is None
+
+
+async def test_cleanup_removes_the_ipv6_chains_too(iptables_only):
+    host = FakeHost()
+    host.tables = {4: dict(INSTALLED), 6: dict(INSTALLED6)}
+    host.after = {4: saved([]), 6: saved([])}
+    assert await Masquerade.cleanup(runner=host) is True
+    assert host.restores[4] == [iptables_payload(NOTHING, INSTALLED)]
+    assert host.restores[6] == [iptables_payload(NOTHING, INSTALLED6, family=6)]
+    assert await Masquerade.cleanup(runner=host) is True  # twice: nothing left to do
+    assert len(host.restores[6]) == 1
+
+
+async def test_cleanup_skips_ipv6_on_a_kernel_without_it(iptables_only, monkeypatch):
+    monkeypatch.setattr(masq, "ipv6_kernel", lambda: False)
+    host = FakeHost(broken=("ip6tables", "ip6tables-save"))
+    assert await Masquerade.cleanup(runner=host) is True
+    assert not any(cmd[0].startswith("ip6tables") for cmd in host.calls)
+
+
+@pytest.mark.parametrize(
+    ("tools", "mode", "mode6"),
+    [
+        ({"iptables", "ip6tables", "nft"}, "iptables", "iptables"),
+        ({"iptables", "nft"}, "iptables", "nftables"),  # no ip6tables: IPv6 in nft
+        ({"nft"}, "nftables", "nftables"),
+        ({"iptables"}, "iptables", "iptables"),  # neither: ip6tables, whose absence is one line
+    ],
+)
+def test_ipv6_mode_follows_the_host_as_for_ipv4(monkeypatch, tools, mode, mode6):
+    monkeypatch.setattr(
+        masq.shutil, "which", lambda tool: f"/sbin/{tool}" if tool in tools else None
+    )
+    m = Masquerade(C, P, network6=C6, subnet6=P6)
+    assert (m.mode, m.mode6) == (mode, mode6)
+    forced = Masquerade(C, P, network6=C6, subnet6=P6, mode="nftables")
+    assert (forced.mode, forced.mode6) == ("nftables", "nftables")
+
+
+async def test_without_ip6tables_or_nft_ipv6_fails_in_one_clear_line(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(
+        masq.shutil, "which", lambda t: "/sbin/iptables" if t == "iptables" else None
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # the real runner finds no ip6tables either
+    host = FakeHost()
+
+    async def runner(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
+        if cmd[0].startswith("ip6tables"):
+            return await SubprocessRunner()(*cmd, stdin=stdin)
+        return await host(*cmd, stdin=stdin)
+
+    m = Masquerade(C, P, runner=runner, network6=C6, subnet6=P6)
+    assert (m.mode, m.mode6) == ("iptables", "iptables")
+    with caplog.at_level(logging.INFO, logger="flanneld.edges.masq"):
+        assert await m.ensure() is False
+        assert await m.resync() is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "masquerade: IPv6: cannot run ip6tables (No such file or directory); "
+        "install the iptables package"
+    ]
+    assert host.restores[4] == [iptables_payload(rules(C, P, True, True))]  # IPv4 is in
+
+
+async def test_nftables_mode_installs_the_ip6_table_and_removes_the_ip6tables_chains(monkeypatch):
+    monkeypatch.setattr(masq.shutil, "which", lambda tool: f"/sbin/{tool}")
+    host = FakeHost()
+    host.tables[6] = dict(INSTALLED6)
+    host.after[6] = saved([])
+    scripts: list[str] = []
+
+    async def runner(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
+        if cmd[0] == "nft":
+            scripts.append(stdin or " ".join(cmd))
+            return 0, "", ""
+        return await host(*cmd, stdin=stdin)
+
+    m = Masquerade(C, P, mode="nftables", runner=runner, network6=C6, subnet6=P6)
+    assert await m.ensure() is True
+    assert nft_script(dual(), family=6) in scripts
+    assert host.restores[6] == [iptables_payload(NOTHING, INSTALLED6, family=6)]
+
+
+def test_flannelctl_rules_needs_network6_and_subnet6_together(capsys):
+    argv = ["rules", "check", "--network", str(C), "--subnet", str(P), "--network6", str(C6)]
+    assert ctl.main(argv) == 2
+    assert "rules check needs --network6 and --subnet6 together" in capsys.readouterr().err
