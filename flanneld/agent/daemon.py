@@ -285,6 +285,8 @@ class Agent:
             forward=opts.iptables_forward_rules,
             random_fully=not opts.ip_masq_fully_random_disable,
             mode="nftables" if config.enable_nftables else None,
+            network6=config.ipv6.network if config.ipv6 else None,
+            subnet6=lease.ipv6_subnet if config.ipv6 else None,
         )
         await self.masq.ensure()
 
@@ -320,7 +322,7 @@ class Agent:
                 log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
                 await self.backend.configure(lease)
                 if self.masq is not None:
-                    self.masq.subnet = lease.subnet
+                    self.masq.subnet, self.masq.subnet6 = lease.subnet, lease.ipv6_subnet
                     await self.masq.ensure()
                 self.write_subnet_env()
                 self._lease_changed = False  # only once all of it is done: else retried

@@ -27,7 +27,9 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute, NetlinkError
 
 import backends
-from backends.netlink import MAIN_TABLE, ROUTE_PROTOCOL
+from backends import netlink
+from backends.base import ReconcileResult
+from backends.reconcile import diff
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
@@ -54,25 +56,11 @@ class CtlError(StateError):
 
 # -- cleanup ---------------------------------------------------------------------------------
 async def cleanup_kernel(ipr: AsyncIPRoute) -> list[str]:
-    """Delete the agent's routes (route protocol 155) and devices; what was removed, as text."""
-    done: list[str] = []
-    routes = [r async for r in await ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE)]
-    for r in routes:
-        if r["proto"] != ROUTE_PROTOCOL:
-            continue
-        dst = f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}"
-        try:
-            await ipr.route(
-                "del",
-                dst=dst,
-                table=MAIN_TABLE,
-                proto=ROUTE_PROTOCOL,
-                oif=r.get("oif"),
-                gateway=r.get("gateway"),
-            )
-            done.append(f"route {dst}")
-        except NetlinkError:
-            pass  # gone meanwhile, or went with a device
+    """Delete the agent's routes (route protocol 155, IPv4 and IPv6) and devices; what was
+    removed, as text."""
+    routes = await netlink.dump_routes(ipr) | await netlink.dump_routes(ipr, version=6)
+    applied = await netlink.apply(ipr, diff(set(), routes), ReconcileResult())
+    done = [f"route {r.dst}" for r in applied.removed]  # (a route gone meanwhile: not listed)
     owned = _owned_links()
     async for link in await ipr.link("dump"):
         name = link.get("ifname") or ""

@@ -23,6 +23,7 @@ from flanneld.core.config import parse_config
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
 from flanneld.core.lease import Lease, LeaseAttrs
 from flanneld.edges.netif import discover
+from flanneld.face.ctl import cleanup_kernel
 
 pytestmark = [
     pytest.mark.root,
@@ -272,3 +273,16 @@ async def test_a_delete_that_finds_nothing_is_recorded_as_gone(ns, backend) -> N
     # the next event pass has nothing left to do for P2
     again = await backend.reconcile(LOCAL, peers(P3), full=False)
     assert not again.removed and not again.failed and not again.added
+
+
+async def test_cleanup_removes_our_ipv4_and_ipv6_routes_and_nothing_else(ns) -> None:
+    ip(ns, "-6", "addr", "add", "fd00:192::10/64", "dev", "ul0", "nodad")
+    ip(ns, "route", "add", "10.244.2.0/24", "via", "192.0.2.11", "dev", "ul0", "proto", "155")
+    ip(ns, "-6", "route", "add", "fd00:10:244:2::/64", "via", "fd00:192::11", "dev", "ul0",
+       "proto", "155")  # fmt: skip
+    ip(ns, "-6", "route", "add", "fd00:99::/64", "via", "fd00:192::99", "dev", "ul0")
+    async with netlink.open_ipr(ns) as ipr:
+        removed = await cleanup_kernel(ipr)
+    assert sorted(removed) == ["route 10.244.2.0/24", "route fd00:10:244:2::/64"]
+    v6 = {r["dst"] for r in json.loads(ip(ns, "-6", "-j", "route", "show"))}
+    assert "fd00:99::/64" in v6 and "fd00:10:244:2::/64" not in v6

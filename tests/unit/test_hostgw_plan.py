@@ -102,6 +102,7 @@ def test_every_backend_names_the_devices_cleanup_may_remove():
     assert owned["host-gw"] == ()
     [(kind, pattern)] = owned["vxlan"]
     assert kind == "vxlan" and re.fullmatch(pattern, "flannel.1")
+    assert re.fullmatch(pattern, "flannel-v6.1")  # the dual-stack device
     assert not re.fullmatch(pattern, "flannel0") and not re.fullmatch(pattern, "eth0")
     [(kind, pattern)] = owned["udp"]
     assert kind == "tun" and re.fullmatch(pattern, "flannel0")
