@@ -15,11 +15,11 @@ from pyroute2 import AsyncIPRoute
 
 from flanneld.core.lease import Lease, LeaseAttrs
 
-from . import netlink
 from .base import BackendError, skip_reason
 from .kernel import KernelBackend
 from .reconcile import Entry, Route
 from .registry import register
+from .rtnl import Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,9 @@ class HostGwBackend(KernelBackend):
         routes, warnings = plan(lease, peers, self.ctx.ext.index)
         return set(routes), warnings
 
-    async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
+    async def _dump(self, rtnl: Rtnl) -> set[Entry]:
         # Our routes on any device: one of ours on another device is stale.
-        routes = await netlink.dump_routes(ipr)
-        return routes | await netlink.dump_routes(ipr, version=6)
+        return await rtnl.dump_routes() | await rtnl.dump_routes(version=6)
 
     def _describe(self, entry: Entry) -> str:
         assert isinstance(entry, Route)

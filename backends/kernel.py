@@ -20,6 +20,7 @@ from flanneld.core.lease import Lease
 from . import netlink
 from .base import Backend, BackendContext, ReconcileResult
 from .reconcile import Entry, KernelView, Route, diff, missing_by_peer
+from .rtnl import Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ class KernelBackend(Backend):
     def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
         super().__init__(ctx)
         self._netns = netns
-        self._ipr: AsyncIPRoute | None = None
+        self._ipr: AsyncIPRoute | None = None  # links and addresses (pyroute2)
+        self._rtnl: Rtnl | None = None  # the entries by the thousand (backends.rtnl)
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
         self._desired: set[Entry] = set()  # the last plan: a missing member was deleted by hand
@@ -41,6 +43,11 @@ class KernelBackend(Backend):
             self._ipr = netlink.open_ipr(self._netns)
         return self._ipr
 
+    def _lean(self) -> Rtnl:
+        if self._rtnl is None:
+            self._rtnl = Rtnl(self._netns)
+        return self._rtnl
+
     # -- what a backend provides ----------------------------------------------------------
     @abstractmethod
     async def _plan(
@@ -50,7 +57,7 @@ class KernelBackend(Backend):
         whatever the plan reads from the kernel is read afresh."""
 
     @abstractmethod
-    async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
+    async def _dump(self, rtnl: Rtnl) -> set[Entry]:
         """Every entry the backend owns in the kernel now."""
 
     async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:  # noqa: B027
@@ -72,10 +79,10 @@ class KernelBackend(Backend):
                 full = full or not self._view.known
                 desired, warnings = await self._plan(ipr, lease, peers, full)
                 if full:
-                    self._view.refresh(await self._dump(ipr))
+                    self._view.refresh(await self._dump(self._lean()))
                 actual = self._view.entries()
                 result = ReconcileResult()
-                done = await netlink.apply(ipr, diff(desired, actual), result)
+                done = await netlink.apply(self._lean(), diff(desired, actual), result)
                 self._view.applied(done.upserted, [*done.removed, *done.gone])
             except Exception:
                 await self.close()  # a broken socket: the next pass opens a fresh one
@@ -96,7 +103,7 @@ class KernelBackend(Backend):
             ipr = self._socket()
             try:
                 desired, _ = await self._plan(ipr, lease, peers, True)
-                actual = await self._dump(ipr)
+                actual = await self._dump(self._lean())
             except Exception:
                 await self.close()
                 raise
@@ -108,3 +115,6 @@ class KernelBackend(Backend):
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None

@@ -1,5 +1,6 @@
-"""Thin netlink I/O over pyroute2's `AsyncIPRoute`: dump the routes, ARP and FDB entries the
-agent owns, apply a `reconcile.Diff` entry by entry. No policy lives here.
+"""Thin netlink I/O: a device's own address over pyroute2's `AsyncIPRoute`, and a
+`reconcile.Diff` applied through the lean socket of `backends.rtnl` (which also dumps the
+routes, ARP/NDP and FDB entries the agent owns). No policy lives here.
 """
 
 from __future__ import annotations
@@ -7,31 +8,31 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_interface, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
-from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
-from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
 from .base import ReconcileResult
-from .reconcile import Diff, Entry, Fdb, Neigh, Route
+from .reconcile import Diff, Entry
+from .rtnl import MAIN_TABLE, ROUTE_PROTOCOL, Rtnl, request
 
 log = logging.getLogger(__name__)
+__all__ = [
+    "MAIN_TABLE",
+    "ROUTE_PROTOCOL",
+    "Applied",
+    "apply",
+    "is_unicast",
+    "open_ipr",
+    "own_address_up",
+]
 Network = IPv4Network | IPv6Network
 
-# Every route the agent installs carries this private routing protocol number (`ip route`
-# shows "proto 155"). It is how the agent recognises its own routes after a restart, removes
-# stale ones and leaves every other route alone. 155 is unassigned in iproute2's rt_protos
-# (0-4 are the kernel's, the named daemons use 8-18, 42, 99 and 186-192) and differs from the
-# reference flanneld's "proto boot" (3). A `replace` still takes over a route to a planned
-# subnet whatever its protocol, so routes left by the reference flanneld are adopted.
-ROUTE_PROTOCOL = 155
-MAIN_TABLE = 254
 
 # A delete that finds nothing: the entry is already gone, which is what was asked.
 _GONE = {errno.ENOENT, errno.ESRCH}
@@ -75,122 +76,9 @@ def open_ipr(netns: str | None = None) -> AsyncIPRoute:
     return AsyncIPRoute() if netns is None else AsyncIPRoute(netns=netns, flags=0)
 
 
-async def dump_routes(ipr: AsyncIPRoute, oif: int | None = None, version: int = 4) -> set[Route]:
-    """The routes of the main table tagged `ROUTE_PROTOCOL` (IPv4, or IPv6 with `version`
-    6), optionally on one device."""
-    family = _family(version)
-    match: dict[str, Any] = {"family": family, "table": MAIN_TABLE, "proto": ROUTE_PROTOCOL}
-    if oif is not None:
-        match["oif"] = oif
-    routes = set()
-    anywhere = "0.0.0.0" if version == 4 else "::"
-    async for msg in await ipr.route("dump", **match):
-        gateway = msg.get("gateway")
-        routes.add(
-            Route(
-                dst=ip_network((msg.get("dst") or anywhere, msg["dst_len"])),
-                gateway=ip_address(gateway) if gateway else None,
-                oif=msg.get("oif") or 0,
-                onlink=bool(msg["flags"] & RTNH_F_ONLINK),
-            )
-        )
-    return routes
-
-
-async def dump_neighs(ipr: AsyncIPRoute, ifindex: int, version: int = 4) -> set[Neigh]:
-    """The permanent ARP (IPv4) or NDP (IPv6) entries on one device."""
-    entries = set()
-    async for msg in await ipr.neigh("dump", family=_family(version), ifindex=ifindex):
-        lladdr = msg.get("lladdr")
-        if msg["state"] & NUD_PERMANENT and lladdr:
-            entries.add(Neigh(ifindex, ip_address(msg.get("dst")), lladdr))
-    return entries
-
-
 def is_unicast(mac: str) -> bool:
     """A MAC `aa:bb:…` names one station: neither all zeros nor a group address."""
     return mac != "00:00:00:00:00:00" and not int(mac[:2], 16) & 1
-
-
-async def dump_fdb(ipr: AsyncIPRoute, ifindex: int) -> set[Fdb]:
-    """The permanent FDB entries of one VXLAN device that send a unicast MAC to a remote.
-
-    The all-zeros and multicast entries (flooding) are someone else's and never listed.
-    """
-    entries = set()
-    async for msg in await ipr.fdb("dump", ifindex=ifindex):
-        lladdr, dst = msg.get("lladdr"), msg.get("dst")
-        if msg["state"] & NUD_PERMANENT and lladdr and is_unicast(lladdr) and dst:
-            entries.add(Fdb(ifindex, lladdr, ip_address(dst)))
-    return entries
-
-
-def _route_args(route: Route) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "dst": str(route.dst),
-        "family": _family(route.dst.version),
-        "table": MAIN_TABLE,
-        "proto": ROUTE_PROTOCOL,
-    }
-    if route.gateway is not None:
-        args["gateway"] = str(route.gateway)
-    if route.oif:
-        args["oif"] = route.oif
-    return args
-
-
-async def _route_replace(ipr: AsyncIPRoute, route: Route) -> None:
-    flags = RTNH_F_ONLINK if route.onlink else 0
-    await ipr.route("replace", flags=flags, **_route_args(route))
-
-
-async def _route_del(ipr: AsyncIPRoute, route: Route) -> None:
-    # dst, gateway, oif and proto all have to match: the kernel never deletes a foreign route.
-    await ipr.route("del", **_route_args(route))
-
-
-async def _neigh_replace(ipr: AsyncIPRoute, neigh: Neigh) -> None:
-    await ipr.neigh(
-        "replace",
-        family=_family(neigh.dst.version),
-        ifindex=neigh.ifindex,
-        dst=str(neigh.dst),
-        lladdr=neigh.lladdr,
-        state=NUD_PERMANENT,
-    )
-
-
-async def _neigh_del(ipr: AsyncIPRoute, neigh: Neigh) -> None:
-    await ipr.neigh(
-        "del", family=_family(neigh.dst.version), ifindex=neigh.ifindex, dst=str(neigh.dst)
-    )
-
-
-async def _fdb_replace(ipr: AsyncIPRoute, fdb: Fdb) -> None:
-    # Without explicit state and flags the kernel refuses a replace (EOPNOTSUPP). A replace
-    # moves an existing entry for this MAC to the new remote.
-    await ipr.fdb(
-        "replace",
-        ifindex=fdb.ifindex,
-        lladdr=fdb.lladdr,
-        dst=str(fdb.dst),
-        state=NUD_PERMANENT,
-        flags=NTF_SELF,
-    )
-
-
-async def _fdb_del(ipr: AsyncIPRoute, fdb: Fdb) -> None:
-    await ipr.fdb("del", ifindex=fdb.ifindex, lladdr=fdb.lladdr, dst=str(fdb.dst))
-
-
-_Op = Callable[[AsyncIPRoute, Any], Awaitable[None]]
-
-# (upsert, remove) per entry kind.
-_OPS: dict[str, tuple[_Op, _Op]] = {
-    "route": (_route_replace, _route_del),
-    "arp": (_neigh_replace, _neigh_del),
-    "fdb": (_fdb_replace, _fdb_del),
-}
 
 
 @dataclass
@@ -225,35 +113,35 @@ class Applied:
                 log.info("%s added: %s", entry.kind, describe(entry))
 
 
-def _failed(result: ReconcileResult, verb: str, entry: Entry, err: NetlinkError) -> None:
+def _failed(result: ReconcileResult, verb: str, entry: Entry, code: int) -> None:
     result.count(result.failed, entry.kind)
-    log.warning("could not %s %s: %s (errno %d)", verb, entry, os.strerror(err.code), err.code)
+    log.warning("could not %s %s: %s (errno %d)", verb, entry, os.strerror(code), code)
 
 
-async def apply(ipr: AsyncIPRoute, diff: Diff, result: ReconcileResult) -> Applied:
-    """Remove, then upsert, in `Diff` order, counting into `result` by kind.
+async def apply(rtnl: Rtnl, diff: Diff, result: ReconcileResult) -> Applied:
+    """Remove, then upsert, in `Diff` order, counting into `result` by kind; every request
+    pipelined on the lean socket (`backends.rtnl`), in that order.
 
     A netlink error fails only its own entry (one warning line each); the others go on.
     Errors of the socket itself propagate.
     """
+    removes, upserts = diff.ordered_removes(), diff.ordered_upserts()
+    codes = await rtnl.run(
+        [request(e, delete=True) for e in removes] + [request(e, delete=False) for e in upserts]
+    )
     done = Applied()
-    for entry in diff.ordered_removes():
-        try:
-            await _OPS[entry.kind][1](ipr, entry)
-        except NetlinkError as err:
-            if err.code in _GONE:
-                done.gone.append(entry)
-            else:
-                _failed(result, "remove", entry, err)
-            continue
-        result.count(result.removed, entry.kind)
-        done.removed.append(entry)
-    for entry in diff.ordered_upserts():
-        try:
-            await _OPS[entry.kind][0](ipr, entry)
-        except NetlinkError as err:
-            _failed(result, "install", entry, err)
-            continue
-        result.count(result.added, entry.kind)
-        done.upserted.append(entry)
+    for entry, code in zip(removes, codes, strict=False):
+        if code in _GONE:
+            done.gone.append(entry)
+        elif code:
+            _failed(result, "remove", entry, code)
+        else:
+            result.count(result.removed, entry.kind)
+            done.removed.append(entry)
+    for entry, code in zip(upserts, codes[len(removes) :], strict=True):
+        if code:
+            _failed(result, "install", entry, code)
+        else:
+            result.count(result.added, entry.kind)
+            done.upserted.append(entry)
     return done

@@ -124,11 +124,16 @@ class Diff:
 
 
 def diff(desired: Iterable[Entry], actual: Iterable[Entry]) -> Diff:
-    """What to change so that `actual` becomes `desired`, matching entries by (kind, key)."""
-    want = {(e.kind, e.key): e for e in desired}
-    have = {(e.kind, e.key): e for e in actual}
-    upsert = frozenset(e for k, e in want.items() if have.get(k) != e)
-    remove = frozenset(e for k, e in have.items() if k not in want)
+    """What to change so that `actual` becomes `desired`, matching entries by (kind, key).
+
+    Set differences do the work (thousands of entries, most of them equal on both sides): an
+    entry wanted but not present as it is gets upserted; one present but not wanted is removed
+    unless an upsert of the same key replaces it."""
+    want = desired if isinstance(desired, (set, frozenset)) else set(desired)
+    have = actual if isinstance(actual, (set, frozenset)) else set(actual)
+    upsert = frozenset(want - have)
+    replaced = {(e.kind, e.key) for e in upsert}
+    remove = frozenset(e for e in have - want if (e.kind, e.key) not in replaced)
     return Diff(upsert, remove)
 
 

@@ -35,6 +35,7 @@ from .base import BackendContext, BackendError, skip_reason
 from .kernel import KernelBackend
 from .reconcile import Fdb, Neigh, Route
 from .registry import register
+from .rtnl import Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,13 @@ class _Planner:
 
     def peer(
         self, owner: str, net: IPv4Network | IPv6Network, public: Address, mac: str | None,
-        data: str, vx_index: int,
+        data: tuple[str, Any], vx_index: int,
     ) -> str:  # fmt: skip
-        """Plan one peer's entries for `net` (one family); why not ("" when planned)."""
+        """Plan one peer's entries for `net` (one family); why not ("" when planned). `data`:
+        (the field's name, its value), spelled out only in a warning."""
         if mac is None:
             return (
-                f"its {data} has no valid unicast VtepMAC; "
+                f"its {data[0]} {json.dumps(data[1])} has no valid unicast VtepMAC; "
                 "restart the agent on that node to rewrite its lease"
             )
         if self.direct and public in self.direct:
@@ -198,12 +200,12 @@ def plan(
             warnings.append(why)
             continue
         owner, attrs = f"that of {subnet}", peer.attrs
-        data = f"BackendData {json.dumps(attrs.backend_data)}"
+        data = ("BackendData", attrs.backend_data)
         if why := p.peer(owner, subnet, attrs.public_ip, peer_mac(peer), data, vx_index):
             warnings.append(f"skipping peer lease {subnet} (PublicIP {attrs.public_ip}): {why}")
         if not dual:
             continue
-        data6 = f"BackendV6Data {json.dumps(attrs.backend_v6_data)}"
+        data6 = ("BackendV6Data", attrs.backend_v6_data)
         why = _not6(local, peer) or p.peer(
             owner, peer.ipv6_subnet, attrs.public_ipv6, peer_mac6(peer), data6, vx6_index
         )
@@ -476,13 +478,13 @@ class VxlanBackend(KernelBackend):
         index6 = self._v6.index if self._v6 is not None else 0
         return plan(lease, peers, self._v4.index, direct, self.ctx.ext.index, index6)
 
-    async def _dump(self, ipr: AsyncIPRoute) -> set[Entry]:
+    async def _dump(self, rtnl: Rtnl) -> set[Entry]:
         dumped: set[Entry] = set()
         for vtep in self._vteps():
-            dumped |= await netlink.dump_neighs(ipr, vtep.index, vtep.version)
-            dumped |= await netlink.dump_fdb(ipr, vtep.index)
+            dumped |= await rtnl.dump_neighs(vtep.index, vtep.version)
+            dumped |= await rtnl.dump_fdb(vtep.index)
         for version in (4, 6):  # ours on any device: others are stale
-            dumped |= await netlink.dump_routes(ipr, version=version)
+            dumped |= await rtnl.dump_routes(version=version)
         return dumped
 
     def _describe(self, entry: Entry) -> str:

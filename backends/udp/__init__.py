@@ -42,6 +42,7 @@ from .. import netlink
 from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_reason
 from ..reconcile import Route, diff
 from ..registry import register
+from ..rtnl import Rtnl
 from .core import CAP_PARTIAL_CSUM, CAP_TRAIN, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
 from .datapath import Datapath, open_socket, open_tun
 
@@ -118,6 +119,7 @@ class UdpBackend(Backend):
         self._sock: socket.socket | None = None
         self._datapath: Datapath | None = None
         self._ipr: AsyncIPRoute | None = None
+        self._rtnl: Rtnl | None = None
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()
         self._desired: set[Route] = set()
@@ -244,8 +246,10 @@ class UdpBackend(Backend):
         try:
             index = await self._configure_device(ipr, lease)
             desired = {Route(dst=self.ctx.config.network, gateway=None, oif=index)}
-            actual = await netlink.dump_routes(ipr)
-            done = await netlink.apply(ipr, diff(desired, actual), result)
+            if self._rtnl is None:
+                self._rtnl = Rtnl()
+            actual = await self._rtnl.dump_routes()
+            done = await netlink.apply(self._rtnl, diff(desired, actual), result)
         except (NetlinkError, OSError):
             await self._close_netlink()  # a broken socket: the next pass opens a fresh one
             raise
@@ -283,6 +287,9 @@ class UdpBackend(Backend):
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None
 
     async def close(self) -> None:
         """Stop the datapath and close the TUN fd, which deletes flannel0 and its route."""

@@ -24,12 +24,13 @@ import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2 import NetlinkError
 
 import backends
 from backends import netlink
 from backends.base import ReconcileResult
 from backends.reconcile import diff
+from backends.rtnl import Rtnl
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
@@ -55,28 +56,32 @@ class CtlError(StateError):
 
 
 # -- cleanup ---------------------------------------------------------------------------------
-async def cleanup_kernel(ipr: AsyncIPRoute) -> list[str]:
-    """Delete the agent's routes (route protocol 155, IPv4 and IPv6) and devices; what was
-    removed, as text."""
-    routes = await netlink.dump_routes(ipr) | await netlink.dump_routes(ipr, version=6)
-    applied = await netlink.apply(ipr, diff(set(), routes), ReconcileResult())
+async def cleanup_kernel(netns: str | None = None) -> list[str]:
+    """Delete the agent's routes (route protocol 155, IPv4 and IPv6) and devices, in this
+    namespace or the named one (tests); what was removed, as text."""
+    rtnl = Rtnl(netns)
+    try:
+        routes = await rtnl.dump_routes() | await rtnl.dump_routes(version=6)
+        applied = await netlink.apply(rtnl, diff(set(), routes), ReconcileResult())
+    finally:
+        rtnl.close()
     done = [f"route {r.dst}" for r in applied.removed]  # (a route gone meanwhile: not listed)
     owned = _owned_links()
-    async for link in await ipr.link("dump"):
-        name = link.get("ifname") or ""
-        kind = link.get(("linkinfo", "kind")) or ""
-        if any(k == kind and pattern.fullmatch(name) for k, pattern in owned):
-            try:
-                await ipr.link("del", index=link["index"])
-                done.append(f"device {name} ({kind})")
-            except NetlinkError:
-                pass
+    async with netlink.open_ipr(netns) as ipr:
+        async for link in await ipr.link("dump"):
+            name = link.get("ifname") or ""
+            kind = link.get(("linkinfo", "kind")) or ""
+            if any(k == kind and pattern.fullmatch(name) for k, pattern in owned):
+                try:
+                    await ipr.link("del", index=link["index"])
+                    done.append(f"device {name} ({kind})")
+                except NetlinkError:
+                    pass
     return done
 
 
 async def _cleanup(args: argparse.Namespace) -> int:
-    async with AsyncIPRoute() as ipr:
-        removed = await cleanup_kernel(ipr)
+    removed = await cleanup_kernel()
     for item in removed:
         print(f"removed {item}")
     if not removed:

@@ -19,6 +19,7 @@ from backends import netlink
 from backends.base import BackendContext, ReconcileResult
 from backends.hostgw import HostGwBackend
 from backends.reconcile import Route, diff
+from backends.rtnl import Rtnl
 from flanneld.core.config import parse_config
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
 from flanneld.core.lease import Lease, LeaseAttrs
@@ -209,9 +210,12 @@ async def test_dump_routes_filters_protocol_and_device(ns) -> None:
        "proto", "155")  # fmt: skip
     ip(ns, "route", "add", "10.244.8.0/24", "via", "192.0.2.18", "dev", "ul0")
     ul0, ul0p = ifindex(ns, "ul0"), ifindex(ns, "ul0p")
-    async with netlink.open_ipr(ns) as ipr:
-        everywhere = await netlink.dump_routes(ipr)
-        on_ul0 = await netlink.dump_routes(ipr, oif=ul0)
+    rtnl = Rtnl(ns)
+    try:
+        everywhere = await rtnl.dump_routes()
+        on_ul0 = await rtnl.dump_routes(oif=ul0)
+    finally:
+        rtnl.close()
     r2 = Route(IPv4Network(P2[0]), IPv4Address(P2[1]), ul0)
     r3 = Route(IPv4Network(P3[0]), IPv4Address(P3[1]), ul0p, onlink=True)
     assert everywhere == {r2, r3}
@@ -243,8 +247,10 @@ async def test_open_ipr_never_creates_a_namespace() -> None:
     try:
         ipr = netlink.open_ipr(missing)
         with pytest.raises(FileNotFoundError):  # the socket is opened on first use
-            await netlink.dump_routes(ipr)
+            await ipr.link("dump")
         ipr.close()
+        with pytest.raises(FileNotFoundError):  # nor does the lean socket
+            Rtnl(missing)
         assert (
             missing
             not in subprocess.run(
@@ -264,11 +270,11 @@ async def test_a_delete_that_finds_nothing_is_recorded_as_gone(ns, backend) -> N
     result = await backend.reconcile(LOCAL, peers(P3), full=False)
     assert not result.failed and not result.removed
     gone = Route(IPv4Network(P2[0]), IPv4Address(P2[1]), ifindex(ns, "ul0"))
-    ipr = netlink.open_ipr(ns)
+    rtnl = Rtnl(ns)
     try:
-        done = await netlink.apply(ipr, diff(set(), {gone}), ReconcileResult())
+        done = await netlink.apply(rtnl, diff(set(), {gone}), ReconcileResult())
     finally:
-        ipr.close()
+        rtnl.close()
     assert done.gone == [gone] and done.removed == []
     # the next event pass has nothing left to do for P2
     again = await backend.reconcile(LOCAL, peers(P3), full=False)
@@ -281,8 +287,30 @@ async def test_cleanup_removes_our_ipv4_and_ipv6_routes_and_nothing_else(ns) -> 
     ip(ns, "-6", "route", "add", "fd00:10:244:2::/64", "via", "fd00:192::11", "dev", "ul0",
        "proto", "155")  # fmt: skip
     ip(ns, "-6", "route", "add", "fd00:99::/64", "via", "fd00:192::99", "dev", "ul0")
-    async with netlink.open_ipr(ns) as ipr:
-        removed = await cleanup_kernel(ipr)
+    removed = await cleanup_kernel(ns)
     assert sorted(removed) == ["route 10.244.2.0/24", "route fd00:10:244:2::/64"]
     v6 = {r["dst"] for r in json.loads(ip(ns, "-6", "-j", "route", "show"))}
     assert "fd00:99::/64" in v6 and "fd00:10:244:2::/64" not in v6
+
+
+async def test_a_pipelined_batch_gives_each_request_its_own_result(ns) -> None:
+    """2,000 routes in one batch, one of them through a device that does not exist: that one
+    fails alone, the others are in the kernel; deleting them all leaves nothing of ours."""
+    ul0 = ifindex(ns, "ul0")
+    routes = [
+        Route(IPv4Network(((10 << 24) + (i << 8), 24)), IPv4Address("192.0.2.11"), ul0)
+        for i in range(1, 2001)
+    ]
+    bad = Route(IPv4Network("10.250.0.0/24"), IPv4Address("192.0.2.11"), 9999)
+    rtnl = Rtnl(ns)
+    try:
+        result = ReconcileResult()
+        done = await netlink.apply(rtnl, diff({*routes, bad}, set()), result)
+        assert result.added == {"route": 2000} and result.failed == {"route": 1}
+        assert bad not in done.upserted
+        assert await rtnl.dump_routes() == set(routes)
+        assert len(kernel_routes(ns)) >= 2000
+        done = await netlink.apply(rtnl, diff(set(), set(routes)), ReconcileResult())
+        assert len(done.removed) == 2000 and await rtnl.dump_routes() == set()
+    finally:
+        rtnl.close()

@@ -21,6 +21,7 @@ import pytest
 from backends import netlink
 from backends.base import BackendContext
 from backends.reconcile import Fdb, Neigh
+from backends.rtnl import Rtnl
 from backends.vxlan import VxlanBackend, vtep_mac
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.interfaces import ExternalInterface
@@ -329,11 +330,12 @@ async def test_dumps_list_only_permanent_unicast_entries(ns, backend) -> None:
     run("bridge", "-n", ns, "fdb", "add", M3, "dev", DEV, "dst", "192.0.2.12", "dynamic")
     ip(ns, "neigh", "add", "10.244.2.0", "lladdr", M2, "dev", DEV, "nud", "permanent")
     ip(ns, "neigh", "add", "10.244.4.0", "lladdr", M3, "dev", DEV, "nud", "stale")
-    async with netlink.open_ipr(ns) as ipr:
-        assert await netlink.dump_fdb(ipr, index) == {Fdb(index, M2, IPv4Address("192.0.2.11"))}
-        assert await netlink.dump_neighs(ipr, index) == {
-            Neigh(index, IPv4Address("10.244.2.0"), M2)
-        }
+    rtnl = Rtnl(ns)
+    try:
+        assert await rtnl.dump_fdb(index) == {Fdb(index, M2, IPv4Address("192.0.2.11"))}
+        assert await rtnl.dump_neighs(index) == {Neigh(index, IPv4Address("10.244.2.0"), M2)}
+    finally:
+        rtnl.close()
 
 
 async def test_bad_option_is_refused_before_touching_the_kernel(ns, tmp_path) -> None:
@@ -610,11 +612,14 @@ async def test_dual_stack_ipv6_dumps_list_only_permanent_unicast_entries(ns, bac
     run("bridge", "-n", ns, "fdb", "add", M2_6, "dev", DEV6, "dst", "2001:db8::11")
     ip(ns, "-6", "neigh", "add", N6.format(2), "lladdr", M2_6, "dev", DEV6, "nud", "permanent")
     ip(ns, "-6", "neigh", "add", N6.format(4), "lladdr", M3_6, "dev", DEV6, "nud", "stale")
-    async with netlink.open_ipr(ns) as ipr:
-        assert await netlink.dump_fdb(ipr, index) == {Fdb(index, M2_6, IPv6Address("2001:db8::11"))}
-        assert await netlink.dump_neighs(ipr, index, version=6) == {
+    rtnl = Rtnl(ns)
+    try:
+        assert await rtnl.dump_fdb(index) == {Fdb(index, M2_6, IPv6Address("2001:db8::11"))}
+        assert await rtnl.dump_neighs(index, version=6) == {
             Neigh(index, IPv6Address(N6.format(2)), M2_6)
         }
+    finally:
+        rtnl.close()
 
 
 def reassembled(ns: str) -> int:
