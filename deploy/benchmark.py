@@ -2,11 +2,13 @@
 
 Run it through `deploy/benchmark.sh` (installs iperf3 and matplotlib) as root. It measures
 every backend against the bare underlay in interleaved rounds in the namespace lab (throughput,
-latency, agent CPU and memory, join time: deploy/bench/datapath.py), then the control plane
-with N synthetic peers (deploy/bench/scale.py; `--scale 0` skips it, `--scale-only` skips the
-data path). The table gives medians over the rounds and each backend's ratio to the underlay
-(deploy/bench/stats.py). Output (deploy/bench/report.py): a table on the terminal,
-`<out>/benchmark.json` (date, machine, settings, every raw sample) and `<out>/benchmark.png`.
+latency, agent CPU and memory, join time: deploy/bench/datapath.py), and in the same rounds
+host-gw and vxlan over IPv6 against the IPv6 underlay, in dual-stack labs (`--no-ipv6` skips
+them); then the control plane with N synthetic peers (deploy/bench/scale.py; `--scale 0`
+skips it, `--scale-only` skips the data path). The table gives medians over the rounds and
+each datapath's ratio to the underlay of its address family (deploy/bench/stats.py). Output
+(deploy/bench/report.py): a table on the terminal, `<out>/benchmark.json` (date, machine,
+settings, every raw sample) and `<out>/benchmark.png`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import backends
 
-from .bench.datapath import NETWORK, RR_WARMUP, run_rounds
+from .bench.datapath import DUAL_STACK_BACKENDS, NETWORK, NETWORK6, RR_WARMUP, run_rounds
 from .bench.measure import Journal
 from .bench.report import write_report
 from .bench.scale import SCALE_NETWORK, SCALE_RECONCILE, run_scale
@@ -40,6 +42,7 @@ class Settings:
     rounds: int
     seconds: float
     rtts: int
+    ipv6: bool
     scale: list[int]
     scale_only: bool
     scale_timeout: float
@@ -56,6 +59,8 @@ class Settings:
             "round_trip_warmup": RR_WARMUP,
             "message_bytes": 64,
             "network": NETWORK,
+            "ipv6": self.ipv6,  # the IPv6 rows: 1 stream and the round trips, separate labs
+            "ipv6_network": NETWORK6 if self.ipv6 else None,
             "scale_peers": self.scale,
             "scale_network": SCALE_NETWORK,
             "scale_reconcile_interval": SCALE_RECONCILE,
@@ -73,7 +78,7 @@ def run(s: Settings) -> int:
     if not s.scale_only:
         with ExitStack() as stack:
             samples, datapaths = run_rounds(
-                journal, stack, prefixes, s.backends, s.rounds, s.seconds, s.rtts
+                journal, stack, prefixes, s.backends, s.rounds, s.seconds, s.rtts, s.ipv6
             )
             journal("tearing the data-path labs down")
     scale = run_scale(journal, prefixes, s.backends, s.scale, s.scale_timeout)
@@ -99,9 +104,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     known = backends.known_backends()
     parser = argparse.ArgumentParser(
         prog="deploy/benchmark.sh",
-        description="Measure every backend against the bare underlay in the namespace lab: "
-        "throughput, latency, agent CPU and memory, join time; and control-plane scale. "
-        "Run as root.",
+        description="Measure every backend against the bare underlay in the namespace lab "
+        "(host-gw and vxlan over IPv6 too, against the IPv6 underlay): throughput, latency, "
+        "agent CPU and memory, join time; and control-plane scale. Run as root.",
     )
     parser.add_argument(
         "--backends",
@@ -114,6 +119,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument(
         "--rtts", type=int, default=5000, help="timed round trips per latency run (default 5000)"
+    )
+    parser.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help=f"skip the IPv6 rows ({', '.join(DUAL_STACK_BACKENDS)} and the underlay over IPv6, "
+        "in dual-stack labs of their own)",
     )
     parser.add_argument(
         "--scale",
@@ -158,6 +169,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         rounds=a.rounds,
         seconds=a.seconds,
         rtts=a.rtts,
+        ipv6=not a.no_ipv6,
         scale=a.scale,
         scale_only=a.scale_only,
         scale_timeout=a.scale_timeout,

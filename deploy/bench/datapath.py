@@ -13,6 +13,16 @@ to container on node 2), round by round (underlay, host-gw, vxlan, udp, underlay
 - join-to-reachable: the agent starts on node 3 (its containers already on cni0, its kernel
   wiped of the agent's state, its old lease deleted); the time from its lease key appearing
   in etcd to the first echo answered from its container to node 1's container.
+
+With IPv6 on (the default), every dual-stack backend (host-gw, vxlan) also gets a dual-stack
+lab of its own (the same 3 nodes, an IPv6 underlay fd00:192::/64, the network NETWORK6), in
+the same rounds, after the IPv4 pairs: the bare IPv6 underlay (node 1 to node 2 over eth0's
+IPv6 address) and each backend's containers over IPv6, as "underlay (IPv6)", "host-gw (IPv6)",
+"vxlan (IPv6)": iperf3 -6 with 1 stream, the request/response round trips, the agents' CPU
+and memory; no join (the IPv4 rows have it). Separate labs, not the IPv4 ones made
+dual-stack: in dual-stack vxlan's MTU is base − 70 rather than base − 50 (one FLANNEL_MTU
+for both families), and the agent programs a second device and twice the routes, so the
+IPv4 rows would no longer measure what they did.
 """
 
 from __future__ import annotations
@@ -41,13 +51,28 @@ from .measure import (
     kernel_table,
     rss_mb,
 )
-from .stats import UNDERLAY, Sample, percentile
+from .stats import UNDERLAY, UNDERLAY6, Sample, ipv6_name, percentile
 
 NETWORK = "10.244.0.0/16"
+NETWORK6 = "fd00:10:244::/56"  # the IPv6Network of the dual-stack labs
+DUAL_STACK_BACKENDS = ("host-gw", "vxlan")  # udp carries IPv4 only (the config refuses it)
 IPERF_PORT = 5201
 RR_PORT = 7007
 RR_WARMUP = 200
+IPV6_STREAMS = (1,)  # the IPv6 rows' iperf3 runs: a single stream
 JOIN_TIMEOUT = 30.0
+
+# deploy/probes.py's rr-server listens on 0.0.0.0 only. For an IPv6 pair the same probe runs
+# with its listening socket on [::] instead (python -I -c RR_SERVER6 PROBES rr-server ...):
+# the echo loop and the CPU pinning are the ones the IPv4 pairs measure with.
+RR_SERVER6 = (
+    "import runpy, socket, sys\n"
+    "create = socket.create_server\n"
+    "socket.create_server = lambda address, **kw: create(\n"
+    "    ('::', address[1]), family=socket.AF_INET6, **kw)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 @dataclass
@@ -61,6 +86,8 @@ class Pair:
     dst: str
     dst_ip: str
     agents: tuple[int, int] | None  # pids of the sending and the receiving node's agents
+    family: int = 4  # of dst_ip
+    streams: tuple[int, ...] = (1, 4)  # the iperf3 runs: their numbers of parallel streams
 
 
 def wait_listening(lab: Lab, ns: str, port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -87,6 +114,7 @@ def iperf3(pair: Pair, streams: int, seconds: float) -> Sample:
         res = lab.run(
             pair.src,
             "iperf3",
+            *(["-6"] if pair.family == 6 else []),
             "-c",
             pair.dst_ip,
             "-p",
@@ -127,7 +155,10 @@ def iperf3(pair: Pair, streams: int, seconds: float) -> Sample:
 def request_response(pair: Pair, count: int) -> list[int]:
     """`count` timed round trips of a 64-byte message (after RR_WARMUP untimed); RTTs in ns."""
     lab = pair.lab
-    server = lab.spawn(pair.dst, sys.executable, "-I", PROBES, "rr-server", "1", str(RR_PORT), "10")
+    shim = ["-c", RR_SERVER6] if pair.family == 6 else []
+    server = lab.spawn(
+        pair.dst, sys.executable, "-I", *shim, PROBES, "rr-server", "1", str(RR_PORT), "10"
+    )
     try:
         res = lab.run(
             pair.src,
@@ -152,24 +183,38 @@ def request_response(pair: Pair, count: int) -> list[int]:
 
 
 class BackendLab:
-    """A lab running one backend: agents on nodes 1 and 2, node 3 ready to join."""
+    """A lab running one backend: agents on nodes 1 and 2, node 3 ready to join. With `ipv6`
+    (a dual-stack Lab) the network is dual-stack and the pairs run over IPv6; node 3 stays
+    idle."""
 
-    def __init__(self, backend: str, lab: Lab) -> None:
+    def __init__(self, backend: str, lab: Lab, ipv6: bool = False) -> None:
         self.backend = backend
+        self.ipv6 = ipv6
+        self.name = ipv6_name(backend) if ipv6 else backend  # the datapath's
         self.lab = lab
         self.n1, self.n2, self.n3 = lab.nodes
-        self.cluster = Cluster(lab, {"Network": NETWORK, "Backend": {"Type": backend}})
+        config: dict = {"Network": NETWORK, "Backend": {"Type": backend}}
+        if ipv6:
+            config.update(EnableIPv6=True, IPv6Network=NETWORK6)
+        self.cluster = Cluster(lab, config)
         self.joiner_subnet = IPv4Network("0.0.0.0/32")  # chosen in start()
 
     def start(self) -> None:
-        """Agents up on nodes 1 and 2, their containers reachable; node 3's containers on a
-        cni0 with a subnet its agent will take (it is written into its subnet.env)."""
+        """Agents up on nodes 1 and 2, their containers reachable (over IPv6 too in a
+        dual-stack lab); in an IPv4 lab, node 3's containers on a cni0 with a subnet its agent
+        will take (it is written into its subnet.env)."""
         for node in (self.n1, self.n2):
             self.cluster.start(node)
         envs = [self.cluster.wait_ready(node, timeout=30) for node in (self.n1, self.n2)]
-        matrix = self.cluster.wait_reachable(15)
-        if not all(matrix.values()):
-            raise BenchError(f"{self.backend}: containers on nodes 1 and 2 do not reach each other")
+        for family in (4, 6) if self.ipv6 else (4,):
+            matrix = self.cluster.wait_reachable(15, family=family)
+            if not matrix or not all(matrix.values()):
+                raise BenchError(
+                    f"{self.name}: containers on nodes 1 and 2 do not reach each other over "
+                    f"IPv{family}"
+                )
+        if self.ipv6:
+            return  # (with no IPv6 subnet, a container has no IPv6 address: no pair above)
         taken = {ip_interface(env["FLANNEL_SUBNET"]).network for env in envs}
         candidates = list(IPv4Network(NETWORK).subnets(new_prefix=24))[1:]  # from SubnetMin on
         self.joiner_subnet = next(s for s in candidates if s not in taken)
@@ -181,9 +226,16 @@ class BackendLab:
     def pair(self) -> Pair:
         pids = (self.cluster.procs["n1"].pid, self.cluster.procs["n2"].pid)
         c1, c2 = self.n1.containers[0], self.n2.containers[0]
+        if self.ipv6:
+            assert c2.ip6 is not None
+            return Pair(self.name, self.lab, c1.ns, c2.ns, c2.ip6, pids, 6, IPV6_STREAMS)
         return Pair(self.backend, self.lab, c1.ns, c2.ns, c2.ip, pids)
 
     def underlay(self) -> Pair:
+        if self.ipv6:
+            assert self.n2.ip6 is not None
+            n1, n2 = self.n1.ns, self.n2.ns
+            return Pair(UNDERLAY6, self.lab, n1, n2, self.n2.ip6, None, 6, IPV6_STREAMS)
         return Pair(UNDERLAY, self.lab, self.n1.ns, self.n2.ns, self.n2.ip, None)
 
     @property
@@ -291,9 +343,10 @@ class KeyWatch:
 def measure(
     journal: Journal, pair: Pair, sample: Sample, tag: str, seconds: float, rtts: int
 ) -> None:
-    """One round of `pair` into `sample`: iperf3 with 1 and 4 streams, `rtts` round trips,
-    the sending agent's memory; a failed part is journaled and the rest goes on."""
-    for streams in (1, 4):
+    """One round of `pair` into `sample`: iperf3 with each of the pair's numbers of streams
+    (1 and 4; 1 over IPv6), `rtts` round trips, the sending agent's memory; a failed part is
+    journaled and the rest goes on."""
+    for streams in pair.streams:
         journal(f"{tag} {pair.name}: iperf3 {streams} stream{'s' * (streams > 1)}...")
         try:
             r = iperf3(pair, streams, seconds)
@@ -316,6 +369,29 @@ def measure(
             journal.failed(f"{tag} {pair.name} agent memory", e)
 
 
+def build_lab(
+    journal: Journal, stack: ExitStack, prefixes: Iterator[str], backend: str, ipv6: bool
+) -> BackendLab | None:
+    """A started BackendLab (its Lab kept open in `stack`), or None: the failure journaled."""
+    name = ipv6_name(backend) if ipv6 else backend
+    try:
+        lab = stack.enter_context(Lab(nodes=3, containers=1, prefix=next(prefixes), ipv6=ipv6))
+    except FAILURES as e:  # (Lab cleans up what it built before raising)
+        journal.failed(f"{name}: lab set-up", e)
+        return None
+    kind = "dual-stack lab" if ipv6 else "lab"
+    journal(f"{name}: {kind} {lab.prefix}, etcd, agents on n1 and n2")
+    try:
+        lab.start_etcd()
+        bl = BackendLab(backend, lab, ipv6)
+        bl.start()
+    except FAILURES as e:
+        journal.failed(f"{name}: lab set-up", e)
+        lab.close()
+        return None
+    return bl
+
+
 def run_rounds(
     journal: Journal,
     stack: ExitStack,
@@ -324,37 +400,32 @@ def run_rounds(
     rounds: int,
     seconds: float,
     rtts: int,
+    ipv6: bool = True,
 ) -> tuple[list[Sample], list[str]]:
-    """Build a lab per backend (kept open in `stack`, named from `prefixes`), then `rounds`
-    interleaved rounds, each ending with node 3 joining in every lab; the samples and the
-    datapaths measured, underlay first."""
-    labs: list[BackendLab] = []
-    for backend in backends:
-        try:
-            lab = stack.enter_context(Lab(nodes=3, containers=1, prefix=next(prefixes)))
-        except FAILURES as e:  # (Lab cleans up what it built before raising)
-            journal.failed(f"{backend}: lab set-up", e)
-            continue
-        journal(f"{backend}: lab {lab.prefix}, etcd, agents on n1 and n2")
-        try:
-            lab.start_etcd()
-            bl = BackendLab(backend, lab)
-            bl.start()
-        except FAILURES as e:
-            journal.failed(f"{backend}: lab set-up", e)
-            lab.close()
-            continue
-        labs.append(bl)
-    if not labs:
+    """Build a lab per backend, and with `ipv6` a dual-stack one per dual-stack backend (kept
+    open in `stack`, named from `prefixes`), then `rounds` interleaved rounds, each ending
+    with node 3 joining in every IPv4 lab; the samples and the datapaths measured: the
+    underlay, the backends, then the IPv6 underlay and the backends over IPv6."""
+    labs = [bl for b in backends if (bl := build_lab(journal, stack, prefixes, b, False))]
+    dual = [b for b in backends if b in DUAL_STACK_BACKENDS] if ipv6 else []
+    if ipv6 and not dual:
+        journal(f"no IPv6 rows: only {', '.join(DUAL_STACK_BACKENDS)} carry IPv6")
+    labs6 = [bl for b in dual if (bl := build_lab(journal, stack, prefixes, b, True))]
+    pairs: list[Pair] = []
+    if labs:
+        pairs += [labs[0].underlay()] + [bl.pair() for bl in labs]
+        journal(f"{UNDERLAY}: node to node in lab {labs[0].lab.prefix}, over eth0")
+    if labs6:
+        pairs += [labs6[0].underlay()] + [bl.pair() for bl in labs6]
+        journal(f"{UNDERLAY6}: node to node in lab {labs6[0].lab.prefix}, over eth0's IPv6")
+    if not pairs:
         return [], []
     samples: list[Sample] = []
-    pairs = [labs[0].underlay()] + [bl.pair() for bl in labs]
-    journal(f"{UNDERLAY}: node to node in lab {labs[0].lab.prefix}, over eth0")
     for r in range(1, rounds + 1):
         tag = f"[round {r}/{rounds}]"
         by_name: dict[str, Sample] = {}
         for pair in pairs:
-            sample: Sample = {"round": r, "datapath": pair.name}
+            sample: Sample = {"round": r, "datapath": pair.name, "family": pair.family}
             measure(journal, pair, sample, tag, seconds, rtts)
             by_name[pair.name] = sample
             samples.append(sample)

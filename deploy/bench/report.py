@@ -16,8 +16,10 @@ from typing import Any
 
 from flanneld.core.text import table_lines
 
+from ..lab import SEG1_NET6
+from .datapath import NETWORK6
 from .scale import NOOP_PASSES
-from .stats import UNDERLAY, Sample, summarise
+from .stats import UNDERLAY6, Sample, is_ipv6, is_underlay, summarise
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -26,7 +28,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def render_table(summary: dict[str, dict[str, float | None]], rounds: int) -> str:
     """The data-path table: per datapath the medians over `rounds` rounds and the ratios to
-    the underlay, with notes on how to read them."""
+    the underlay (of its address family), with notes on how to read them."""
     rows = [
         [
             "datapath",
@@ -49,7 +51,7 @@ def render_table(summary: dict[str, dict[str, float | None]], rounds: int) -> st
         )
         rows.append(
             [
-                dp + ("*" if dp == UNDERLAY else ""),
+                dp + ("*" if is_underlay(dp) else ""),
                 _num(r["gbps_1"], ".2f"),
                 _num(r["gbps_4"], ".2f"),
                 f"{_num(r['gbps_1_ratio'], '.2f')}/{_num(r['gbps_4_ratio'], '.2f')}",
@@ -71,6 +73,12 @@ def render_table(summary: dict[str, dict[str, float | None]], rounds: int) -> st
         "  join→reach: a new node's lease appearing in etcd → first echo answered from its "
         "container",
     ]
+    if any(is_ipv6(dp) for dp in summary):
+        notes.append(
+            f"  (IPv6): the same over IPv6, in dual-stack labs of their own (underlay "
+            f"{SEG1_NET6}, containers in {NETWORK6}); 1 stream only; × underlay = to "
+            f"{UNDERLAY6}"
+        )
     return "\n".join(table_lines(rows) + notes)
 
 
@@ -157,29 +165,43 @@ def chart(
         ax.set_visible(False)
 
     def bars(ax: Any, names: list[str], metrics: list[tuple[str, str]], unit: str) -> None:
+        """Per name a group of bars, one per metric it has values of (centred on the name:
+        the IPv6 rows have no 4-stream run)."""
         width = 0.8 / len(metrics)
-        for k, (metric, label) in enumerate(metrics):
+
+        def values(name: str, metric: str) -> list[float]:
+            return [
+                s[metric] for s in samples if s["datapath"] == name and s.get(metric) is not None
+            ]
+
+        present = {n: [m for m, _ in metrics if values(n, m)] for n in names}
+        for metric, label in metrics:
             xs, meds, lo, hi = [], [], [], []
             for i, name in enumerate(names):
-                values = [
-                    s[metric]
-                    for s in samples
-                    if s["datapath"] == name and s.get(metric) is not None
-                ]
-                if values:
-                    m = statistics.median(values)
-                    xs.append(i + (k - (len(metrics) - 1) / 2) * width)
+                vs = values(name, metric)
+                if vs:
+                    m = statistics.median(vs)
+                    k, count = present[name].index(metric), len(present[name])
+                    xs.append(i + (k - (count - 1) / 2) * width)
                     meds.append(m)
-                    lo.append(m - min(values))
-                    hi.append(max(values) - m)
+                    lo.append(m - min(vs))
+                    hi.append(max(vs) - m)
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label)
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names])
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
 
+    def measured(metric: str) -> list[str]:
+        """The backends' datapaths with a value of `metric` (the IPv6 ones have no join)."""
+        return [
+            d
+            for d in datapaths
+            if not is_underlay(d)
+            and any(s["datapath"] == d and s.get(metric) is not None for s in samples)
+        ]
+
     if samples:
-        backends_only = [d for d in datapaths if d != UNDERLAY]
         ax = axes.pop(0)
         bars(ax, datapaths, [("gbps_1", "1 stream"), ("gbps_4", "4 streams")], "Gbit/s")
         ax.set_title("TCP throughput (iperf3), median and range")
@@ -188,10 +210,11 @@ def chart(
         ax.set_yscale("log")
         ax.set_title("request/response round trip, 64 bytes over TCP (log scale)")
         ax = axes.pop(0)
-        bars(ax, backends_only, [("cpu_src_pct_1", "sender"), ("cpu_dst_pct_1", "receiver")], "%")
+        cpu = [("cpu_src_pct_1", "sender"), ("cpu_dst_pct_1", "receiver")]
+        bars(ax, measured("cpu_src_pct_1"), cpu, "%")
         ax.set_title("agent CPU during the 1-stream run (% of one core)")
         ax = axes.pop(0)
-        bars(ax, backends_only, [("join_ms", "join→reachable")], "ms")
+        bars(ax, measured("join_ms"), [("join_ms", "join→reachable")], "ms")
         ax.set_title("new node's lease in etcd → its container reachable")
     if scale:
         for ax, metric, unit, what in (

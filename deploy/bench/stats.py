@@ -1,5 +1,8 @@
 """The benchmark's statistics: percentiles, medians, ratios to the underlay, and the summary
-of the data-path samples. Pure: no lab, no I/O."""
+of the data-path samples. Pure: no lab, no I/O.
+
+A datapath measured over IPv6 (in a dual-stack lab) is named with IPV6_SUFFIX, e.g.
+"vxlan (IPv6)"; its ratios are to the IPv6 underlay's medians ("underlay (IPv6)")."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import statistics
 from typing import Any
 
 UNDERLAY = "underlay"  # the datapath name of the bare node-to-node runs, the reference
+IPV6_SUFFIX = " (IPv6)"
+UNDERLAY6 = UNDERLAY + IPV6_SUFFIX  # the same over the IPv6 underlay, the IPv6 rows' reference
 
 Sample = dict[str, Any]
 
@@ -42,16 +47,34 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
+def ipv6_name(datapath: str) -> str:
+    """The name of `datapath` measured over IPv6."""
+    return datapath + IPV6_SUFFIX
+
+
+def is_ipv6(datapath: str) -> bool:
+    return datapath.endswith(IPV6_SUFFIX)
+
+
+def is_underlay(datapath: str) -> bool:
+    return datapath in (UNDERLAY, UNDERLAY6)
+
+
+def underlay_of(datapath: str) -> str:
+    """The underlay `datapath` is compared with: the one of its address family."""
+    return UNDERLAY6 if is_ipv6(datapath) else UNDERLAY
+
+
 def summarise(samples: list[Sample], datapaths: list[str]) -> dict[str, dict[str, float | None]]:
     """Per datapath: the median of each metric over the rounds, and the ratios of throughput
-    and p50 latency to the underlay's medians."""
+    and p50 latency to the medians of the underlay of its address family."""
     out: dict[str, dict[str, float | None]] = {}
     for dp in datapaths:
         runs = [s for s in samples if s["datapath"] == dp]
         out[dp] = {m: median([s.get(m) for s in runs]) for m in METRICS}
         out[dp]["rounds"] = len(runs)
-    base = out.get(UNDERLAY, {})
-    for row in out.values():
+    for dp, row in out.items():
+        base = out.get(underlay_of(dp), {})
         for m in ("gbps_1", "gbps_4", "p50_us"):
             row[f"{m}_ratio"] = ratio(row[m], base.get(m))
     return out

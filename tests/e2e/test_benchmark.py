@@ -1,11 +1,12 @@
 """The benchmark as a user runs it (`python -m deploy.benchmark`, what deploy/benchmark.sh ends
-in), in a tiny mode: one round of 1-second runs on host-gw against the underlay, and the
-control-plane scale with 50 synthetic peers. It must write a sane table, JSON and chart and
-leave no namespace behind."""
+in), in a tiny mode: one round of 1-second runs on host-gw against the underlay, the same over
+IPv6 against the IPv6 underlay (a dual-stack lab), and the control-plane scale with 50
+synthetic peers. It must write a sane table, JSON and chart and leave no namespace behind."""
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ def prefix():
     )
     p = f"bt{secrets.token_hex(3)}"
     yield p
-    for lab in range(1, 3):  # after a killed run only: the labs are p01 and p02
+    for lab in range(1, 4):  # after a killed run only: the labs are p01 (IPv4), p02 (dual
+        # stack) and p03 (scale)
         cleanup(f"{p}{lab:02d}")
 
 
@@ -43,15 +45,23 @@ def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
     )
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
     assert "[round 1/1] host-gw: iperf3 1 stream..." in out  # progress lines
     assert "[round 1/1] host-gw: node 3 joins..." in out
+    assert "[round 1/1] host-gw (IPv6): iperf3 1 stream..." in out
+    assert "host-gw (IPv6): iperf3 4 streams" not in out and "(IPv6): node 3 joins" not in out
     assert "[scale] host-gw: 50 peers in the kernel after " in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
+    rows = {
+        cells[0]: cells
+        for line in out.splitlines()
+        if line.startswith("  ") and (cells := re.split(r"\s{2,}", line.strip()))
+    }
     assert {"underlay*", "host-gw", "datapath", "backend"} <= set(rows)
+    assert {"underlay (IPv6)*", "host-gw (IPv6)"} <= set(rows)
+    assert rows["underlay (IPv6)*"][2:4] == ["-", "1.00/-"]  # 1 stream only
 
     doc = json.loads((tmp_path / "benchmark.json").read_text())
     assert doc["machine"]["nproc"] >= 1 and doc["machine"]["kernel"]
@@ -63,7 +73,24 @@ def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
     assert 0 < hostgw["p50_us"] <= hostgw["p99_us"] < 100_000
     assert 0 < hostgw["join_ms"] < 30_000 and 10 < hostgw["rss_mb"] < 500
     assert 0 <= hostgw["cpu_src_pct_1"] < 200
-    assert [len(s["rtt_ns"]) for s in doc["samples"]] == [200, 200]
+    assert [(s["datapath"], s["family"], len(s["rtt_ns"])) for s in doc["samples"]] == [
+        ("underlay", 4, 200),
+        ("host-gw", 4, 200),
+        ("underlay (IPv6)", 6, 200),
+        ("host-gw (IPv6)", 6, 200),
+    ]
+
+    # the IPv6 rows: single-stream TCP and the round trips, against the IPv6 underlay
+    assert doc["settings"]["ipv6"] and doc["settings"]["ipv6_network"] == "fd00:10:244::/56"
+    underlay6, hostgw6 = doc["summary"]["underlay (IPv6)"], doc["summary"]["host-gw (IPv6)"]
+    assert underlay6["gbps_1"] > 0 and underlay6["gbps_1_ratio"] == 1
+    assert 0 < underlay6["p50_us"] <= underlay6["p99_us"] < 100_000
+    assert hostgw6["gbps_1"] > 0 and 0 < hostgw6["gbps_1_ratio"] < 2
+    assert hostgw6["gbps_1_ratio"] == hostgw6["gbps_1"] / underlay6["gbps_1"]
+    assert 0 < hostgw6["p50_us"] <= hostgw6["p99_us"] < 100_000
+    assert 0 < hostgw6["p50_us_ratio"] < 20
+    assert hostgw6["gbps_4"] is None and hostgw6["join_ms"] is None
+    assert 10 < hostgw6["rss_mb"] < 500 and 0 <= hostgw6["cpu_src_pct_1"] < 200
 
     [scale] = doc["scale"]
     assert scale["converged"] and scale["counts"] == scale["expected"] == {"route": 50}

@@ -1,15 +1,18 @@
 """The benchmark's pure parts: statistics, the summary and its ratios, the tables, the
-synthetic peer records and the command line."""
+synthetic peer records, which labs the data-path run builds, and the command line."""
 
 from __future__ import annotations
 
+import re
+from contextlib import ExitStack
 from ipaddress import IPv4Network
 
 import pytest
 
 import backends
 from deploy import benchmark as cli
-from deploy.bench import report, scale, stats
+from deploy.bench import datapath, report, scale, stats
+from deploy.bench.measure import Journal
 from deploy.cluster import PREFIX
 from flanneld.core.lease import LeaseAttrs
 from flanneld.core.subnets import parse_subnet_key
@@ -45,6 +48,65 @@ def test_summary_takes_medians_and_ratios_to_the_underlay():
     assert "underlay*" in table and "medians of 3 interleaved round(s)" in table
     [row] = [line.split() for line in table.splitlines() if line.startswith("  vxlan")]
     assert row[1:5] == ["7.50", "7.50", "0.62/0.62", "90"]
+
+
+def cells(table: str, name: str) -> list[str]:
+    """The cells of the table's row `name` (cells are 2 or more spaces apart; a name has 1)."""
+    [row] = [
+        re.split(r"\s{2,}", line.strip())
+        for line in table.splitlines()
+        if re.match(rf"  {re.escape(name)}\*?  ", line)
+    ]
+    return row
+
+
+def test_ipv6_rows_take_their_ratios_to_the_ipv6_underlay():
+    samples = [
+        sample(1, "underlay", 10.0, 50.0),
+        sample(1, "host-gw", 8.0, 60.0, join_ms=40.0),
+        {"round": 1, "datapath": "underlay (IPv6)", "gbps_1": 16.0, "p50_us": 40.0},
+        {"round": 1, "datapath": "host-gw (IPv6)", "gbps_1": 12.0, "p50_us": 60.0},
+        {"round": 1, "datapath": "vxlan (IPv6)", "gbps_1": 4.0, "p50_us": 80.0},
+    ]
+    names = ["underlay", "host-gw", "underlay (IPv6)", "host-gw (IPv6)", "vxlan (IPv6)"]
+    summary = stats.summarise(samples, names)
+    assert summary["host-gw"]["gbps_1_ratio"] == pytest.approx(0.8)  # to the IPv4 underlay
+    assert summary["underlay (IPv6)"]["gbps_1_ratio"] == 1
+    v6 = summary["host-gw (IPv6)"]
+    assert v6["gbps_1_ratio"] == pytest.approx(0.75) and v6["p50_us_ratio"] == 1.5
+    assert v6["gbps_4"] is None and v6["gbps_4_ratio"] is None and v6["join_ms"] is None
+    assert summary["vxlan (IPv6)"]["gbps_1_ratio"] == pytest.approx(0.25)
+    assert [stats.underlay_of(n) for n in names] == ["underlay"] * 2 + ["underlay (IPv6)"] * 3
+
+    table = report.render_table(summary, 1)
+    underlay6 = ["underlay (IPv6)*", "16.00", "-", "1.00/-", "40"]
+    assert cells(table, "underlay (IPv6)")[:5] == underlay6
+    assert cells(table, "host-gw (IPv6)")[:7] == [
+        "host-gw (IPv6)", "12.00", "-", "0.75/-", "60", "-", "1.50",
+    ]  # fmt: skip
+    assert cells(table, "host-gw")[3] == "0.80/0.80" and cells(table, "host-gw")[-1] == "40"
+    assert "× underlay = to underlay (IPv6)" in table
+    assert "(IPv6)" not in report.render_table(stats.summarise(samples[:2], names[:2]), 1)
+
+
+@pytest.mark.parametrize(
+    ("backends", "ipv6", "built"),
+    [
+        (["host-gw", "udp", "vxlan"], True, ["host-gw", "udp", "vxlan", "host-gw 6", "vxlan 6"]),
+        (["host-gw", "udp", "vxlan"], False, ["host-gw", "udp", "vxlan"]),
+        (["udp"], True, ["udp"]),
+    ],
+)
+def test_dual_stack_labs_only_for_the_dual_stack_backends(monkeypatch, backends, ipv6, built):
+    calls = []
+
+    def build_lab(journal, stack, prefixes, backend, v6):
+        calls.append(backend + " 6" * v6)  # and fails: nothing measured
+
+    monkeypatch.setattr(datapath, "build_lab", build_lab)
+    with ExitStack() as stack:
+        out = datapath.run_rounds(Journal(), stack, iter(()), backends, 1, 1.0, 10, ipv6)
+    assert calls == built and out == ([], [])
 
 
 def test_summary_without_underlay_has_no_ratios():
@@ -84,6 +146,9 @@ def test_command_line_defaults_and_errors(capsys):
     s = cli.parse_args([])
     assert s.backends == backends.known_backends() and s.rounds >= 3
     assert s.scale == [1000, 5000] and not s.scale_only
+    assert s.ipv6 and s.document()["ipv6_network"] == "fd00:10:244::/56"
+    no6 = cli.parse_args(["--no-ipv6"])
+    assert not no6.ipv6 and no6.document()["ipv6"] is False
     assert cli.parse_args(["--scale", "0"]).scale == []
     assert cli.parse_args(["--backends", "VXLAN", "--scale", "50,100"]).backends == ["vxlan"]
     for bad in (
