@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Literal
 
 from flanneld.core.lease import Lease, RecordError
@@ -65,6 +65,7 @@ class PeerTable:
         self.leases: dict[IPv4Network, Lease] = {}
         self.rejected: dict[str, Rejected] = {}  # the records skipped now, by key
         self.unconfirmed: set[IPv4Network] = set()  # kept after etcd lost its data
+        self._by_v6: dict[IPv6Network, Lease] = {}  # the leases by IPv6 subnet
         self._check = check
 
     def rejected_by_rule(self) -> Counter[str]:
@@ -107,13 +108,11 @@ class PeerTable:
                 )
         return None
 
-    def _holders(self) -> dict[Any, Lease]:
-        held: dict[Any, Lease] = {}
-        for lease in self.leases.values():
-            held[lease.subnet] = lease
-            if lease.ipv6_subnet is not None:
-                held[lease.ipv6_subnet] = lease
-        return held
+    def _drop(self, subnet: IPv4Network) -> Lease:
+        old = self.leases.pop(subnet)
+        if old.ipv6_subnet is not None and self._by_v6.get(old.ipv6_subnet) is old:
+            del self._by_v6[old.ipv6_subnet]
+        return old
 
     def reset(self, snap: Snapshot, keep_missing: bool = False) -> list[Change]:
         """Replace the table by a fresh listing and report every difference. With
@@ -147,8 +146,7 @@ class PeerTable:
             if keep_missing or subnet in self.unconfirmed:
                 self.unconfirmed.add(subnet)
                 continue
-            changes.append(Change("removed", subnet, old))
-            del self.leases[subnet]
+            changes.append(Change("removed", subnet, self._drop(subnet)))
         for subnet, new in good.items():
             self.unconfirmed.discard(subnet)
             changes += self._put(subnet, new)
@@ -156,7 +154,11 @@ class PeerTable:
 
     def _put(self, subnet: IPv4Network, new: Lease) -> list[Change]:
         old = self.leases.get(subnet)
+        if old is not None:
+            self._drop(subnet)
         self.leases[subnet] = new
+        if new.ipv6_subnet is not None:
+            self._by_v6[new.ipv6_subnet] = new
         if old is None:
             return [Change("added", subnet, new)]
         if old.attrs != new.attrs or old.ipv6_subnet != new.ipv6_subnet:
@@ -165,15 +167,21 @@ class PeerTable:
 
     def expire_unconfirmed(self) -> list[Change]:
         """The grace after a loss of etcd's data is over: drop what did not re-appear."""
-        changes = [Change("removed", s, self.leases.pop(s)) for s in sorted(self.unconfirmed)]
+        changes = [Change("removed", s, self._drop(s)) for s in sorted(self.unconfirmed)]
         self.unconfirmed.clear()
         return changes
 
     def apply(self, ev: WatchEvent) -> list[Change]:
         if ev.lease is not None:
-            others = {k: v for k, v in self._holders().items() if v.subnet != ev.lease.subnet}
-            others.update({ev.lease.subnet: held} if (held := self.leases.get(ev.subnet)) else {})
-            why = self._judge(ev.key, ev.lease) or self._claimed(ev.lease, others)
+            # the records already holding its space: its IPv4 subnet's, its IPv6 subnet's
+            # unless that is the same subnet's record (O(1): this runs for every watch event)
+            holders: dict[Any, Lease] = {}
+            if (held := self.leases.get(ev.lease.subnet)) is not None:
+                holders[ev.lease.subnet] = held
+            v6 = ev.lease.ipv6_subnet
+            if v6 is not None and (held6 := self._by_v6.get(v6)) and held6.subnet != ev.subnet:
+                holders[v6] = held6
+            why = self._judge(ev.key, ev.lease) or self._claimed(ev.lease, holders)
             if why is not None:
                 ev = WatchEvent(ev.key, ev.subnet, None, why, ev.revision)
         if ev.error is not None:  # a put we cannot use: keep the last good record, if any
@@ -187,8 +195,7 @@ class PeerTable:
             if old is None or old.key != ev.key:
                 return []
             self.unconfirmed.discard(ev.subnet)
-            del self.leases[ev.subnet]
-            return [Change("removed", ev.subnet, old)]
+            return [Change("removed", ev.subnet, self._drop(ev.subnet))]
         self.unconfirmed.discard(ev.subnet)
         if old is not None and old.key != ev.key:  # an older claim lost to this one
             self._reject(old.key, Rejected("overlap", f"replaced by the older {ev.key}"))
