@@ -62,19 +62,6 @@ RR_WARMUP = 200
 IPV6_STREAMS = (1,)  # the IPv6 rows' iperf3 runs: a single stream
 JOIN_TIMEOUT = 30.0
 
-# deploy/probes.py's rr-server listens on 0.0.0.0 only. For an IPv6 pair the same probe runs
-# with its listening socket on [::] instead (python -I -c RR_SERVER6 PROBES rr-server ...):
-# the echo loop and the CPU pinning are the ones the IPv4 pairs measure with.
-RR_SERVER6 = (
-    "import runpy, socket, sys\n"
-    "create = socket.create_server\n"
-    "socket.create_server = lambda address, **kw: create(\n"
-    "    ('::', address[1]), family=socket.AF_INET6, **kw)\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
-
-
 @dataclass
 class Pair:
     """Where one datapath's traffic runs: from `src` to `dst_ip` in `dst`, and the agents
@@ -155,10 +142,7 @@ def iperf3(pair: Pair, streams: int, seconds: float) -> Sample:
 def request_response(pair: Pair, count: int) -> list[int]:
     """`count` timed round trips of a 64-byte message (after RR_WARMUP untimed); RTTs in ns."""
     lab = pair.lab
-    shim = ["-c", RR_SERVER6] if pair.family == 6 else []
-    server = lab.spawn(
-        pair.dst, sys.executable, "-I", *shim, PROBES, "rr-server", "1", str(RR_PORT), "10"
-    )
+    server = lab.spawn(pair.dst, sys.executable, "-I", PROBES, "rr-server", "1", str(RR_PORT), "10")
     try:
         res = lab.run(
             pair.src,
