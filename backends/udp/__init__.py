@@ -3,15 +3,20 @@
 Kernel side: the TUN device `flannel0` (`<subnet network address>/32`, MTU = underlay MTU − 28)
 and one route for the whole cluster network through it (proto 155); the device exists only
 while the agent runs, so udp traffic stops with the agent (a restarted agent carries it again
-as soon as it is ready). Packets move in `datapath`'s thread; the decisions are the pure
-`core` and `offload`. Datagrams are accepted only from a peer's PublicIP and the backend Port,
-holding one valid IPv4 packet from that peer's subnet to ours; the rest is dropped, counted by
-reason (`UdpBackend.drops`) and reported in one log line per reconcile pass.
+as soon as it is ready). Packets move in `datapath`'s thread; the decisions are pure, one
+module per concern: `core` (routes, admission, ICMP), `ipv4` (header arithmetic), `vnet` (the
+virtio-net header), `layouts` (send and receive buffers), `tso` (cutting super-packets),
+`trains`, `runs` (joining GRO batches), `egress` (what one TUN read becomes) and `receiver`
+(the receive state machine). Datagrams are accepted only from a peer's PublicIP and the
+backend Port, holding one valid IPv4 packet from that peer's subnet to ours; the rest is
+dropped, counted by reason (`UdpBackend.drops`) and reported in one log line per reconcile pass.
 
-On the wire every datagram is one inner IPv4 packet, as with the reference. The lease record
-is the reference's (PublicIP only, no BackendType) plus `"BackendData": {"Cap": ["csum"]}` when
-the TUN has a virtio-net header: peers that advertise it get TCP/UDP checksums left for their
-kernel to finish; the reference ignores BackendData and gets them finished.
+On the wire a datagram is one inner IPv4 packet, as with the reference, or between two nodes
+of this agent a chunk of a train (README, udp options). The lease record is the reference's
+(PublicIP only, no BackendType) plus `"BackendData": {"Cap": ["csum", "train"]}` when the TUN
+has a virtio-net header: peers that advertise `csum` get TCP/UDP checksums left for their
+kernel to finish, peers that advertise `train` too get TCP super-packets as trains; the
+reference ignores BackendData and gets every packet whole with its checksums finished.
 
 Options (`Backend` object, keys in any case): `Port`, the UDP port on every node (default 8285).
 The environment variable FLANNELD_UDP_OFFLOAD=false makes one node run as the reference does:

@@ -1,4 +1,4 @@
-"""The udp backend's packet decisions, without I/O: bytes in, decision out.
+"""The udp backend's routing and admission decisions, without I/O: bytes in, decision out.
 
 Theory of operation. `Routes` is an immutable snapshot of everything the datapath needs to
 decide about one packet: the cluster network, this node's subnet (and so the TUN address), the
@@ -16,9 +16,8 @@ consistent snapshot.
   IHL >= 5, total length equal to the datagram's, valid header checksum, TTL left) whose source
   lies in that very peer's subnet and whose destination lies in ours.
 
-Everything refused is named by a `Drop` reason, which the datapath counts. Checksums use the
-identity "one's-complement sum of 16-bit words == the big-endian integer mod 0xFFFF", which
-lets `int.from_bytes` do the arithmetic at C speed.
+Everything refused is named by a `Drop` reason, which the datapath counts. The header
+arithmetic (lengths, checksums, the TTL) is `ipv4`'s.
 """
 
 from __future__ import annotations
@@ -29,12 +28,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from .ipv4 import IP_HL, IPPROTO_ICMP, Buf, checksum, decrement_ttl, header_ok, is_later_fragment
+
 DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8) headers
 CAP_PARTIAL_CSUM = "csum"  # in BackendData "Cap": this node accepts unfinished L4 checksums
-CAP_TRAIN = "train"  # ... and TCP super-packets as trains of tagged chunks (`offload.train`)
+CAP_TRAIN = "train"  # ... and TCP super-packets as trains of tagged chunks (`trains.train`)
 
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreachable, quench, redirect, time, parameter
 _IP_HDR = struct.Struct("!BBHHHBBH4s4s")
 
@@ -95,49 +95,13 @@ def _mask(prefixlen: int) -> int:
     return (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF
 
 
-def ones_sum(data: bytes | bytearray | memoryview) -> int:
-    """The one's-complement sum of `data` as 16-bit big-endian words, reduced mod 0xFFFF."""
-    value = int.from_bytes(data, "big")
-    return (value << 8 if len(data) & 1 else value) % 0xFFFF
-
-
-def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
-    """The Internet checksum (RFC 1071) of `data`, plus a partial sum `initial` (a pseudo
-    header); 0 stands for the "negative zero" 0xFFFF, which receivers treat alike."""
-    return -(ones_sum(data) + initial) % 0xFFFF
-
-
-def pseudo_sum(src: bytes | bytearray | memoryview, proto: int, length: int) -> int:
-    """The partial sum of the TCP/UDP pseudo header; `src` holds source and destination (8
-    bytes). Stored in the checksum field, it is what a kernel finishes (CHECKSUM_PARTIAL)."""
-    return (ones_sum(src) + proto + length) % 0xFFFF or 0xFFFF
-
-
-def header_ok(buf: bytes | bytearray | memoryview, off: int, ihl: int) -> bool:
-    """The IPv4 header at `off` has a valid checksum (its words sum to negative zero)."""
-    return int.from_bytes(buf[off : off + ihl], "big") % 0xFFFF == 0
-
-
-def decrement_ttl(buf: bytearray, off: int) -> None:
-    """TTL -= 1 on the IPv4 header at `off`, patching its checksum incrementally
-    (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), m the TTL/protocol word). TTL must be >= 1:
-    then m' = m - 0x100 and ~m + m' is 0xFEFF whatever m, so one addition and one fold do."""
-    s = (~(buf[off + 10] << 8 | buf[off + 11]) & 0xFFFF) + 0xFEFF
-    hc = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
-    buf[off + 8] -= 1
-    buf[off + 10] = hc >> 8
-    buf[off + 11] = hc & 0xFF
-
-
-def unreachable(
-    tun_addr: bytes, buf: bytes | bytearray | memoryview, off: int, end: int
-) -> bytes | None:
+def unreachable(tun_addr: bytes, buf: Buf, off: int, end: int) -> bytes | None:
     """An ICMP net-unreachable from `tun_addr` about the IPv4 packet buf[off:end], quoting
     its header and 8 bytes (RFC 792); None for an ICMP error or a non-first fragment."""
-    ihl = (buf[off] & 0x0F) * 4
+    ihl = IP_HL[buf[off]]
     if buf[off + 9] == IPPROTO_ICMP and (end - off <= ihl or buf[off + ihl] in ICMP_ERRORS):
         return None
-    if (buf[off + 6] << 8 | buf[off + 7]) & 0x1FFF:
+    if is_later_fragment(buf, off):
         return None
     icmp = bytearray(8) + buf[off : min(end, off + ihl + 8)]
     icmp[0] = 3  # destination unreachable, code 0: net unreachable
@@ -202,7 +166,7 @@ class Routes:
             return Drop.SHORT
         if buf[off] >> 4 != 4:
             return Drop.NOT_IPV4
-        ihl = (buf[off] & 0x0F) * 4
+        ihl = IP_HL[buf[off]]
         if ihl < 20 or off + ihl > end:
             return Drop.BAD_IHL
         dst = int.from_bytes(buf[off + 16 : off + 20], "big")
@@ -227,9 +191,7 @@ class Routes:
             return Drop.BAD_SENDER_PORT
         return peer
 
-    def check(
-        self, ip: str, buf: bytes | bytearray | memoryview, off: int, end: int
-    ) -> Drop | None:
+    def check(self, ip: str, buf: Buf, off: int, end: int) -> Drop | None:
         """Why the datagram buf[off:end] from the admitted sender `ip` must not reach the TUN,
         or None when it holds one valid IPv4 packet from that peer's subnet to ours."""
         n = end - off
@@ -237,7 +199,7 @@ class Routes:
             return Drop.SHORT
         if buf[off] >> 4 != 4:
             return Drop.NOT_IPV4
-        ihl = (buf[off] & 0x0F) * 4
+        ihl = IP_HL[buf[off]]
         if ihl < 20 or ihl > n:
             return Drop.BAD_IHL
         if buf[off + 2] << 8 | buf[off + 3] != n:

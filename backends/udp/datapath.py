@@ -1,6 +1,7 @@
 """The udp backend's I/O: the TUN device, the UDP socket, and the thread that moves packets
-between them. Every decision is the pure core's (`core`, `offload`); this module only reads,
-sends and writes, many kilobytes per system call where the kernel allows.
+between them. Every decision is the pure modules' (`core`, `egress`, and for receives the state
+machine `receiver.Receiver`); this module only reads, sends and writes, many kilobytes per
+system call where the kernel allows.
 
 One thread does both directions: it sleeps in epoll until the TUN or the socket is readable,
 then reads once from each that epoll reports readable, round after round, for as long as
@@ -10,15 +11,12 @@ packet of a burst, or the answer to a request that just went out, is so picked u
 wake-up, which costs more than the Python work on a small packet (two threads, one per
 direction, measured slower: they contend for the GIL and the CPUs). A TUN read takes the
 packet in one piece; a super-packet's datagrams are gathered by `sendmsg` from headers built
-apart and views of its payload (`offload.Gather`). A UDP receive after a train of datagrams
-goes into an `offload.Scatter` laid out for the train's segments (first expected: 52-byte
-headers, TCP with timestamps, at the TUN MTU; then those last seen), a receive after a single
-datagram into one flat buffer. After a receive that leaves a super-packet open, one more
-non-blocking receive looks for its continuation. A receive that starts with a train
-datagram (`offload.train`, between nodes that both advertise it) goes to `offload.Trains`,
-and the next receive is laid out for trains. The agent swaps `Datapath.routes` by
-assignment; the thread reads the attribute once per read, so each packet sees one whole
-snapshot.
+apart and views of its payload (`layouts.Gather`). A UDP receive goes where the receive
+machine says (`Receiver.iov`: a flat buffer, or a `layouts.Scatter` laid out for the segments
+or trains it expects); the datapath hands it what came and writes what it answers, and while
+the machine holds a run open (state OPEN) receives once more without waiting, for the
+continuation. The agent swaps `Datapath.routes` by assignment; the thread reads the attribute
+once per read, so each packet sees one whole snapshot.
 
 Whatever a peer sends costs at most what it sent: an exception other than an OSError while
 handling one read (a bug met by a packet) drops that read, counted as `internal` in the drop
@@ -43,23 +41,11 @@ import time
 from collections import Counter
 
 from .core import Drop, Peer, Reply, Routes
-from .offload import (
-    LAYOUT_MIN_MSS,
-    MIN_TRAIN_CHUNK,
-    PLAIN,
-    TAG_LEN,
-    TRAIN_MAGIC,
-    VNET_LEN,
-    Buf,
-    Gathers,
-    Scatter,
-    Send,
-    Trains,
-    kept,
-    receive,
-    receive_scattered,
-    transmit,
-)
+from .egress import transmit
+from .ipv4 import Buf
+from .layouts import Gathers, Send
+from .receiver import OPEN, Receiver
+from .vnet import PLAIN, VNET_LEN
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +64,6 @@ BUFFER = 1 << 17  # more than a 64 KB super-packet or GRO batch plus its virtio-
 _ANC = socket.CMSG_SPACE(4)
 _GRO_SIZE = struct.Struct("=i")
 _MSG_DONTWAIT, _MSG_TRUNC = int(socket.MSG_DONTWAIT), int(socket.MSG_TRUNC)
-_IS_TRAIN = bytes(1 if b & 0xF0 == TRAIN_MAGIC else 0 for b in range(256))  # a first byte
 
 
 def _gro_size(anc: list[tuple[int, int, bytes]], n: int) -> int:
@@ -150,17 +135,11 @@ class Datapath:
         self._vbuf = bytearray(VNET_LEN)
         self._rbuf, self._ubuf = bytearray(BUFFER), bytearray(BUFFER)
         # TUN reads: [virtio-net header, packet]; a super-packet's segments are gathered
-        # from header buffers and views of the packet's payload (`offload.Gather`)
+        # from header buffers and views of the packet's payload (`layouts.Gather`)
         self._riov: list[Buf] = [self._vbuf, self._rbuf] if vnet else [self._rbuf]
         self._gathers = Gathers(self._rbuf, mtu)  # a datagram carries up to `mtu` bytes
-        self._trains = Trains(mtu)
-        # UDP receives: with offloads into a pair of `offload.Scatter` (the second for a
-        # super-packet's continuation) laid out for the segments last seen; expect TCP with
-        # timestamps (52 header bytes) at the TUN MTU
-        self._scatters: dict[tuple[int, int], tuple[Scatter, Scatter]] = {}
-        self._pair = self._scatter_pair(52, max(mtu - 52, 4))
-        self._flat: list[Buf] = [self._ubuf]
-        self._rx = self._flat  # what the next receive goes into
+        # UDP receives go where the receive machine says (without offloads: always `_ubuf`)
+        self._receiver = Receiver(mtu, self.drops, self._ubuf)
         self._cmsg_seg, self._cmsg = 0, [(SOL_UDP, UDP_SEGMENT, b"")]
         self._internal_logged_at: float | None = None  # see `_internal_error`
         self._internal_unlogged = 0
@@ -173,8 +152,8 @@ class Datapath:
 
     @property
     def trains_in(self) -> int:
-        """Super-packets received as trains (`offload.train`), whole and valid."""
-        return self._trains.written
+        """Super-packets received as trains (`trains.train`), whole and valid."""
+        return self._receiver.trains.written
 
     @property
     def trains_out(self) -> int:
@@ -237,7 +216,9 @@ class Datapath:
                 self._egress(n)
             elif fd == self._sock_fd:
                 try:
-                    n, anc, flags, src = self._sock.recvmsg_into(self._rx, _ANC, _MSG_DONTWAIT)
+                    n, anc, flags, src = self._sock.recvmsg_into(
+                        self._receiver.iov, _ANC, _MSG_DONTWAIT
+                    )
                 except BlockingIOError:
                     return
                 if flags & _MSG_TRUNC:
@@ -255,7 +236,7 @@ class Datapath:
         INTERNAL_LOG_EVERY s, with how many there were (a peer could make one per packet).
         Called in the handler of the exception."""
         self.drops[Drop.INTERNAL] += 1
-        self._rx = self._flat
+        self._receiver.reset()
         now = time.monotonic()
         if self._internal_logged_at is None:
             log.error(
@@ -313,136 +294,32 @@ class Datapath:
             self.packets_out += -(-sent // seg)
             self.bytes_out += sent
 
-    def _scatter_pair(self, hl: int, mss: int) -> tuple[Scatter, Scatter]:
-        return kept(
-            self._scatters, (hl, mss), lambda: (Scatter(hl, mss), Scatter(hl, mss)), Gathers.LIMIT
-        )
-
-    def _train_at(self, sc: Scatter | None, n: int, gro: int) -> int:
-        """The index of the first train datagram among the n bytes just received into `sc`
-        (None: the flat buffer) as `gro`-byte datagrams, or -1."""
-        if n <= 0 or gro <= 0:
-            return -1
-        if sc is None:
-            firsts = self._ubuf[0:n:gro]
-        elif sc.seg == gro:
-            firsts = sc.heads[0 : -(-n // gro) * sc.hl : sc.hl]
-        else:
-            firsts = sc.flat(0, n)[0:n:gro]
-        return firsts.translate(_IS_TRAIN).find(1)
-
     def _ingress_vnet(
         self, n: int, anc: list[tuple[int, int, bytes]], src: tuple[str, int]
     ) -> None:
-        first, second = self._pair
+        """Hand the receive machine the n bytes that came into its `iov` from `src` and write
+        what it answers; while it holds a run open, the burst's next send may be waiting
+        already: receive once more without waiting, and hand it that too."""
+        rx = self._receiver
         gro = _gro_size(anc, n)
-        self._received(n, gro)
-        flat = self._rx is self._flat
-        trains = self._train_at(None if flat else first, n, gro)
-        if trains == 0:
-            self._ingress_trains(n, gro, src)
-            return
-        plain = n if trains < 0 else trains * gro  # packets, then perhaps trains (one GRO batch)
-        if flat:
-            writes, run = receive(self.routes, src[0], src[1], self._ubuf, plain, gro, self.drops)
-        else:
-            writes, run = receive_scattered(
-                self.routes, src[0], src[1], first, plain, gro, self.drops
-            )
-        if trains > 0:
-            if run is not None:
-                writes.append(run.write())
-            for write in writes:
-                self._write(write)
-            rest = self._ubuf[plain:n] if flat else first.flat(plain, n)
-            self._ingress_trains(n - plain, gro, src, rest)
-            return
-        if (
-            run is not None
-            and (run.hl, run.mss) != (first.hl, first.mss)
-            and run.dlen == gro
-            and run.mss >= LAYOUT_MIN_MSS
-        ):
-            self._pair = self._scatter_pair(run.hl, run.mss)
-        # after a train, expect another one: receive it scattered; after a single datagram
-        # (an ACK, say), in one piece (fewer buffers to hand over)
-        self._rx = self._pair[0].iov if n > gro else self._flat
-        for write in writes:
+        self.packets_in += -(-n // gro) if gro else 1
+        self.bytes_in += n
+        for write in rx.receive(self.routes, n, gro, src):
             self._write(write)
-        if run is None:
+        if rx.state is not OPEN:
             return
-        # The burst's next send may be waiting already: join it into the same super-packet.
         try:
-            n, anc, flags, more = self._sock.recvmsg_into(second.iov, _ANC, _MSG_DONTWAIT)
+            n, anc, flags, src = self._sock.recvmsg_into(rx.iov, _ANC, _MSG_DONTWAIT)
         except BlockingIOError:
-            self._write(run.write())
-            return
-        if flags & _MSG_TRUNC:
-            self.drops[Drop.TRUNCATED] += 1
-            self._write(run.write())
-            return
-        gro = _gro_size(anc, n)
-        self._received(n, gro)
-        trains = self._train_at(second, n, gro)
-        if more != src or trains == 0:  # not a continuation (trains never are)
-            self._write(run.write())
-            run = None
-        plain = n if trains < 0 else trains * gro
-        writes, run = (
-            receive_scattered(self.routes, more[0], more[1], second, plain, gro, self.drops, run)
-            if plain
-            else ([], None)
-        )
-        if run is not None:
-            writes.append(run.write())
-        for write in writes:
-            self._write(write)
-        if trains >= 0:
-            self._ingress_trains(n - plain, gro, more, second.flat(plain, n))
-
-    def _ingress_trains(
-        self, n: int, gro: int, src: tuple[str, int], data: Buf | None = None
-    ) -> None:
-        """A receive that starts with a train datagram (`offload.train`): trains reassembled,
-        whatever follows them through `receive`; the next receive laid out for trains.
-        The receive is where the next one goes (`_rx`), or `data` (a copy)."""
-        flat, first = self._rx is self._flat, self._pair[0]
-        peer = self.routes.sender(src[0], src[1])
-        if (
-            isinstance(peer, Drop)
-            or not peer.train
-            or n <= TAG_LEN
-            or (n > gro and gro - TAG_LEN < MIN_TRAIN_CHUNK)
-        ):  # decided before any buffer is laid out for it: strangers cost no layout
-            self.drops[peer if isinstance(peer, Drop) else Drop.BAD_TRAIN] += -(-n // gro)
-            self._rx = self._flat
-            return
-        if data is None and not flat and (first.hl, first.seg) == (TAG_LEN, gro):
-            sc = first  # received where trains go
+            writes = rx.nothing()
         else:
-            if data is None:
-                data = self._ubuf[:n] if flat else first.flat(0, n)
-            if n <= gro:  # one datagram (a train's short last chunk, say): a layout of its own
-                sc = Scatter(TAG_LEN, n - TAG_LEN, n)
+            if flags & _MSG_TRUNC:
+                writes = rx.truncated()
             else:
-                self._pair = self._scatter_pair(TAG_LEN, gro - TAG_LEN)
-                sc = self._pair[0]
-            sc.load(data)  # as a receive into the train layout would have put it
-        self._rx = self._pair[0].iov if n > gro else self._flat
-        writes, used = self._trains.receive(self.routes, src[0], src[1], sc, n, gro, self.drops)
-        if used * gro < n:  # not trains from there on
-            more, run = receive(
-                self.routes,
-                src[0],
-                src[1],
-                sc.flat(used * gro, n),
-                n - used * gro,
-                gro,
-                self.drops,
-            )
-            writes += more
-            if run is not None:
-                writes.append(run.write())
+                gro = _gro_size(anc, n)
+                self.packets_in += -(-n // gro) if gro else 1
+                self.bytes_in += n
+                writes = rx.receive(self.routes, n, gro, src)
         for write in writes:
             self._write(write)
 

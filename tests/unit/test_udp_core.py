@@ -10,17 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.udp import advertised, parse_port, plan
-from backends.udp.core import (
-    Drop,
-    Peer,
-    Reply,
-    Routes,
-    checksum,
-    decrement_ttl,
-    header_ok,
-    ones_sum,
-    pseudo_sum,
-)
+from backends.udp.core import Drop, Peer, Reply, Routes
+from backends.udp.ipv4 import checksum, decrement_ttl, header_ok, ones_sum, pseudo_sum
 from flanneld.core.config import ConfigError
 from flanneld.core.lease import Lease, LeaseAttrs
 

@@ -18,9 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.udp import datapath as datapath_module
-from backends.udp import offload as O
-from backends.udp.core import Drop, Peer, Routes, checksum
+from backends.udp import receiver as receiver_module
+from backends.udp.core import Drop, Peer, Routes
 from backends.udp.datapath import UDP_SEGMENT, Datapath, open_socket
+from backends.udp.ipv4 import ACK, PSH, checksum
+from backends.udp.trains import TAG_LEN
+from backends.udp.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, PLAIN, VNET, VNET_LEN
 
 from .test_udp_core import ip_packet, reference_checksum
 from .test_udp_offload import (
@@ -71,29 +74,29 @@ def _writes(fd: int) -> list[tuple[tuple[int, ...], bytes]]:
             break
     out, at = [], 0
     while at < len(data):
-        vnet = O.VNET.unpack_from(data, at)
-        size = struct.unpack_from("!H", data, at + O.VNET_LEN + 2)[0]
-        out.append((vnet, data[at + O.VNET_LEN : at + O.VNET_LEN + size]))
-        at += O.VNET_LEN + size
+        vnet = VNET.unpack_from(data, at)
+        size = struct.unpack_from("!H", data, at + VNET_LEN + 2)[0]
+        out.append((vnet, data[at + VNET_LEN : at + VNET_LEN + size]))
+        at += VNET_LEN + size
     return out
 
 
 def receive(dp: Datapath, dgrams: list[bytes], src: str = A_IP) -> None:
     """One receive of `dgrams` (a GRO batch), put where the datapath's next receive goes."""
     data = b"".join(dgrams)
-    if dp._rx is dp._flat:
-        dp._ubuf[: len(data)] = data
+    if dp._receiver.iov is dp._receiver.flat:
+        dp._receiver.buf[: len(data)] = data
     else:
-        dp._pair[0].load(data)
+        dp._receiver._pair[0].load(data)
     gro = [(17, 104, struct.pack("=i", len(dgrams[0])))]  # UDP_GRO's segment size
     dp._ingress_vnet(len(data), gro if len(dgrams) > 1 else [], (src, 8285))
 
 
 def test_a_packet_and_a_train_in_one_batch_are_both_written(dp) -> None:
     """GRO batches equal-sized datagrams of one flow: a full-size packet then a train."""
-    packet = bytes(tcp_packet(os.urandom(MTU - 52), flags=O.ACK))
+    packet = bytes(tcp_packet(os.urandom(MTU - 52), flags=ACK))
     assert len(packet) == MTU
-    dgrams, sent = train_of(tcp_packet(os.urandom(1420 * 20), seq=50000, flags=O.ACK))
+    dgrams, sent = train_of(tcp_packet(os.urandom(1420 * 20), seq=50000, flags=ACK))
     receive(dp, [packet, *dgrams[:-1]])  # the train's short last chunk comes alone
     receive(dp, dgrams[-1:])
     got = dp.written()
@@ -104,22 +107,22 @@ def test_a_packet_and_a_train_in_one_batch_are_both_written(dp) -> None:
 
 
 def test_trains_from_a_stranger_or_of_tiny_datagrams_lay_out_nothing(dp) -> None:
-    layouts = dict(dp._scatters)
+    layouts = dict(dp._receiver._scatters)
     for size in range(3, 12):  # each would need a receive layout of its own
         receive(dp, [b"\xf0\x00" + bytes(size - 2)] * 3, src="203.0.113.9")
-    assert dp._scatters == layouts
+    assert dp._receiver._scatters == layouts
     assert dp.drops == {Drop.UNKNOWN_SENDER: 27}
     for size in range(3, 12):  # from the peer itself: too small to be chunks of a train
         receive(dp, [b"\xf0\x00" + bytes(size - 2)] * 3)
-    assert dp._scatters == layouts and dp.drops[Drop.BAD_TRAIN] == 27
+    assert dp._receiver._scatters == layouts and dp.drops[Drop.BAD_TRAIN] == 27
     assert dp.written() == []
 
 
 def test_a_train_then_a_batch_of_packets_switch_layouts_and_lose_nothing(dp) -> None:
-    dgrams, sent = train_of(tcp_packet(os.urandom(1420 * 46), flags=O.ACK))
+    dgrams, sent = train_of(tcp_packet(os.urandom(1420 * 46), flags=ACK))
     receive(dp, dgrams)
-    assert (dp._pair[0].hl, dp._pair[0].seg) == (O.TAG_LEN, MTU)
-    packets = [bytes(tcp_packet(os.urandom(MTU - 52), seq=s, flags=O.ACK)) for s in (1, 2)]
+    assert (dp._receiver._pair[0].hl, dp._receiver._pair[0].seg) == (TAG_LEN, MTU)
+    packets = [bytes(tcp_packet(os.urandom(MTU - 52), seq=s, flags=ACK)) for s in (1, 2)]
     receive(dp, packets)
     got = dp.written()
     assert not dp.drops and [len(p) for _, p in got] == [len(sent), MTU, MTU]
@@ -254,8 +257,8 @@ def test_a_corrupted_segment_from_a_reference_node_is_written_as_it_came(wire) -
         wire.send(wire.c, dgrams)
         drain(dp)
         got = dp.written()
-        assert [vnet for vnet, _ in got] == [O.VNET.unpack(O.PLAIN)] * 6
-        assert [as_arrived([O.PLAIN, p]) for _, p in got] == dgrams
+        assert [vnet for vnet, _ in got] == [VNET.unpack(PLAIN)] * 6
+        assert [as_arrived([PLAIN, p]) for _, p in got] == dgrams
         assert not tcp_valid(dgrams[3]) and not dp.drops
 
 
@@ -265,14 +268,14 @@ def test_an_unexpected_error_costs_one_receive_and_the_thread_goes_on(
     """A bug met by one datagram (here: the receive dispatch raising on it) is counted as a
     drop (`internal`) and logged once with its traceback, not once per datagram; the thread
     goes on with the next datagram."""
-    real = datapath_module.receive
+    real = receiver_module.receive
 
     def buggy(routes, ip, port, buf, n, *args):
         if b"poison" in bytes(buf[:n]):
             raise RuntimeError("a bug")
         return real(routes, ip, port, buf, n, *args)
 
-    monkeypatch.setattr(datapath_module, "receive", buggy)
+    monkeypatch.setattr(receiver_module, "receive", buggy)
     poison = bytes(ip_packet(A_SRC, "10.244.2.2", payload=b"poison"))
     ping = bytes(ip_packet(A_SRC, "10.244.2.2", proto=1, payload=os.urandom(56)))
     with datapath(wire) as dp:
@@ -337,13 +340,13 @@ def assert_only_valid_writes(
         assert IPv4Address(p[16:20]) in B_NET and (src in A_NET or src in C_NET)
         capable = src in A_NET
         admitted_here = sent[A_SRC if capable else C_SRC]
-        if gso_type == O.GSO_NONE:
+        if gso_type == GSO_NONE:
             assert capable or flags == 0, "a reference node's packet written with NEEDS_CSUM"
             back = bytearray(p)  # as it arrived: TTL + 1, the header checksum redone
             back[8] += 1
             back[10:12] = b"\0\0"
             back[10:12] = checksum(back[:20]).to_bytes(2, "big")
-            if flags & O.F_NEEDS_CSUM:  # the L4 checksum was reset to the pseudo-header sum
+            if flags & F_NEEDS_CSUM:  # the L4 checksum was reset to the pseudo-header sum
                 field = vnet[4] + vnet[5]
                 assert any(
                     d[:field] == back[:field] and d[field + 2 :] == back[field + 2 :]
@@ -353,7 +356,7 @@ def assert_only_valid_writes(
                 assert bytes(back) in admitted_here
             continue
         assert capable, "a reference node's segments joined (the kernel computes the checksum)"
-        assert gso_type == O.GSO_TCPV4 and flags == O.F_NEEDS_CSUM and p[9] == 6
+        assert gso_type == GSO_TCPV4 and flags == F_NEEDS_CSUM and p[9] == 6
         if any(t[:8] + t[9:10] + t[12:] == p[:8] + p[9:10] + p[12:] for t in trains):
             continue  # a whole train (TTL and the checksums aside)
         seq0, payload = _seq(p), p[hl:]
@@ -376,7 +379,7 @@ def fuzz_item(data: st.DataObject, kind: str, src: str, seq: int) -> tuple[bytes
     mss = 1000
     if kind in ("good", "corrupt", "truncated", "ihl"):
         size = data.draw(st.sampled_from([mss, mss, data.draw(st.integers(1, mss))]))
-        flags = data.draw(st.sampled_from([O.ACK, O.ACK, O.ACK | O.PSH]))
+        flags = data.draw(st.sampled_from([ACK, ACK, ACK | PSH]))
         [d] = segments(1, seq, src=src, mss=size)
         d = bytearray(d)
         d[33] = flags
@@ -436,7 +439,7 @@ def test_fuzz_the_receive_dispatch_with_runs_open(wire, data: st.DataObject) -> 
             shape = data.draw(st.sampled_from(["one", "batch", "train"]))
             if shape == "train":  # only A may send trains: from anyone else they are dropped
                 sp = tcp_packet(
-                    os.urandom(data.draw(st.integers(100, 1420 * 20))), seq=seqs[A_SRC], flags=O.ACK
+                    os.urandom(data.draw(st.integers(100, 1420 * 20))), seq=seqs[A_SRC], flags=ACK
                 )
                 dgrams, whole = train_of(sp)
                 if src == A_SRC:

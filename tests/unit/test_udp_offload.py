@@ -12,8 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.udp import offload as O
-from backends.udp.core import Drop, Peer, Reply, Routes, checksum
+from backends.udp.core import Drop, Peer, Reply, Routes
+from backends.udp.egress import transmit
+from backends.udp.ipv4 import ACK, CWR, FIN, PSH, Buf, checksum, progression, set_length
+from backends.udp.layouts import MAX_SEGMENTS, MAX_UDP_PAYLOAD, Gathers, Scatter, Send
+from backends.udp.runs import Run, receive, receive_scattered
+from backends.udp.trains import MAX_TRAIN_PAYLOAD, TAG_LEN, Trains, train_tags
+from backends.udp.tso import segment
+from backends.udp.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, PLAIN, VNET
 
 from .test_udp_core import ip_packet, reference_checksum, valid
 
@@ -36,7 +42,7 @@ OPTIONS = bytes([1, 1, 8, 10]) + struct.pack("!II", 7, 9)  # NOP NOP timestamps
 def tcp_packet(
     payload: bytes,
     seq: int = 1000,
-    flags: int = O.ACK | O.PSH,
+    flags: int = ACK | PSH,
     src: str = "10.244.1.2",
     dst: str = "10.244.2.2",
     ident: int = 7,
@@ -83,17 +89,17 @@ class Read:
     """One TUN read: the virtio-net header, the buffer the packet went to, its length."""
 
     def __init__(
-        self, pkt: bytes, gso_type: int = O.GSO_TCPV4, gso_size: int = 1420, flags: int = 1
+        self, pkt: bytes, gso_type: int = GSO_TCPV4, gso_size: int = 1420, flags: int = 1
     ) -> None:
-        self.vnet = O.VNET.pack(flags, gso_type, 52, gso_size, 20, 16)
+        self.vnet = VNET.pack(flags, gso_type, 52, gso_size, 20, 16)
         self.buf, self.n = bytearray(1 << 17), len(pkt)
         self.buf[: self.n] = pkt
 
-    def transmit(self, routes: Routes) -> tuple[Peer, list[O.Send]] | Reply | Drop:
-        return O.transmit(routes, self.vnet, self.buf, self.n)
+    def transmit(self, routes: Routes) -> tuple[Peer, list[Send]] | Reply | Drop:
+        return transmit(routes, self.vnet, self.buf, self.n)
 
 
-def datagrams(sends: list[O.Send]) -> list[bytes]:
+def datagrams(sends: list[Send]) -> list[bytes]:
     """What the peer receives from these UDP_SEGMENT sends, one bytes per datagram."""
     out = []
     for iov, seg in sends:
@@ -112,11 +118,11 @@ def gro(dgrams: list[bytes]) -> tuple[bytearray, int, int]:
 
 def packets_of(write: list) -> list[bytes]:
     """The IP packets a TUN write carries (a super-packet cut back into its segments)."""
-    vnet = O.VNET.unpack(bytes(write[0]))
-    if vnet[1] == O.GSO_NONE:
+    vnet = VNET.unpack(bytes(write[0]))
+    if vnet[1] == GSO_NONE:
         return [b"".join(bytes(b) for b in write[1:])]
     hdr, parts = bytes(write[1]), [bytes(p) for p in write[2:]]
-    assert vnet == (O.F_NEEDS_CSUM, O.GSO_TCPV4, len(hdr), len(parts[0]), 20, 16)
+    assert vnet == (F_NEEDS_CSUM, GSO_TCPV4, len(hdr), len(parts[0]), 20, 16)
     return [hdr + b"".join(parts)]
 
 
@@ -129,7 +135,7 @@ def test_progression_is_the_sequence_mod_2_32_in_network_order(
 ) -> None:
     """The big-integer fast path and the wrapping path agree with the plain definition."""
     expected = b"".join(((first + i * step) & 0xFFFFFFFF).to_bytes(4, "big") for i in range(count))
-    got = O._progression(first, step, count)
+    got = progression(first, step, count)
     assert got.tobytes() == expected and len(got) == count and got.itemsize == 4
 
 
@@ -139,7 +145,7 @@ def test_set_length_keeps_the_header_checksum_valid(raw: bytes, length: int) -> 
     h[0] = 0x45
     h[10:12] = b"\0\0"
     h[10:12] = checksum(h[:20]).to_bytes(2, "big")
-    O._set_length(h, 0, length)
+    set_length(h, 0, length)
     assert struct.unpack("!H", h[2:4])[0] == length
     assert checksum(h[:20]) == 0  # the words of a valid header sum to negative zero
 
@@ -150,13 +156,13 @@ def test_set_length_keeps_the_header_checksum_valid(raw: bytes, length: int) -> 
 )
 def test_segment_cuts_like_tso(paylen: int, mss: int, partial: bool) -> None:
     payload = os.urandom(paylen)
-    sp = tcp_packet(payload, seq=0xFFFFFF00, flags=O.ACK | O.PSH | O.CWR | O.FIN)
-    sends = O.segment(Read(sp).buf, 0, len(sp), mss, partial)
+    sp = tcp_packet(payload, seq=0xFFFFFF00, flags=ACK | PSH | CWR | FIN)
+    sends = segment(Read(sp).buf, 0, len(sp), mss, partial)
     assert sends is not None
     for iov, seg in sends:
         assert seg == 52 + mss
-        assert len(iov) // 2 <= O.MAX_SEGMENTS
-        assert sum(len(b) for b in iov) <= O.MAX_UDP_PAYLOAD
+        assert len(iov) // 2 <= MAX_SEGMENTS
+        assert sum(len(b) for b in iov) <= MAX_UDP_PAYLOAD
     segs = datagrams(sends)
     assert len(segs) == -(-paylen // mss)
     assert b"".join(s[52:] for s in segs) == payload
@@ -165,8 +171,8 @@ def test_segment_cuts_like_tso(paylen: int, mss: int, partial: bool) -> None:
         assert struct.unpack("!H", s[4:6])[0] == 7  # DF: one IP ID
         assert struct.unpack("!I", s[24:28])[0] == (0xFFFFFF00 + i * mss) & 0xFFFFFFFF
         flags = s[33]
-        assert bool(flags & O.CWR) == (i == 0)
-        assert bool(flags & (O.FIN | O.PSH)) == (i == len(segs) - 1)
+        assert bool(flags & CWR) == (i == 0)
+        assert bool(flags & (FIN | PSH)) == (i == len(segs) - 1)
         assert s[:2] == sp[:2] and s[6:10] == sp[6:10] and s[12:20] == sp[12:20]
         assert s[40:52] == sp[40:52]
         if partial:
@@ -178,7 +184,7 @@ def test_segment_cuts_like_tso(paylen: int, mss: int, partial: bool) -> None:
 
 def test_segment_numbers_ids_without_df() -> None:
     r = Read(tcp_packet(bytes(5000), df=False, ident=0xFFFF), gso_size=1000)
-    segs = datagrams(O.segment(r.buf, 0, r.n, 1000, True))
+    segs = datagrams(segment(r.buf, 0, r.n, 1000, True))
     assert [struct.unpack("!H", s[4:6])[0] for s in segs] == [0xFFFF, 0, 1, 2, 3]
     assert all(valid(s) for s in segs)
 
@@ -192,7 +198,7 @@ def test_cached_gathers_send_the_same_datagrams_packet_after_packet(
     give, also for a second, shorter packet and one cut for another MSS after it."""
     routes = routes_of(A_NET, B_NET, B_IP, partial)
     buf = bytearray(1 << 17)
-    gathers = O.Gathers(buf)
+    gathers = Gathers(buf)
     for pkt, mss in [
         (tcp_packet(os.urandom(paylen), seq=0xFFFFF000), 1420),
         (tcp_packet(os.urandom(paylen // 3 + 1), seq=77), 1420),
@@ -201,7 +207,7 @@ def test_cached_gathers_send_the_same_datagrams_packet_after_packet(
         expected = Read(pkt, gso_size=mss).transmit(routes)
         vnet = Read(pkt, gso_size=mss).vnet
         buf[: len(pkt)] = pkt
-        peer, sends = O.transmit(routes, vnet, buf, len(pkt), gathers)
+        peer, sends = transmit(routes, vnet, buf, len(pkt), gathers)
         assert isinstance(expected, tuple) and peer == expected[0]
         assert datagrams(sends) == datagrams(expected[1])
         assert [seg for _, seg in sends] == [seg for _, seg in expected[1]]
@@ -210,14 +216,14 @@ def test_cached_gathers_send_the_same_datagrams_packet_after_packet(
 
 def test_gathers_stay_few_and_small() -> None:
     buf = bytearray(1 << 17)
-    gathers = O.Gathers(buf)
-    for mss in range(500, 500 + 3 * O.Gathers.LIMIT):
+    gathers = Gathers(buf)
+    for mss in range(500, 500 + 3 * Gathers.LIMIT):
         gathers.get(52, mss)
-    assert len(gathers._by) <= O.Gathers.LIMIT
-    gathers = O.Gathers(buf)
+    assert len(gathers._by) <= Gathers.LIMIT
+    gathers = Gathers(buf)
     pkt = tcp_packet(os.urandom(3000))
     buf[: len(pkt)] = pkt
-    sends = O.segment(buf, 0, len(pkt), 88, True, gathers)  # TCP's smallest MSS
+    sends = segment(buf, 0, len(pkt), 88, True, gathers)  # TCP's smallest MSS
     assert sends is not None and len(datagrams(sends)) == 35
     assert not gathers._by  # made for this packet, not kept with a list per 88 bytes
 
@@ -232,7 +238,7 @@ def test_gathers_stay_few_and_small() -> None:
 )
 def test_segment_refuses_malformed_super_packets(pkt: bytes) -> None:
     r = Read(pkt)
-    assert O.segment(r.buf, 0, r.n, 1420, True) is None
+    assert segment(r.buf, 0, r.n, 1420, True) is None
     assert r.transmit(A) is Drop.BAD_OFFLOAD
 
 
@@ -247,7 +253,7 @@ def test_transmit_super_packet_to_a_peer() -> None:
 def test_transmit_single_packet_checksum(partial: bool) -> None:
     routes = routes_of(A_NET, B_NET, B_IP, partial)
     pkt = tcp_packet(b"hello")
-    peer, [(iov, _)] = Read(pkt, gso_type=O.GSO_NONE, gso_size=0).transmit(routes)
+    peer, [(iov, _)] = Read(pkt, gso_type=GSO_NONE, gso_size=0).transmit(routes)
     out = bytes(iov[0])
     assert out[20:] != pkt[20:] if not partial else out[20:] == pkt[20:]
     if not partial:
@@ -258,8 +264,8 @@ def test_transmit_finishes_a_udp_checksum_for_a_reference_peer() -> None:
     pkt = ip_packet("10.244.1.2", "10.244.2.2", payload=b"\x12\x34\x00\x35\x00\x0c\x00\x00data")
     pseudo = (sum(struct.unpack("!4H", pkt[12:20])) + 17 + 12) % 0xFFFF
     pkt[26:28] = pseudo.to_bytes(2, "big")
-    vnet = O.VNET.pack(O.F_NEEDS_CSUM, O.GSO_NONE, 0, 0, 20, 6)
-    _, [(iov, _)] = O.transmit(routes_of(A_NET, B_NET, B_IP, False), vnet, pkt, len(pkt))
+    vnet = VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6)
+    _, [(iov, _)] = transmit(routes_of(A_NET, B_NET, B_IP, False), vnet, pkt, len(pkt))
     out = bytes(iov[0])
     assert reference_checksum(out[12:20] + b"\0\x11\0\x0c" + out[20:]) in (0, 0xFFFF)
 
@@ -267,19 +273,19 @@ def test_transmit_finishes_a_udp_checksum_for_a_reference_peer() -> None:
 @pytest.mark.parametrize(
     ("vnet", "expected"),
     [
-        (O.VNET.pack(O.F_NEEDS_CSUM, O.GSO_NONE, 0, 0, 20, 200), Drop.BAD_OFFLOAD),
-        (O.VNET.pack(O.F_NEEDS_CSUM, O.GSO_NONE, 0, 0, 900, 16), Drop.BAD_OFFLOAD),
-        (O.VNET.pack(0, 3, 0, 1400, 0, 0), Drop.BAD_OFFLOAD),  # UDP fragmentation offload
-        (O.VNET.pack(0, O.GSO_TCPV4 | 0x80, 52, 1400, 20, 16), Drop.BAD_OFFLOAD),  # ECN
+        (VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 200), Drop.BAD_OFFLOAD),
+        (VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 900, 16), Drop.BAD_OFFLOAD),
+        (VNET.pack(0, 3, 0, 1400, 0, 0), Drop.BAD_OFFLOAD),  # UDP fragmentation offload
+        (VNET.pack(0, GSO_TCPV4 | 0x80, 52, 1400, 20, 16), Drop.BAD_OFFLOAD),  # ECN
     ],
 )
 def test_transmit_refuses_bad_offload_requests(vnet: bytes, expected: Drop) -> None:
     pkt = tcp_packet(b"hello")
-    assert O.transmit(routes_of(A_NET, B_NET, B_IP, False), vnet, pkt, len(pkt)) is expected
+    assert transmit(routes_of(A_NET, B_NET, B_IP, False), vnet, pkt, len(pkt)) is expected
 
 
 def test_transmit_unknown_destination_is_answered() -> None:
-    out = Read(tcp_packet(b"x", dst="10.244.9.9"), gso_type=O.GSO_NONE).transmit(A)
+    out = Read(tcp_packet(b"x", dst="10.244.9.9"), gso_type=GSO_NONE).transmit(A)
     assert isinstance(out, Reply) and out.reason is Drop.NO_PEER
 
 
@@ -295,8 +301,8 @@ def rx(
     sender: str,
     dgrams: list[bytes],
     drops: Counter[Drop],
-    run: O.Run | None = None,
-) -> tuple[list[list[O.Buf]], O.Run | None]:
+    run: Run | None = None,
+) -> tuple[list[list[Buf]], Run | None]:
     """One UDP_GRO receive of `dgrams` (equal-sized but the last) handed to the offload code
     the way `path` says: in one flat buffer (`receive`), or scattered (`receive_scattered`)
     into the layout of its own segments, one that splits them at another header length, one
@@ -305,20 +311,20 @@ def rx(
     if path == "flat":
         buf = bytearray(1 << 17)
         buf[: len(data)] = data
-        return O.receive(routes, sender, 8285, buf, len(data), seg, drops, run)
+        return receive(routes, sender, 8285, buf, len(data), seg, drops, run)
     hl = {"own-layout": 52, "other-hl": 40, "other-seg": 52, "short-heads": 2}[path]
-    sc = O.Scatter(hl, 1420 if path == "other-seg" else max(seg - hl, 4))
+    sc = Scatter(hl, 1420 if path == "other-seg" else max(seg - hl, 4))
     pos = 0
     for view in sc.iov:  # what recvmsg_into does
         take = min(len(view), len(data) - pos)
         view[:take] = data[pos : pos + take]
         pos += take
-    return O.receive_scattered(routes, sender, 8285, sc, len(data), seg, drops, run)
+    return receive_scattered(routes, sender, 8285, sc, len(data), seg, drops, run)
 
 
 def rx_all(
     path: str, dgrams: list[bytes], routes: Routes = B, sender: str = A_IP
-) -> tuple[list[list[O.Buf]], Counter[Drop]]:
+) -> tuple[list[list[Buf]], Counter[Drop]]:
     """`rx`, with the run it leaves open written too; the writes and the drops."""
     drops: Counter[Drop] = Counter()
     writes, run = rx(path, routes, sender, dgrams, drops)
@@ -341,7 +347,7 @@ def test_round_trip_rebuilds_the_super_packet(paylen: int, path: str) -> None:
     assert packet[52:] == payload
     assert packet[8] == 62 and valid(packet)  # decremented by sender and receiver
     assert struct.unpack("!H", packet[2:4])[0] == len(packet)
-    assert packet[33] == O.ACK | O.PSH
+    assert packet[33] == ACK | PSH
     if len(writes[0]) > 3:
         pseudo = (sum(struct.unpack("!4H", packet[12:20])) + 6 + len(packet) - 20) % 0xFFFF
         assert struct.unpack("!H", packet[36:38])[0] % 0xFFFF == pseudo
@@ -400,7 +406,7 @@ def test_a_run_continued_by_a_following_train_is_one_write(path: str) -> None:
 def train(count: int, mss: int = 1000, seq: int = 5000, **kw: int) -> list[bytes]:
     out = []
     for i in range(count):
-        pkt = tcp_packet(bytes([i]) * mss, seq=seq + i * mss, flags=O.ACK, **kw)
+        pkt = tcp_packet(bytes([i]) * mss, seq=seq + i * mss, flags=ACK, **kw)
         pkt[8] -= 1  # as a sender's egress leaves it
         pkt[10:12] = b"\0\0"
         pkt[10:12] = checksum(pkt[:20]).to_bytes(2, "big")
@@ -450,29 +456,29 @@ def test_a_differing_segment_ends_the_run(off: int, value: bytes, path: str) -> 
 @pytest.mark.parametrize("path", RX_PATHS)
 def test_a_pushed_segment_closes_the_run_and_a_short_one_ends_the_train(path: str) -> None:
     dgrams = train(8)
-    dgrams[3] = with_field(dgrams[3], 33, bytes([O.ACK | O.PSH]))
+    dgrams[3] = with_field(dgrams[3], 33, bytes([ACK | PSH]))
     dgrams.append(train(1, mss=300, seq=13000)[0])
     writes, drops = rx_all(path, dgrams)
     assert not drops and [len(w) - 2 for w in writes] == [4, 5]
-    assert packets_of(writes[0])[0][33] == O.ACK | O.PSH
+    assert packets_of(writes[0])[0][33] == ACK | PSH
 
 
 @pytest.mark.parametrize("path", RX_PATHS)
 def test_pure_acks_are_written_one_by_one_with_partial_checksum(path: str) -> None:
-    acks = [bytes(tcp_packet(b"", seq=1, flags=O.ACK, ack=2000 + i)) for i in range(3)]
+    acks = [bytes(tcp_packet(b"", seq=1, flags=ACK, ack=2000 + i)) for i in range(3)]
     writes, drops = rx_all(path, acks)
     assert not drops and len(writes) == 3
     for w in writes:
-        assert O.VNET.unpack(bytes(w[0])) == (O.F_NEEDS_CSUM, O.GSO_NONE, 0, 0, 20, 16)
+        assert VNET.unpack(bytes(w[0])) == (F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16)
 
 
 @pytest.mark.parametrize("path", RX_PATHS)
 def test_a_reference_peer_gets_its_checksums_checked_by_the_kernel(path: str) -> None:
     udp = bytes(ip_packet("10.244.1.2", "10.244.2.2"))
     writes, drops = rx_all(path, [udp], routes=B_REF)
-    assert not drops and bytes(writes[0][0]) == O.PLAIN
+    assert not drops and bytes(writes[0][0]) == PLAIN
     writes, _ = rx_all(path, [udp])  # a capable peer: declared partial
-    assert O.VNET.unpack(bytes(writes[0][0]))[4:] == (20, 6)
+    assert VNET.unpack(bytes(writes[0][0]))[4:] == (20, 6)
 
 
 @pytest.mark.parametrize("path", RX_PATHS)
@@ -482,9 +488,9 @@ def test_an_empty_datagram_is_dropped_and_ends_the_open_run(path: str, sender: s
     _, run = rx(path, B, A_IP, train(4), drops)
     assert run is not None
     buf = bytearray(1 << 17)
-    writes, run = O.receive(B, sender, 8285, buf, 0, 0, drops, run)  # no GRO size: seg == n
+    writes, run = receive(B, sender, 8285, buf, 0, 0, drops, run)  # no GRO size: seg == n
     assert run is None and len(writes) == 1 and len(packets_of(writes[0])[0]) == 52 + 4000
-    writes, run = O.receive_scattered(B, sender, 8285, O.Scatter(52, 1000), 0, 0, drops)
+    writes, run = receive_scattered(B, sender, 8285, Scatter(52, 1000), 0, 0, drops)
     assert writes == [] and run is None
     assert drops == Counter({Drop.SHORT: 2})
 
@@ -540,20 +546,17 @@ def corrupted(d: bytes, at: int = 300) -> bytes:
     return bytes(b)
 
 
-def needs_csum_payloads(writes: list[list[O.Buf]]) -> list[bytes]:
+def needs_csum_payloads(writes: list[list[Buf]]) -> list[bytes]:
     """The TCP payloads the receiving kernel gets with checksums to compute (NEEDS_CSUM)."""
     return [
-        p[52:]
-        for w in writes
-        if O.VNET.unpack(bytes(w[0]))[0] & O.F_NEEDS_CSUM
-        for p in packets_of(w)
+        p[52:] for w in writes if VNET.unpack(bytes(w[0]))[0] & F_NEEDS_CSUM for p in packets_of(w)
     ]
 
 
-def as_arrived(write: list[O.Buf]) -> bytes:
+def as_arrived(write: list[Buf]) -> bytes:
     """The one packet of a TUN write with nothing offloaded (PLAIN), as it arrived: TTL one
     more, the header checksum redone."""
-    assert bytes(write[0]) == O.PLAIN and len(write) == 2
+    assert bytes(write[0]) == PLAIN and len(write) == 2
     p = bytearray(write[1])
     p[8] += 1
     p[10:12] = b"\0\0"
@@ -670,9 +673,9 @@ def train_of(sp: bytes, mss: int = 1420, routes: Routes = A_T) -> tuple[list[byt
     packet as sent (TTL decremented)."""
     buf = bytearray(1 << 17)
     buf[: len(sp)] = sp
-    gathers = O.Gathers(buf, MTU)
-    vnet = O.VNET.pack(O.F_NEEDS_CSUM, O.GSO_TCPV4, 52, mss, 20, 16)
-    out = O.transmit(routes, vnet, buf, len(sp), gathers)
+    gathers = Gathers(buf, MTU)
+    vnet = VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, 52, mss, 20, 16)
+    out = transmit(routes, vnet, buf, len(sp), gathers)
     assert isinstance(out, tuple)
     return datagrams(out[1]), bytes(buf[: len(sp)])
 
@@ -680,21 +683,21 @@ def train_of(sp: bytes, mss: int = 1420, routes: Routes = A_T) -> tuple[list[byt
 def receive_trains(
     dgrams: list[bytes],
     splits: list[int] | None = None,
-    trains: O.Trains | None = None,
+    trains: Trains | None = None,
     routes: Routes = B_T,
     sender: str = A_IP,
-) -> tuple[list[list[O.Buf]], Counter[Drop]]:
+) -> tuple[list[list[Buf]], Counter[Drop]]:
     """Hand `dgrams` to `Trains.receive` in receives of splits[i] datagrams (all in one by
     default), each put where a receive into the train layout puts it."""
-    trains = trains or O.Trains(MTU)
+    trains = trains or Trains(MTU)
     drops: Counter[Drop] = Counter()
-    writes: list[list[O.Buf]] = []
+    writes: list[list[Buf]] = []
     splits = splits or [len(dgrams)]
     at = 0
     for k in splits:
         part = dgrams[at : at + k]
         at += k
-        sc = O.Scatter(O.TAG_LEN, MTU - O.TAG_LEN)
+        sc = Scatter(TAG_LEN, MTU - TAG_LEN)
         data = b"".join(part)
         sc.load(data)
         got, used = trains.receive(routes, sender, 8285, sc, len(data), len(part[0]), drops)
@@ -706,8 +709,8 @@ def receive_trains(
 def assert_train_write(write: list, sent: bytes) -> None:
     """`write` is the TUN write of the packet `sent`: a TCP super-packet cut at the TUN MTU,
     its TTL one less (header checksum still valid), its TCP checksum the pseudo-header sum."""
-    vnet, pkt = O.VNET.unpack(write[0]), bytearray(write[1])
-    assert len(write) == 2 and vnet == (O.F_NEEDS_CSUM, O.GSO_TCPV4, 52, MTU - 52, 20, 16)
+    vnet, pkt = VNET.unpack(write[0]), bytearray(write[1])
+    assert len(write) == 2 and vnet == (F_NEEDS_CSUM, GSO_TCPV4, 52, MTU - 52, 20, 16)
     assert len(pkt) == len(sent) and pkt[8] == sent[8] - 1 and checksum(pkt[:20]) == 0
     pseudo = (sum(struct.unpack("!4H", pkt[12:20])) + 6 + len(pkt) - 20) % 0xFFFF
     assert struct.unpack("!H", pkt[36:38])[0] % 0xFFFF == pseudo
@@ -716,9 +719,9 @@ def assert_train_write(write: list, sent: bytes) -> None:
 
 @pytest.mark.parametrize("paylen", [1420 * 46, 1420 * 45 + 7, 3000, 1421])
 def test_a_super_packet_goes_as_one_train_of_tagged_chunks(paylen: int) -> None:
-    dgrams, sent = train_of(tcp_packet(os.urandom(paylen), flags=O.ACK))
+    dgrams, sent = train_of(tcp_packet(os.urandom(paylen), flags=ACK))
     assert all(len(d) == MTU for d in dgrams[:-1]) and len(dgrams[-1]) <= MTU
-    assert sum(map(len, dgrams)) <= O.MAX_TRAIN_PAYLOAD  # one send, cut by no device
+    assert sum(map(len, dgrams)) <= MAX_TRAIN_PAYLOAD  # one send, cut by no device
     ident = dgrams[0][0] & 0x0F
     last = len(dgrams) - 1
     assert [d[:2] for d in dgrams] == [
@@ -728,10 +731,10 @@ def test_a_super_packet_goes_as_one_train_of_tagged_chunks(paylen: int) -> None:
 
 
 def test_trains_go_only_to_peers_that_advertise_them_and_only_when_they_fit() -> None:
-    sp = tcp_packet(os.urandom(1420 * 46), flags=O.ACK)
+    sp = tcp_packet(os.urandom(1420 * 46), flags=ACK)
     plain, _ = train_of(sp, routes=A)  # a capable peer without CAP_TRAIN
     assert len(plain) == 46 and all(d[0] == 0x45 for d in plain)
-    small, _ = train_of(tcp_packet(os.urandom(536 * 122), flags=O.ACK), mss=536)
+    small, _ = train_of(tcp_packet(os.urandom(536 * 122), flags=ACK), mss=536)
     assert all(d[0] == 0x45 for d in small)  # 122 chunks: more than one send takes
 
 
@@ -741,16 +744,16 @@ def test_trains_go_only_to_peers_that_advertise_them_and_only_when_they_fit() ->
     ids=["one", "1+44", "20+25", "44+1", "each"],
 )
 def test_a_train_is_one_super_packet_write_however_it_is_received(splits) -> None:
-    dgrams, sent = train_of(tcp_packet(os.urandom(1420 * 46), flags=O.ACK))
+    dgrams, sent = train_of(tcp_packet(os.urandom(1420 * 46), flags=ACK))
     writes, drops = receive_trains(dgrams, splits)
     assert not drops and len(writes) == 1
     assert_train_write(writes[0], sent)
 
 
 def test_a_lost_chunk_drops_its_train_and_the_next_one_still_arrives() -> None:
-    trains = O.Trains(MTU)
-    first, _ = train_of(tcp_packet(os.urandom(1420 * 30), flags=O.ACK))
-    second, sent = train_of(tcp_packet(os.urandom(1420 * 30), seq=99999, flags=O.ACK))
+    trains = Trains(MTU)
+    first, _ = train_of(tcp_packet(os.urandom(1420 * 30), flags=ACK))
+    second, sent = train_of(tcp_packet(os.urandom(1420 * 30), seq=99999, flags=ACK))
     second = [bytes((0xF0 | (second[0][0] + 1) & 0x0F,)) + d[1:] for d in second]  # next id
     writes, drops = receive_trains(first[:10] + first[11:], [10, 10], trains)
     assert writes == [] and drops[Drop.BAD_TRAIN] >= 10
@@ -772,7 +775,7 @@ def test_a_lost_chunk_drops_its_train_and_the_next_one_still_arrives() -> None:
     ],
 )
 def test_trains_from_whom_they_may_not_come_are_dropped(routes, sender, reason) -> None:
-    dgrams, _ = train_of(tcp_packet(os.urandom(5000), flags=O.ACK))
+    dgrams, _ = train_of(tcp_packet(os.urandom(5000), flags=ACK))
     writes, drops = receive_trains(dgrams, routes=routes, sender=sender)
     assert writes == [] and drops == Counter({reason: len(dgrams)})
 
@@ -791,7 +794,7 @@ def test_a_train_must_hold_a_valid_packet_from_the_peer(src: str, dst: str, reas
         A_NET,
         [Peer(IPv4Network("10.244.0.0/16"), IPv4Address(B_IP), 8285, True, True)],
     )
-    dgrams, _ = train_of(tcp_packet(os.urandom(5000), src=src, dst=dst, flags=O.ACK), routes=routes)
+    dgrams, _ = train_of(tcp_packet(os.urandom(5000), src=src, dst=dst, flags=ACK), routes=routes)
     writes, drops = receive_trains(dgrams)
     assert writes == [] and drops == Counter({reason: 1})
 
@@ -802,7 +805,7 @@ def test_fuzzed_trains_never_raise_and_write_only_valid_packets(data) -> None:
     """Chunks lost, repeated, reordered, their bytes changed, received in any batches: no
     exception, and whatever is written is a whole valid packet from A's subnet to B's; the
     very packet sent unless bytes were changed (the outer UDP checksum's job)."""
-    sp = tcp_packet(os.urandom(data.draw(st.integers(100, 1420 * 46))), flags=O.ACK)
+    sp = tcp_packet(os.urandom(data.draw(st.integers(100, 1420 * 46))), flags=ACK)
     dgrams, sent = train_of(sp)
     dgrams = (
         data.draw(st.lists(st.sampled_from(dgrams), max_size=60))
@@ -816,7 +819,7 @@ def test_fuzzed_trains_never_raise_and_write_only_valid_packets(data) -> None:
             d = bytearray(dgrams[i])
             d[data.draw(st.integers(0, len(d) - 1))] = data.draw(st.integers(0, 255))
             dgrams[i] = bytes(d)
-    trains, drops = O.Trains(MTU), Counter()
+    trains, drops = Trains(MTU), Counter()
     at = 0
     while at < len(dgrams):
         k = data.draw(st.integers(1, len(dgrams) - at))
@@ -824,9 +827,9 @@ def test_fuzzed_trains_never_raise_and_write_only_valid_packets(data) -> None:
         at += k
         if any(len(d) != len(part[0]) for d in part[:-1]) or len(part[-1]) > len(part[0]):
             continue  # no receive batches datagrams of unequal sizes
-        if len(part[0]) <= O.TAG_LEN:
+        if len(part[0]) <= TAG_LEN:
             continue
-        sc = O.Scatter(O.TAG_LEN, len(part[0]) - O.TAG_LEN)  # the layout for this receive
+        sc = Scatter(TAG_LEN, len(part[0]) - TAG_LEN)  # the layout for this receive
         raw = b"".join(part)
         sc.load(raw)
         got, used = trains.receive(B_T, A_IP, 8285, sc, len(raw), len(part[0]), drops)
@@ -846,7 +849,7 @@ def test_fuzzed_trains_never_raise_and_write_only_valid_packets(data) -> None:
 def test_chunks_out_of_order_are_never_joined(splits) -> None:
     """Two chunks swapped keep the packet's length and header: only the tags tell, and
     joining them would hand TCP a corrupt payload under a checksum declared verified."""
-    dgrams, _ = train_of(tcp_packet(os.urandom(1420 * 46), flags=O.ACK))
+    dgrams, _ = train_of(tcp_packet(os.urandom(1420 * 46), flags=ACK))
     dgrams[7], dgrams[8] = dgrams[8], dgrams[7]
     writes, drops = receive_trains(dgrams, splits)
     assert writes == [] and drops[Drop.BAD_TRAIN] > 0
@@ -854,10 +857,10 @@ def test_chunks_out_of_order_are_never_joined(splits) -> None:
 
 @pytest.mark.parametrize("ident", [0, 15, 16, 31])
 def test_train_ids_use_five_bits_and_round_trip(ident: int) -> None:
-    tags = O.train_tags(3, ident)
+    tags = train_tags(3, ident)
     assert [tags[i] & 0x0F | (tags[i + 1] & 0x40) >> 2 for i in (0, 2, 4)] == [ident] * 3
     assert [tags[i + 1] & 0x3F for i in (0, 2, 4)] == [0, 1, 2] and tags[5] & 0x80
-    dgrams, sent = train_of(tcp_packet(os.urandom(4000), flags=O.ACK))
+    dgrams, sent = train_of(tcp_packet(os.urandom(4000), flags=ACK))
     dgrams = [bytes(tags[2 * i : 2 * i + 2]) + d[2:] for i, d in enumerate(dgrams)]
     writes, drops = receive_trains(dgrams, [1, 2])
     assert not drops and len(writes) == 1
