@@ -116,9 +116,7 @@ class Receiver:
                 if run is not None and src != self._run_src:
                     writes.append(run.write())
                     run = None
-                if not plain and state is OPEN:  # an empty continuation: the run is lost
-                    more, run = [], None
-                elif landed is None:
+                if landed is None:
                     more, run = receive(routes, ip, port, self.buf, plain, gro, self.drops)
                 else:
                     more, run = receive_scattered(

@@ -212,3 +212,12 @@ def test_flags_of_the_run_survive_the_machine(rx: Receiver) -> None:
     last[10:12] = checksum(last[:20]).to_bytes(2, "big")
     [write] = deliver(rx, [*dgrams, bytes(last)])
     assert packets_of(write)[0][33] == ACK | PSH and rx.state is READY
+
+
+def test_an_empty_continuation_is_dropped_and_the_run_written(rx: Receiver) -> None:
+    """As an empty datagram in READY (`runs.receive`): counted as SHORT, and the open run
+    ends with it, written, not lost."""
+    deliver(rx, train(4))
+    writes = rx.receive(B, 0, 0, SRC)  # an empty datagram carries no GRO size either
+    assert sizes(writes) == [52 + 4000] and rx.state is READY
+    assert rx.drops == Counter({Drop.SHORT: 1})
