@@ -37,7 +37,8 @@ from flanneld.edges.registry import EtcdConfigError, EtcdRegistry
 log = logging.getLogger(__name__)
 
 CONFIG_POLL = 1.0
-COALESCE = 0.05  # gather a burst of watch events into one reconcile
+COALESCE = 0.05  # gather a burst of watch events into one reconcile...
+COALESCE_MAX = 0.5  # ...while they keep coming, up to this long
 
 
 def _counts(by_kind: dict[str, int]) -> str:
@@ -72,6 +73,7 @@ class Agent:
         self.last_reconcile_seconds = 0.0
         self.peer_changed: dict[IPv4Network, float] = {}  # Unix time of each peer's last change
         self._trigger = asyncio.Event()
+        self._peer_events = 0  # watch batches with changes, for _quiet()
         self._lease_changed = False
 
     # -- startup ----------------------------------------------------------------------------
@@ -195,6 +197,19 @@ class Agent:
         )
         return ext
 
+    async def _quiet(self) -> None:
+        """Wait until no peer change came for COALESCE s, at most COALESCE_MAX: a burst of
+        thousands of leases becomes a few passes, each planning every peer, instead of one
+        per watch batch (which kept the loop from reading the watch); one lone change waits
+        COALESCE."""
+        waited = 0.0
+        while True:
+            seen = self._peer_events
+            await asyncio.sleep(COALESCE)
+            waited += COALESCE
+            if self._peer_events == seen or waited >= COALESCE_MAX:
+                return
+
     def _on_peers(self, changes: list[Change]) -> None:
         own = self.leases.lease.subnet if self.leases and self.leases.lease else None
         now = time.time()
@@ -205,6 +220,7 @@ class Agent:
                 self.peer_changed[ch.subnet] = now
             if ch.subnet != own:
                 log.info("peer %s %s (public IP %s)", ch.subnet, ch.kind, ch.lease.attrs.public_ip)
+        self._peer_events += 1
         if self.leases is not None:
             self.leases.notice(changes)
         self._trigger.set()
@@ -360,7 +376,7 @@ class Agent:
             wake = min(next_full, next_check)
             try:
                 await asyncio.wait_for(self._trigger.wait(), max(0.0, wake - loop.time()))
-                await asyncio.sleep(COALESCE)
+                await self._quiet()
             except TimeoutError:
                 pass
             now = loop.time()
