@@ -10,23 +10,28 @@
 #
 # Run again to upgrade. With --root DIR (or DESTDIR=DIR) everything goes below DIR instead of
 # / and systemd is left alone: a staging tree for packaging or tests (the virtualenv works
-# only once moved to /opt/flanneld).
+# only once moved to /opt/flanneld). With --wheels DIR pip uses no index: the agent's
+# dependencies and its build requirements (setuptools) come from the wheels in DIR (a machine
+# with no network to PyPI, such as a VM of deploy/vmlab.sh).
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--root DIR] [--python PYTHON]" >&2
+  echo "usage: $0 [--root DIR] [--python PYTHON] [--wheels DIR]" >&2
   exit 2
 }
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 root=${DESTDIR:-}
 python=python3
+pip_source=()
 while [ $# -gt 0 ]; do
   case $1 in
     --root) [ $# -ge 2 ] || usage; root=$2; shift 2 ;;
     --root=*) root=${1#*=}; shift ;;
     --python) [ $# -ge 2 ] || usage; python=$2; shift 2 ;;
     --python=*) python=${1#*=}; shift ;;
+    --wheels) [ $# -ge 2 ] || usage; pip_source=(--no-index --find-links "$2"); shift 2 ;;
+    --wheels=*) pip_source=(--no-index --find-links "${1#*=}"); shift ;;
     *) usage ;;
   esac
 done
@@ -50,7 +55,7 @@ if [ ! -x "$root$venv/bin/python" ] && ! "$python" -m venv "$root$venv"; then
   echo "$0: cannot create a virtualenv; on Debian: apt-get install python3-venv" >&2
   exit 1
 fi
-"$root$venv/bin/pip" install -q --disable-pip-version-check "$src"
+"$root$venv/bin/pip" install -q --disable-pip-version-check "${pip_source[@]}" "$src"
 
 install -d "$root/usr/local/bin" "$root/etc/systemd/system" "$root/etc/default"
 ln -sfn "$venv/bin/flanneld" "$root/usr/local/bin/flanneld"

@@ -11,6 +11,10 @@ source deploy/setup-env.sh
 # without its recommends); the benchmark's test runs iperf3 and draws with matplotlib
 need_debian_packages python3:python3 ip:iproute2 sysctl:procps ping:iputils-ping iperf3:iperf3 \
   systemd-analyze:systemd shellcheck:shellcheck vagrant:vagrant iptables:iptables nft:nftables
+# the VM lab's test (where /dev/kvm exists): QEMU and mmdebstrap; deploy/vmlab.sh adds the rest
+if [ -e /dev/kvm ]; then
+  need_debian_packages qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap
+fi
 setup_venv -e '.[test,bench]'
 
 .venv/bin/ruff check flanneld backends deploy tests

@@ -2,7 +2,9 @@
 # Provision one VM of the Vagrant lab (see Vagrantfile), as root inside the VM: etcd on the
 # node whose address is ETCD_IP, with the network config for BACKEND; on every node the agent
 # from the synced folder as the systemd service, pinned to the private NIC (NODE_IP). Safe to
-# run again (`vagrant provision`): it reinstalls the agent and restarts it.
+# run again (`vagrant provision`): it reinstalls the agent and restarts it. Packages already
+# installed are not fetched again; WHEELS=DIR installs the agent offline (install.sh --wheels),
+# as deploy/vmlab.sh does in its VMs, which run this script.
 set -euo pipefail
 : "${NODE_IP:?}" "${ETCD_IP:?}" "${BACKEND:?}" "${FLANNEL_NETWORK:?}"
 export DEBIAN_FRONTEND=noninteractive
@@ -10,14 +12,22 @@ src=/vagrant
 
 packages=(python3 python3-venv iproute2)
 [ "$NODE_IP" != "$ETCD_IP" ] || packages+=(etcd-server etcd-client)
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${packages[@]}"
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||
+    missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
 
 if [ "$NODE_IP" = "$ETCD_IP" ]; then
   cat >/etc/default/etcd <<CONF
 ETCD_LISTEN_CLIENT_URLS=http://127.0.0.1:2379,http://$NODE_IP:2379
 ETCD_ADVERTISE_CLIENT_URLS=http://$NODE_IP:2379
 CONF
+  systemctl enable -q etcd # back after a reboot, also where the package came disabled
   systemctl restart etcd
   for _ in $(seq 60); do
     etcdctl --endpoints=http://127.0.0.1:2379 endpoint health >/dev/null 2>&1 && break
@@ -28,7 +38,7 @@ CONF
   echo "etcd on $NODE_IP: /coreos.com/network/config = $config"
 fi
 
-bash "$src/deploy/install.sh"
+bash "$src/deploy/install.sh" ${WHEELS:+--wheels "$WHEELS"}
 cat >/etc/default/flanneld <<CONF
 # written by deploy/vagrant-provision.sh
 FLANNELD_ETCD_ENDPOINTS=http://$ETCD_IP:2379
