@@ -163,8 +163,15 @@ def run_lab(args: argparse.Namespace, say: Progress) -> int:
     wheels = images.ensure_wheels(cache, say)
 
     prefix = args.prefix or "vl" + secrets.token_hex(3)
+    if prefix in kept_runs(cache):
+        raise BadInput(f"a lab {prefix} is up; remove it with --down --prefix {prefix}")
     machines = Machines(prefix, cache, args.nodes, accel)
     report = Report()
+
+    def step(check: str) -> None:
+        cells = report.results.get(check, {})
+        say(f"{check}: " + ", ".join(f"{n} {'ok' if o.ok else 'FAIL'}" for n, o in cells.items()))
+
     try:
         machines.create_network()
         say(
@@ -199,29 +206,32 @@ def run_lab(args: argparse.Namespace, say: Progress) -> int:
             sc.check_active(vm)
             sc.check_notify(vm)
             sc.subnets[vm.name] = env_of(vm)["FLANNEL_SUBNET"]
-        say("flanneld active everywhere: " + ", ".join(f"{n} {s}" for n, s in sc.subnets.items()))
+        step("flanneld active")
+        step("active only after subnet.env")
+        say("subnets: " + ", ".join(f"{n} {s}" for n, s in sc.subnets.items()))
 
         sc.each(sc.docker)
         for vm in machines.vms:
             sc.check_docker(vm)
-        say("Docker on the flannel subnet (README drop-in), one busybox container per VM")
+        step("docker0 on FLANNEL_SUBNET, MTU")
         for vm in machines.vms:
             sc.check_pings(vm)
-        say("ping matrix done")
+        step("container pings every other VM")
         for vm in machines.vms:
             sc.check_hardening(vm)
-        say("hardening checked")
+        step("hardening in force, nothing denied")
         sc.restart_stream()
-        say("restart under a ping stream done")
+        step("restart: same subnet, stream")
         for vm in machines.vms:
             sc.stop_start(vm)
-        say("stop/start done")
+        step("stop, start: same subnet")
         t = time.monotonic()
         sc.reboot_all()
         times["reboot"] = f"{time.monotonic() - t:.0f} s"
-        say(f"all VMs rebooted at once and checked in {time.monotonic() - t:.0f} s")
+        step("reboot brings it all back")
         for vm in machines.vms:  # after the reboots the boot-time start counts
             sc.check_hardening(vm)
+        step("hardening in force, nothing denied")
     except (VMError, OSError, subprocess.SubprocessError) as e:
         say(f"stopped: {e}")
     finally:
