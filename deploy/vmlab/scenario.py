@@ -124,7 +124,7 @@ class Scenario:
         }
         assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         out = vm.must(f"{assign} bash /vagrant/deploy/vagrant-provision.sh 2>&1", self.t(300))
-        self.say(f"{vm.name}: {out.strip().splitlines()[-1]}")
+        self.say(out.strip().splitlines()[-1])  # "node1: flanneld ready, subnet ..."
 
     def docker(self, vm: VM) -> None:
         """Docker on the flannel subnet: the README's drop-in, a local busybox image, one
