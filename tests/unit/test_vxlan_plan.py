@@ -28,6 +28,9 @@ from flanneld.core.interfaces import ExternalInterface
 from flanneld.core.lease import Lease, LeaseAttrs
 
 VX, EXT = 5, 2
+# Backends built here point at a namespace that does not exist: a prepare() that reached the
+# kernel by mistake fails (FileNotFoundError) instead of creating a device in the host's own.
+NO_NETNS = "flannel-unit-tests-touch-no-kernel"
 M1, M2, M3 = "0a:00:00:00:00:01", "0a:00:00:00:00:02", "0a:00:00:00:00:03"
 
 
@@ -221,7 +224,9 @@ def backend(mtu: int = 1500, **options: object) -> VxlanBackend:
     config = parse_config(
         json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", **options}})
     )
-    return VxlanBackend(BackendContext(ext, config, Path("/nonexistent"), config.backend))
+    return VxlanBackend(
+        BackendContext(ext, config, Path("/nonexistent"), config.backend), netns=NO_NETNS
+    )
 
 
 def test_mtu_is_the_base_minus_50() -> None:
@@ -462,7 +467,9 @@ def backend6(mtu: int = 1500, ip6: str | None = "2001:db8::10", **options: objec
         "Backend": {"Type": "vxlan", **options},
     }
     config = parse_config(json.dumps(doc))
-    return VxlanBackend(BackendContext(ext, config, Path("/nonexistent"), config.backend))
+    return VxlanBackend(
+        BackendContext(ext, config, Path("/nonexistent"), config.backend), netns=NO_NETNS
+    )
 
 
 def test_dual_stack_mtu_fits_both_devices() -> None:
