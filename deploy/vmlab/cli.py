@@ -21,7 +21,17 @@ from pathlib import Path
 from flanneld.core.text import table_lines
 
 from . import image as images
-from .machines import MEMORY_MIB, PREFIX_RE, GuestAgent, Machines, VMError, kept_runs, teardown
+from .machines import (
+    MEMORY_MIB,
+    PREFIX_RE,
+    GuestAgent,
+    Machines,
+    VMError,
+    kept_runs,
+    running,
+    stale_runs,
+    teardown,
+)
 from .scenario import CHECKS, ROOT, Report, Scenario, env_of
 
 BACKENDS = ("host-gw", "vxlan", "udp")
@@ -162,6 +172,8 @@ def run_lab(args: argparse.Namespace, say: Progress) -> int:
     )
     wheels = images.ensure_wheels(cache, say)
 
+    for stale in stale_runs(cache):
+        say(f"removing what a killed lab left: {', '.join(teardown(stale, cache))}")
     prefix = args.prefix or "vl" + secrets.token_hex(3)
     if prefix in kept_runs(cache):
         raise BadInput(f"a lab {prefix} is up; remove it with --down --prefix {prefix}")
@@ -290,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nodes must be from 1 to 8")
     cache = Path(args.cache)
     if args.down:
-        for prefix in [args.prefix] if args.prefix else kept_runs(cache):
+        idle = [p for p in kept_runs(cache) if not running(cache, p)]  # not a lab still going
+        for prefix in [args.prefix] if args.prefix else idle:
             print(f"{prefix}: removed {', '.join(teardown(prefix, cache)) or 'nothing'}")
         return 0
     if args.exec:

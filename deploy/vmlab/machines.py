@@ -186,6 +186,7 @@ class Machines:
 
     def create_network(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=False)
+        (self.run_dir / "owner.pid").write_text(f"{os.getpid()}\n")
         sh(["ip", "netns", "add", self.ns])
         self.made_ns = True
         lines = ["link set lo up", "link add br0 type bridge", "link set br0 up"]
@@ -290,7 +291,9 @@ class Machines:
     def close(self, keep: bool) -> None:
         for vm in self.vms:
             vm.agent.close()
-        if not keep:
+        if keep:
+            (self.run_dir / "kept").touch()
+        else:
             teardown(self.prefix, self.run_dir.parent.parent)
 
 
@@ -331,6 +334,25 @@ def teardown(prefix: str, cache: Path) -> list[str]:
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(str(run_dir))
     return removed
+
+
+def stale_runs(cache: Path) -> list[str]:
+    """Runs whose lab process is gone (killed before it could tear down) and that were not
+    left up by --keep."""
+    return [
+        prefix
+        for prefix in kept_runs(cache)
+        if not running(cache, prefix) and not (cache / "runs" / prefix / "kept").exists()
+    ]
+
+
+def running(cache: Path, prefix: str) -> bool:
+    """True while the lab process that made the run is alive (the run is in use)."""
+    try:
+        owner = int((cache / "runs" / prefix / "owner.pid").read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return Path(f"/proc/{owner}").exists()
 
 
 def kept_runs(cache: Path) -> list[str]:
