@@ -121,11 +121,11 @@ def skip_reason(local: Lease, subnet: IPv4Network, peer: Lease, types: tuple[str
     """Why a backend must not program `peer` ("" when it may): our own subnet, our own
     PublicIP, or a BackendType other than `types` (lower case; "" accepts a record without one,
     as the reference's udp writes). One warning line, naming the peer and the fix."""
-    ip = peer.attrs.public_ip
+    ip = peer.attrs.node_ip
     why = ""
-    if subnet == local.subnet:
+    if subnet == local.ident:
         why = "it is our subnet"
-    elif ip == local.attrs.public_ip:
+    elif ip == local.attrs.node_ip:
         why = "its PublicIP is ours; two nodes must not share a public address"
     elif peer.attrs.backend_type.lower() not in types:
         want = " or ".join(repr(t) for t in types if t)

@@ -1,5 +1,6 @@
 """The host-gw backend: a plain kernel route `<peer subnet> via <peer PublicIP>` per peer,
-and in a dual-stack network `<peer IPv6 subnet> via <peer PublicIPv6>` too.
+and in a dual-stack network `<peer IPv6 subnet> via <peer PublicIPv6>` too (in an IPv6-only
+network, that one alone).
 
 Needs L2 adjacency between nodes (every PublicIP on-link on the underlay interface). The pure
 `plan` gives the routes; `KernelBackend` makes the main table match it.
@@ -13,6 +14,7 @@ from ipaddress import IPv4Network
 
 from pyroute2 import AsyncIPRoute
 
+from flanneld.core.interfaces import NO_ADDRESS
 from flanneld.core.lease import Lease, LeaseAttrs
 
 from .base import BackendError, skip_reason
@@ -41,7 +43,8 @@ def plan(
         if why := skip_reason(local, subnet, peer, (TYPE,)):
             warnings.append(why)
             continue
-        routes.add(Route(dst=subnet, gateway=peer.attrs.public_ip, oif=oif))
+        if local.has_ipv4 and peer.has_ipv4:
+            routes.add(Route(dst=subnet, gateway=peer.attrs.public_ip, oif=oif))
         gateway6 = peer.attrs.public_ipv6
         if local.ipv6_subnet is not None and peer.ipv6_subnet is not None and gateway6:
             routes.add(Route(dst=peer.ipv6_subnet, gateway=gateway6, oif=oif))
@@ -55,14 +58,14 @@ class HostGwBackend(KernelBackend):
         return self.ctx.ext.mtu
 
     async def prepare(self) -> LeaseAttrs:
-        ext = self.ctx.ext
-        if ext.ext_addr != ext.iface_addr:
+        ext, config = self.ctx.ext, self.ctx.config
+        if config.ipv4 and ext.ext_addr != ext.iface_addr:
             raise BackendError(
                 f"--public-ip {ext.ext_addr} differs from the address {ext.iface_addr} of "
                 f"--iface {ext.name}: --public-ip must be an address of --iface for host-gw; "
                 "use vxlan behind NAT"
             )
-        ipv6 = self.ctx.config.ipv6 is not None
+        ipv6 = config.ipv6 is not None
         if ipv6 and ext.ext_addr6 != ext.iface_addr6:
             raise BackendError(
                 f"--public-ipv6 {ext.ext_addr6} differs from the address {ext.iface_addr6} of "
@@ -70,7 +73,9 @@ class HostGwBackend(KernelBackend):
                 "behind NAT"
             )
         return LeaseAttrs(
-            public_ip=ext.ext_addr, backend_type=TYPE, public_ipv6=ext.ext_addr6 if ipv6 else None
+            public_ip=ext.ext_addr if config.ipv4 else NO_ADDRESS,
+            backend_type=TYPE,
+            public_ipv6=ext.ext_addr6 if ipv6 else None,
         )
 
     async def _plan(

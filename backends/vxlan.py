@@ -28,6 +28,7 @@ from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from flanneld.core.config import ConfigError, bool_field, ci_get, int_field
+from flanneld.core.interfaces import NO_ADDRESS
 from flanneld.core.lease import Lease, LeaseAttrs
 
 from . import netlink
@@ -189,6 +190,7 @@ def plan(
     same for each peer's IPv6 subnet with its PublicIPv6 and BackendV6Data's VtepMAC on the
     IPv6 device. Each family is planned on its own (a peer may get one and a warning for the
     other), and IPv6 MACs are owned apart from IPv4 ones (a reference node may use one twice).
+    IPv6-only (`vx_index` 0, or our lease without IPv4): the IPv6 entries alone.
     """
     p, warnings = _Planner(direct, ext_index), []
     for version, mac in ((4, peer_mac(local)), (6, peer_mac6(local))):
@@ -201,7 +203,8 @@ def plan(
             continue
         owner, attrs = f"that of {subnet}", peer.attrs
         data = ("BackendData", attrs.backend_data)
-        if why := p.peer(owner, subnet, attrs.public_ip, peer_mac(peer), data, vx_index):
+        four = bool(vx_index) and local.has_ipv4
+        if four and (why := p.peer(owner, subnet, attrs.public_ip, peer_mac(peer), data, vx_index)):
             warnings.append(f"skipping peer lease {subnet} (PublicIP {attrs.public_ip}): {why}")
         if not dual:
             continue
@@ -277,8 +280,8 @@ class VxlanBackend(KernelBackend):
     def __init__(self, ctx: BackendContext, netns: str | None = None) -> None:
         super().__init__(ctx, netns)
         self._opts = VxlanOptions()  # replaced by the validated options in prepare()
-        self._v4 = _Vtep(4, self._opts.vni, "", "", 0)  # both set up in prepare()
-        self._v6: _Vtep | None = None  # dual-stack only
+        self._v4: _Vtep | None = None  # set up in prepare(); None in an IPv6-only network
+        self._v6: _Vtep | None = None  # dual-stack and IPv6-only only
         self._busy = ""  # the device being set up, for prepare()'s error
         # DirectRouting: PublicIP(v6) → reached without a gateway through the external
         # interface; asked of the kernel on full passes and for new addresses only
@@ -290,24 +293,25 @@ class VxlanBackend(KernelBackend):
 
     @property
     def mtu(self) -> int:
-        """FLANNEL_MTU: what fits the IPv4 device, and in dual-stack the IPv6 one too."""
-        dual = self.ctx.config.ipv6 is not None
-        return self._base_mtu - (ENCAP_OVERHEAD6 if dual else ENCAP_OVERHEAD)
+        """FLANNEL_MTU: what fits the IPv4 device, and with IPv6 the IPv6 one too."""
+        six = self.ctx.config.ipv6 is not None
+        return self._base_mtu - (ENCAP_OVERHEAD6 if six else ENCAP_OVERHEAD)
 
     def _vteps(self) -> list[_Vtep]:
-        return [self._v4] if self._v6 is None else [self._v4, self._v6]
+        return [v for v in (self._v4, self._v6) if v is not None]
 
     async def prepare(self) -> LeaseAttrs:
         self._opts = parse_options(self.ctx.options)
         ext, vni, base = self.ctx.ext, self._opts.vni, self._base_mtu
-        if base - ENCAP_OVERHEAD < MIN_IPV4_MTU:
+        ipv4 = self.ctx.config.ipv4
+        if ipv4 and base - ENCAP_OVERHEAD < MIN_IPV4_MTU:
             raise BackendError(
                 f"the MTU of {ext.name} ({ext.mtu}) leaves less than "
                 f"{MIN_IPV4_MTU} bytes after {ENCAP_OVERHEAD} bytes of VXLAN overhead; set "
                 f"Backend.MTU to at least {MIN_IPV4_MTU + ENCAP_OVERHEAD}"
             )
         mac = vtep_mac(ext.ext_addr, vni)
-        self._v4 = _Vtep(4, vni, str(ext.iface_addr), mac, base - ENCAP_OVERHEAD)
+        self._v4 = _Vtep(4, vni, str(ext.iface_addr), mac, base - ENCAP_OVERHEAD) if ipv4 else None
         self._v6 = self._prepare6() if self.ctx.config.ipv6 is not None else None
         async with self._lock:
             try:
@@ -319,7 +323,12 @@ class VxlanBackend(KernelBackend):
                 raise BackendError(
                     f"cannot set up VXLAN device {self._busy} ({os.strerror(err.code)}); {hint}"
                 ) from None
-        attrs = LeaseAttrs(ext.ext_addr, TYPE, {"VNI": vni, "VtepMAC": mac})
+        # an IPv6-only record has no BackendData and PublicIP 0.0.0.0, as the reference's
+        attrs = (
+            LeaseAttrs(ext.ext_addr, TYPE, {"VNI": vni, "VtepMAC": mac})
+            if ipv4
+            else LeaseAttrs(NO_ADDRESS, TYPE)
+        )
         if self._v6 is None:
             return attrs
         v6_data = {"VNI": vni, "VtepMAC": self._v6.mac}
@@ -406,8 +415,10 @@ class VxlanBackend(KernelBackend):
     async def _configure_device(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         """`<subnet network address>/32` the only flannel address on the device (and on the
         IPv6 one `<IPv6 subnet network address>/128`), devices up."""
-        [link] = await ipr.link("get", index=self._v4.index)
-        await netlink.own_address_up(ipr, link, lease.subnet, self.ctx.config.network)
+        network = self.ctx.config.network
+        if self._v4 is not None and network is not None and lease.has_ipv4:
+            [link] = await ipr.link("get", index=self._v4.index)
+            await netlink.own_address_up(ipr, link, lease.subnet, network)
         v6, range6 = self._v6, self.ctx.config.ipv6
         if v6 is not None and range6 is not None and lease.ipv6_subnet is not None:
             [link] = await ipr.link("get", index=v6.index)
@@ -476,7 +487,8 @@ class VxlanBackend(KernelBackend):
             ours = {None, lease.attrs.public_ip, lease.attrs.public_ipv6}
             direct = await self._on_link(ipr, {ip for ip in ips if ip not in ours}, full)
         index6 = self._v6.index if self._v6 is not None else 0
-        return plan(lease, peers, self._v4.index, direct, self.ctx.ext.index, index6)
+        index4 = self._v4.index if self._v4 is not None else 0
+        return plan(lease, peers, index4, direct, self.ctx.ext.index, index6)
 
     async def _dump(self, rtnl: Rtnl) -> set[Entry]:
         dumped: set[Entry] = set()

@@ -102,8 +102,8 @@ class Cluster:
         return subnetenv.parse(path.read_text()) if path.exists() else {}
 
     def wait_ready(self, node: Node, timeout: float = 20) -> dict[str, str]:
-        """Wait for the node's subnet.env, attach its containers to cni0 (FLANNEL_SUBNET, and
-        FLANNEL_IPV6_SUBNET when the agent wrote one); the subnet.env."""
+        """Wait for the node's subnet.env, attach its containers to cni0 (FLANNEL_SUBNET and
+        FLANNEL_IPV6_SUBNET, whichever the agent wrote); the subnet.env."""
         proc = self.procs[node.name]
 
         def ready() -> dict[str, str]:
@@ -117,7 +117,7 @@ class Cluster:
         env = wait_until(ready, timeout, what=f"subnet.env of {node.name}")
         self.lab.attach_containers(
             node,
-            env["FLANNEL_SUBNET"],
+            env.get("FLANNEL_SUBNET") or None,
             mtu=int(env["FLANNEL_MTU"]),
             subnet6_cidr=env.get("FLANNEL_IPV6_SUBNET") or None,
         )

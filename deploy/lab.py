@@ -53,7 +53,7 @@ class LabError(RuntimeError):
 @dataclass
 class Container:
     ns: str
-    ip: str
+    ip: str | None  # None in an IPv6-only network
     ip6: str | None = None  # with attach_containers(..., subnet6_cidr=...)
 
 
@@ -292,45 +292,50 @@ class Lab:
     def attach_containers(
         self,
         node: Node,
-        subnet_cidr: str,
+        subnet_cidr: str | None,
         mtu: int | None = None,
         subnet6_cidr: str | None = None,
     ) -> None:
         """Give `node` a cni0 bridge addressed `subnet_cidr` (FLANNEL_SUBNET, e.g. 10.244.3.1/24)
         and its containers .2, .3, ...; with `subnet6_cidr` (FLANNEL_IPV6_SUBNET, e.g.
         fd00:10:244:3::1/64) cni0 holds that address too, the containers ::2, ::3, ... and a
-        default IPv6 route via cni0's. A repeat call with the same subnets does nothing, one
+        default IPv6 route via cni0's; `subnet_cidr` None (an IPv6-only network): IPv6 alone.
+        A repeat call with the same subnets does nothing, one
         with others rebuilds them. All or nothing: a failure part way removes what this call
         built (the node is left with no containers) and raises."""
         if node.subnet == subnet_cidr and node.subnet6 == subnet6_cidr:
             return
+        if subnet_cidr is None and subnet6_cidr is None:
+            raise ValueError("attach_containers needs an IPv4 or an IPv6 subnet")
         self._detach_containers(node)
-        gateway = ipaddress.ip_interface(subnet_cidr)
+        gateway = ipaddress.IPv4Interface(subnet_cidr) if subnet_cidr else None
         gateway6 = ipaddress.IPv6Interface(subnet6_cidr) if subnet6_cidr else None
         mtu_arg = f" mtu {mtu}" if mtu else ""
         try:
             if gateway6 is not None and not self.ipv6:  # a node built without IPv6 settings
                 self.run(node.ns, "sysctl", "-q", "-w", *SYSCTLS6)
-            self._ip(
-                node.ns,
-                self._bridge("cni0"),
-                f"addr add {subnet_cidr} dev cni0",
-                "link set cni0 up",
-            )
+            self._ip(node.ns, self._bridge("cni0"), "link set cni0 up")
+            if gateway is not None:
+                self._ip(node.ns, f"addr add {subnet_cidr} dev cni0")
             if gateway6 is not None:
                 self._v6_iface(node.ns, "cni0")
                 self._ip(node.ns, f"addr add {gateway6.with_prefixlen} dev cni0 nodad")
             for j in range(1, self.containers_per_node + 1):
-                c = Container(f"{node.ns}c{j}", str(gateway.network.network_address + 1 + j))
+                ip = str(gateway.network.network_address + 1 + j) if gateway else None
+                c = Container(f"{node.ns}c{j}", ip)
                 self._add_ns(c.ns, ipv6=self.ipv6 or gateway6 is not None)
                 node.containers.append(c)
                 self._ip(
                     c.ns,
                     f"link add eth0{mtu_arg} type veth peer name vc{j}{mtu_arg} netns {node.ns}",
-                    f"addr add {c.ip}/{gateway.network.prefixlen} dev eth0",
                     "link set eth0 up",
-                    f"route add default via {gateway.ip}",
                 )
+                if gateway is not None:
+                    self._ip(
+                        c.ns,
+                        f"addr add {c.ip}/{gateway.network.prefixlen} dev eth0",
+                        f"route add default via {gateway.ip}",
+                    )
                 if gateway6 is not None:
                     c.ip6 = str(gateway6.network.network_address + 1 + j)
                     self._v6_iface(c.ns, "eth0")

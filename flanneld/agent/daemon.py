@@ -10,7 +10,7 @@ import asyncio
 import logging
 import shutil
 import time
-from ipaddress import IPv4Network
+from dataclasses import astuple
 from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
@@ -29,6 +29,7 @@ from flanneld.core.options import SAVED_CONFIG, Options
 from flanneld.core.peers import Change
 from flanneld.core.schedule import full_pass_period
 from flanneld.core.stats import AgentStats
+from flanneld.core.subnets import Network
 from flanneld.edges import sdnotify, subnetenv
 from flanneld.edges.masq import Masquerade
 from flanneld.edges.netif import discover
@@ -71,7 +72,7 @@ class Agent:
         self.reconcile_runs: dict[str, int] = {}
         self.entry_counts: dict[tuple[str, str], int] = {}
         self.last_reconcile_seconds = 0.0
-        self.peer_changed: dict[IPv4Network, float] = {}  # Unix time of each peer's last change
+        self.peer_changed: dict[Network, float] = {}  # Unix time of each peer's last change
         self._trigger = asyncio.Event()
         self._peer_events = 0  # watch batches with changes, for _quiet()
         self._lease_changed = False
@@ -81,8 +82,16 @@ class Agent:
         """The whole config as this node would run it, checked before anything is touched:
         the JSON, the backend's options, the Network against this node's underlay."""
         config = backends.checked_config(raw)
-        if why := underlay_problem(config.network, ext.underlay, (ext.iface_addr, ext.ext_addr)):
-            raise ConfigError(why)
+        if config.network is not None:
+            if ext.ext_addr.is_unspecified:
+                raise ConfigError(
+                    f"network config: the network has IPv4, but {ext.name} has no IPv4 "
+                    'address; give it one, pass --public-ip, or set "EnableIPv4": false for '
+                    "an IPv6-only network"
+                )
+            addrs = (ext.iface_addr, ext.ext_addr)
+            if why := underlay_problem(config.network, ext.underlay, addrs):
+                raise ConfigError(why)
         if config.ipv6 is not None:
             if ext.ext_addr6 is None:
                 raise ConfigError(
@@ -211,7 +220,7 @@ class Agent:
                 return
 
     def _on_peers(self, changes: list[Change]) -> None:
-        own = self.leases.lease.subnet if self.leases and self.leases.lease else None
+        own = self.leases.lease.ident if self.leases and self.leases.lease else None
         now = time.time()
         for ch in changes:
             if ch.kind == "removed":
@@ -219,7 +228,7 @@ class Agent:
             else:
                 self.peer_changed[ch.subnet] = now
             if ch.subnet != own:
-                log.info("peer %s %s (public IP %s)", ch.subnet, ch.kind, ch.lease.attrs.public_ip)
+                log.info("peer %s %s (public IP %s)", ch.subnet, ch.kind, ch.lease.attrs.node_ip)
         self._peer_events += 1
         if self.leases is not None:
             self.leases.notice(changes)
@@ -237,8 +246,8 @@ class Agent:
         if lease is None or self.backend is None:
             return
         table = self.watcher.table.leases if self.watcher else {}
-        n = len(table) - (lease.subnet in table)  # O(1): this runs on every watch event
-        sdnotify.notify(f"STATUS=lease {lease.subnet}, backend {self.backend.type_name}, {n} peers")
+        n = len(table) - (lease.ident in table)  # O(1): this runs on every watch event
+        sdnotify.notify(f"STATUS=lease {lease.ident}, backend {self.backend.type_name}, {n} peers")
 
     async def start(self) -> None:
         opts = self.opts
@@ -247,14 +256,13 @@ class Agent:
         except InterfaceError as e:
             raise FatalError(str(e)) from None
         self.config = config = await self.wait_for_config(ext)
-        log.info(
-            "network %s, subnets /%d in %s..%s, backend %s",
-            config.network,
-            config.subnet_len,
-            config.subnet_min,
-            config.subnet_max,
-            config.backend_type,
-        )
+        for net, length, lo, hi in (
+            (config.network, config.subnet_len, config.subnet_min, config.subnet_max),
+            astuple(config.ipv6) if config.ipv6 else (None, 0, None, None),
+        ):
+            if net is not None:
+                log.info("network %s, subnets /%d in %s..%s", net, length, lo, hi)
+        log.info("backend %s", config.backend_type)
         ctx = BackendContext(ext, config, Path(opts.state_dir), config.backend)
         try:
             self.backend = backends.get_backend(config.backend_type)(ctx)
@@ -321,7 +329,8 @@ class Agent:
                 tg.create_task(self.masq.run(self.opts.iptables_resync))
 
     # -- steady state -----------------------------------------------------------------------
-    def peers(self, own: IPv4Network) -> dict[IPv4Network, Lease]:
+    def peers(self, own: Network) -> dict[Network, Lease]:
+        """The peer table without this node's own lease (`own`: its `Lease.ident`)."""
         assert self.watcher
         return {s: lease for s, lease in self.watcher.table.leases.items() if s != own}
 
@@ -330,12 +339,12 @@ class Agent:
         changes), otherwise against what the backend applied (passes after peer events)."""
         assert self.backend and self.leases and self.leases.lease
         lease = self.leases.lease
-        peers = self.peers(lease.subnet)
+        peers = self.peers(lease.ident)
         t0 = time.perf_counter()
         try:
             if self._lease_changed:
                 full = True
-                log.warning("this node's subnet is now %s; reconfiguring", lease.subnet)
+                log.warning("this node's subnet is now %s; reconfiguring", lease.key)
                 await self.backend.configure(lease)
                 if self.masq is not None:
                     self.masq.subnet, self.masq.subnet6 = lease.subnet, lease.ipv6_subnet
@@ -407,7 +416,7 @@ class Agent:
         """The snapshot the metrics render."""
         lm, w = self.leases, self.watcher
         lease = lm.lease if lm else None
-        peers = self.peers(lease.subnet) if w and lease else {}
+        peers = self.peers(lease.ident) if w and lease else {}
         expiry = None
         if lm is not None and lm.expires_at is not None:
             expiry = time.time() + (lm.expires_at - time.monotonic())
@@ -437,7 +446,8 @@ class Agent:
         doc: dict = {
             "ready": self.ready,
             "version": __version__,
-            "network": str(config.network) if config else None,
+            "network": _str_or_none(config.network) if config else None,
+            "ipv6_network": _str_or_none(config.ipv6.network) if config and config.ipv6 else None,
             "backend": backend.type_name if backend else None,
             "mtu": backend.mtu if backend and lease else None,
             "etcd": {
@@ -463,13 +473,13 @@ class Agent:
         now = time.monotonic()
         doc["public_ip"] = str(lease.attrs.public_ip)
         doc["lease"] = {
-            "subnet": str(lease.subnet),
+            "subnet": str(lease.subnet) if lease.has_ipv4 else None,
             "ipv6_subnet": _str_or_none(lease.ipv6_subnet),
             "reservation": lease.is_reservation,
             "expires_in": None if lm.expires_at is None else round(lm.expires_at - now),
             "renew_in": None if lm.renew_delay() is None else round(lm.renew_delay()),
         }
-        peers = self.peers(lease.subnet)
+        peers = self.peers(lease.ident)
         try:
             missing = await backend.inspect(lease, peers)
             doc["datapath_error"] = None
@@ -479,7 +489,7 @@ class Agent:
             gaps = missing.get(subnet)
             doc["peers"].append(
                 {
-                    "subnet": str(subnet),
+                    "subnet": str(subnet) if peer.has_ipv4 else None,
                     "public_ip": str(peer.attrs.public_ip),
                     "ipv6_subnet": _str_or_none(peer.ipv6_subnet),
                     "public_ipv6": _str_or_none(peer.attrs.public_ipv6),
@@ -514,9 +524,9 @@ class Agent:
             log.info(
                 "ready: wrote %s (subnet %s, MTU %d)",
                 self.opts.subnet_file,
-                lease.subnet,
+                lease.ident,
                 self.backend.mtu,
             )
             sdnotify.notify(
-                "READY=1", f"STATUS=subnet {lease.subnet}, backend {self.backend.type_name}"
+                "READY=1", f"STATUS=subnet {lease.ident}, backend {self.backend.type_name}"
             )

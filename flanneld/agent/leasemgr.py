@@ -19,7 +19,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from flanneld.core.allocation import OutOfSubnets, choose_subnet
 from flanneld.core.backoff import Backoff
-from flanneld.core.config import NetworkConfig
+from flanneld.core.config import NO_IPV4, NetworkConfig
 from flanneld.core.lease import Lease, LeaseAttrs
 from flanneld.core.peers import Change
 from flanneld.edges.registry import EtcdRegistry
@@ -64,7 +64,7 @@ class LeaseManager:
             choice = choose_subnet(
                 self.config,
                 snap.leases.values(),
-                self.attrs.public_ip,
+                self.attrs.node_ip,
                 self.previous,
                 self.rng,
                 self.previous6,
@@ -85,7 +85,10 @@ class LeaseManager:
             if lease is not None:
                 self.expires_at = time.monotonic() + self.ttl
                 return self._took(lease, "acquired")
-            log.info("subnet %s was taken by another node meanwhile; choosing again", choice.subnet)
+            log.info(
+                "subnet %s was taken by another node meanwhile; choosing again",
+                choice.subnet6 if choice.subnet == NO_IPV4 else choice.subnet,
+            )
 
     async def _adopt(self, existing: Lease) -> Lease | None:
         """Keep using our own lease or reservation; None if its etcd lease just expired."""
@@ -103,9 +106,10 @@ class LeaseManager:
 
     def _took(self, lease: Lease, how: str) -> Lease:
         kind = "reservation" if lease.is_reservation else "lease"
-        log.info("%s %s %s for %s", how, kind, lease.key, lease.attrs.public_ip)
+        log.info("%s %s %s for %s", how, kind, lease.key, lease.attrs.node_ip)
         changed = self.lease is None or self.lease.key != lease.key
-        self.lease, self.previous = lease, lease.subnet
+        self.lease = lease
+        self.previous = lease.subnet if lease.has_ipv4 else self.previous
         self.previous6 = lease.ipv6_subnet or self.previous6
         self._lost.clear()
         if self.on_lease is not None and changed:
@@ -119,9 +123,9 @@ class LeaseManager:
         if self.lease is None:
             return
         for ch in changes:
-            if ch.subnet != self.lease.subnet:
+            if ch.subnet != self.lease.ident:
                 continue
-            if ch.kind == "removed" or ch.lease.attrs.public_ip != self.attrs.public_ip:
+            if ch.kind == "removed" or ch.lease.attrs.node_ip != self.attrs.node_ip:
                 how = "deleted" if ch.kind == "removed" else "taken over"
             elif ch.lease.etcd_lease != self.lease.etcd_lease:
                 how = "rewritten"
@@ -134,7 +138,7 @@ class LeaseManager:
         """etcd came back without its data: put this node's lease back at once (the same
         subnet: it is free in an empty etcd), before peers take it for a free one."""
         if self.lease is not None:
-            log.warning("etcd lost its data; writing lease %s again", self.lease.subnet)
+            log.warning("etcd lost its data; writing lease %s again", self.lease.key)
             self._lost.set()
 
     def renew_now(self) -> None:
@@ -178,18 +182,18 @@ class LeaseManager:
                 left = (self.expires_at or 0) - time.monotonic()
                 retry = min(failures.next(), max(1.0, left / 10))
                 log.warning(
-                    "renewing lease %s failed (%s); retrying in %.0f s", self.lease.subnet, e, retry
+                    "renewing lease %s failed (%s); retrying in %.0f s", self.lease.key, e, retry
                 )
                 await self._wait_lost(retry)
                 continue
             if ttl <= 0:
-                log.warning("lease %s expired in etcd; taking a lease again", self.lease.subnet)
+                log.warning("lease %s expired in etcd; taking a lease again", self.lease.key)
                 self._lost.set()
                 continue
             self.renewals += 1
             failures.reset()
             self.expires_at = time.monotonic() + ttl
-            log.info("renewed lease %s for %d s", self.lease.subnet, ttl)
+            log.info("renewed lease %s for %d s", self.lease.key, ttl)
 
     async def take(self) -> Lease:
         """Acquire, retrying with back-off until it works (etcd down, the range full)."""

@@ -3,9 +3,10 @@
 Any node can write under `<prefix>/subnets/` (DESIGN principle 7), so every record is checked
 against the network config: its subnet lies inside Network and has exactly SubnetLen, its
 PublicIP is a unicast address outside the overlay; the IPv6 half of a dual-stack record (only
-where the config enables IPv6) likewise against IPv6Network. Keys are checked where they are
-parsed (canonical form); records that claim the same space are ordered by age in the peer
-table (`peers.PeerTable`), the older keeping it. Pure: no I/O.
+where the config enables IPv6) likewise against IPv6Network. In an IPv6-only network a record
+has the IPv6 half only (key `0.0.0.0-0&…`), and its PublicIP is not used. Keys are checked
+where they are parsed (canonical form); records that claim the same space are ordered by age
+in the peer table (`peers.PeerTable`), the older keeping it. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PeerRules:
         own_public_ip: IPv4Address | None = None,
         own_public_ipv6: IPv6Address | None = None,
     ) -> None:
-        self.network: IPv4Network = config.network
+        self.network: IPv4Network | None = config.network
         self.subnet_len = config.subnet_len
         self.ipv6 = config.ipv6
         self.link_local_ok = bool(own_public_ip and own_public_ip.is_link_local)
@@ -57,6 +58,15 @@ class PeerRules:
     def check(self, lease: Lease) -> None:
         """Raise RecordError (with its rule) if the record must not be used."""
         subnet, ip = lease.subnet, lease.attrs.public_ip
+        if self.network is None:  # IPv6-only: the key has no IPv4 part, the IPv6 one is all
+            if lease.has_ipv4 or lease.ipv6_subnet is None:
+                raise RecordError(
+                    f"the key {lease.key} is not an IPv6-only one (0.0.0.0-0&<IPv6 subnet>), "
+                    "but the network config disables IPv4",
+                    "key",
+                )
+            self._check6(lease.ipv6_subnet, lease.attrs.public_ipv6)
+            return
         if not subnet.subnet_of(self.network):
             raise RecordError(
                 f"subnet {subnet} is outside the Network {self.network}", "outside_network"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from flanneld.core.config import NetworkConfig
+from flanneld.core.config import NO_IPV4, NetworkConfig
 from flanneld.core.errors import StateError
 from flanneld.core.lease import Lease
 from flanneld.core.subnets import Address, Network, OverlapIndex, iter_range
@@ -68,24 +68,26 @@ def _pick(
 def choose_subnet(
     config: NetworkConfig,
     leases: Iterable[Lease],
-    public_ip: IPv4Address,
+    public_ip: IPv4Address | IPv6Address,
     previous: IPv4Network | None = None,
     rng: random.Random | None = None,
     previous6: IPv6Network | None = None,
 ) -> Choice:
-    """IPv6 (with EnableIPv6) is chosen the same way, independently, as the reference does."""
+    """IPv6 (with EnableIPv6) is chosen the same way, independently, as the reference does.
+    `public_ip` names this node (`LeaseAttrs.node_ip`: PublicIPv6 in an IPv6-only network,
+    where the IPv4 subnet is NO_IPV4)."""
     rng = rng or random.Random()
     leases = list(leases)
-    mine = [lease for lease in leases if lease.attrs.public_ip == public_ip]
+    mine = [lease for lease in leases if lease.attrs.node_ip == public_ip]
     fitting = [lease for lease in mine if _fits(config, lease)]
     if fitting:
         # Prefer a reservation: it is the operator's explicit choice for this node.
-        best = min(fitting, key=lambda lease: (not lease.is_reservation, lease.subnet))
+        best = min(fitting, key=lambda lease: (not lease.is_reservation, lease.key))
         return Choice(best.subnet, existing=best, subnet6=best.ipv6_subnet)
     stale = tuple(mine)
     others = [lease for lease in leases if lease not in stale]
-    subnet = _pick(
-        OverlapIndex(lease.subnet for lease in others),
+    subnet = NO_IPV4 if config.network is None else _pick(
+        OverlapIndex(lease.subnet for lease in others if lease.has_ipv4),
         previous,
         config.contains_lease,
         config.subnet_min,
@@ -93,7 +95,7 @@ def choose_subnet(
         config.subnet_len,
         rng,
     )
-    if subnet is None:
+    if subnet is None:  # the IPv4 range is full
         raise OutOfSubnets(
             f"out of subnets: all of {config.subnet_min}..{config.subnet_max} "
             f"(/{config.subnet_len}) are leased; widen SubnetMin/SubnetMax or Network, "

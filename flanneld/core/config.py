@@ -36,6 +36,10 @@ SPECIAL_RANGES_V6 = {
 }
 
 
+# The IPv4 part of an IPv6-only lease: its key reads `0.0.0.0-0&fd00:10:244:3::-64`.
+NO_IPV4 = IPv4Network("0.0.0.0/0")
+
+
 class ConfigError(InputError):
     """The network config is missing or invalid; the message says what to fix."""
 
@@ -58,7 +62,10 @@ class Range6:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    network: IPv4Network
+    """`network` is None in an IPv6-only network (`EnableIPv4: false`): leases then have no
+    IPv4 subnet (their key's IPv4 part is `0.0.0.0-0`, as the reference writes it)."""
+
+    network: IPv4Network | None
     subnet_len: int
     subnet_min: IPv4Address
     subnet_max: IPv4Address
@@ -67,8 +74,15 @@ class NetworkConfig:
     enable_nftables: bool = False
     ipv6: Range6 | None = None  # EnableIPv6: leases get an IPv6 subnet too
 
+    @property
+    def ipv4(self) -> bool:
+        return self.network is not None
+
     def contains_lease(self, subnet: IPv4Network) -> bool:
-        """A lease subnet fits this config: right size, inside [SubnetMin, SubnetMax]."""
+        """A lease subnet fits this config: right size, inside [SubnetMin, SubnetMax]; in an
+        IPv6-only network, only the empty IPv4 part (`0.0.0.0/0`) fits."""
+        if self.network is None:
+            return subnet == NO_IPV4
         return (
             subnet.prefixlen == self.subnet_len
             and self.subnet_min <= subnet.network_address <= self.subnet_max
@@ -243,16 +257,21 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
             'network config must be a JSON object such as {"Network": "10.244.0.0/16"}'
         )
 
-    if not bool_field(obj, "EnableIPv4", True):
+    enable_ipv4 = bool_field(obj, "EnableIPv4", True)
+    enable_ipv6 = bool_field(obj, "EnableIPv6", False)
+    if not enable_ipv4 and not enable_ipv6:
         raise _bad(
             "EnableIPv4",
-            "is false, but this agent needs IPv4 (IPv6-only is not supported with etcd, as "
-            "with the reference)",
-            "remove EnableIPv4 or set it to true; add EnableIPv6 for dual-stack",
+            "is false and EnableIPv6 is not true: the network has no address family",
+            'remove EnableIPv4, or add "EnableIPv6": true with an IPv6Network for IPv6-only',
         )
     enable_nftables = bool_field(obj, "EnableNFTables", False)
-    network, subnet_len, subnet_min, subnet_max = _range(obj, V4)
-    ipv6 = Range6(*_range(obj, V6)) if bool_field(obj, "EnableIPv6", False) else None
+    if enable_ipv4:
+        network, subnet_len, subnet_min, subnet_max = _range(obj, V4)
+    else:  # IPv6-only: the IPv4 keys mean nothing
+        network, subnet_len = None, 0
+        subnet_min = subnet_max = NO_IPV4.network_address
+    ipv6 = Range6(*_range(obj, V6)) if enable_ipv6 else None
 
     backend = ci_get(obj, "Backend")
     if backend is None:
@@ -274,7 +293,7 @@ def parse_config(raw: bytes | str) -> NetworkConfig:
         raise _bad(
             "EnableIPv6",
             "is true, but the udp backend carries IPv4 only (as the reference's)",
-            "use host-gw or vxlan for dual-stack, or remove EnableIPv6",
+            "use host-gw or vxlan for dual-stack or IPv6-only, or remove EnableIPv6",
         )
     return NetworkConfig(
         network, subnet_len, subnet_min, subnet_max, backend_type, backend, enable_nftables, ipv6

@@ -117,7 +117,7 @@ def _family_chains(
 
 
 def rules(
-    network: IPv4Network,
+    network: IPv4Network | None,
     subnet: IPv4Network,
     random_fully: bool,
     forward: bool,
@@ -130,10 +130,13 @@ def rules(
     """flannel's rules for cluster network C = `network` and this node's lease P = `subnet`:
     the masquerade chain unless `masq` is off, the forward chain if `forward` is on; with
     `network6` and `subnet6` (both or neither) the same chains for IPv6, fully random when
-    `random_fully6` is (None: as `random_fully`)."""
+    `random_fully6` is (None: as `random_fully`). `network` None: an IPv6-only network, no
+    IPv4 chains."""
     if (network6 is None) != (subnet6 is None):
         raise ValueError("the IPv6 rules need both network6 and subnet6")
-    chains = _family_chains(4, network, subnet, MULTICAST, random_fully, forward, masq)
+    chains = []
+    if network is not None:
+        chains += _family_chains(4, network, subnet, MULTICAST, random_fully, forward, masq)
     if network6 is not None and subnet6 is not None:
         rf6 = random_fully if random_fully6 is None else random_fully6
         chains += _family_chains(6, network6, subnet6, MULTICAST6, rf6, forward, masq)

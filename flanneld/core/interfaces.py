@@ -17,7 +17,8 @@ from flanneld.core.errors import StateError
 class ExternalInterface:
     """The underlay NIC: its name, index, own address, the address advertised, its MTU, the
     network of its address (None when unknown), and the same for IPv6 (None: no global IPv6
-    address, so no dual-stack on this node)."""
+    address, so no dual-stack on this node). A NIC with IPv6 alone has NO_ADDRESS as its IPv4
+    addresses: it can serve an IPv6-only network only (the agent checks against the config)."""
 
     name: str
     index: int
@@ -28,6 +29,9 @@ class ExternalInterface:
     iface_addr6: IPv6Address | None = None
     ext_addr6: IPv6Address | None = None
     underlay6: IPv6Network | None = None
+
+
+NO_ADDRESS = IPv4Address("0.0.0.0")  # an interface without IPv4 (an IPv6-only network's node)
 
 
 class InterfaceError(StateError):
@@ -51,6 +55,10 @@ def _parse_ip(s: str) -> IPv4Address | None:
     except ValueError:
         return None
     return a if isinstance(a, IPv4Address) else None
+
+
+def _first(link: Link) -> IPv4Address:
+    return link.addrs[0] if link.addrs else NO_ADDRESS
 
 
 def select(
@@ -84,8 +92,8 @@ def select(
         ip = _parse_ip(want)
         for link in links:
             if (ip is not None and ip in link.addrs) or (ip is None and link.name == want):
-                if ip is not None or link.addrs:
-                    chosen = (link, ip or link.addrs[0])
+                if ip is not None or link.addrs or link.addrs6:
+                    chosen = (link, ip or _first(link))
                 break
         if chosen:
             break
@@ -107,16 +115,16 @@ def select(
     if chosen is None and (ifaces or regexes):
         asked = ", ".join([*ifaces, *(f"/{r}/" for r in regexes)])
         raise InterfaceError(
-            f"no interface with an IPv4 address matches {asked}; check --iface/--iface-regex "
+            f"no interface with an address matches {asked}; check --iface/--iface-regex "
             f"(interfaces here: {', '.join(lk.name for lk in links)})"
         )
     if chosen is None:
         link = next((lk for lk in links if lk.index == default_oif), None)
-        if link is None or not link.addrs:
+        if link is None or not (link.addrs or link.addrs6):
             raise InterfaceError(
-                "no IPv4 default route with an addressed interface; pass --iface NAME or --iface IP"
+                "no default route with an addressed interface; pass --iface NAME or --iface IP"
             )
-        chosen = (link, link.addrs[0])
+        chosen = (link, _first(link))
     link, addr = chosen
     if not link.mtu:
         raise InterfaceError(f"interface {link.name} reports MTU 0; fix the interface")

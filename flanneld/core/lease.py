@@ -14,9 +14,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Any
 
 from flanneld.core.bounded import load_bounded
-from flanneld.core.config import ci_get
+from flanneld.core.config import NO_IPV4, ci_get
 from flanneld.core.errors import InputError
-from flanneld.core.subnets import subnet_key
+from flanneld.core.subnets import ident_of, subnet_key
 
 MAX_RECORD = 64 * 1024  # bytes: a real record is about 150
 MAX_DEPTH = 16  # nesting of JSON arrays/objects: a real record has 2
@@ -38,6 +38,14 @@ class LeaseAttrs:
     backend_data: Any = None
     public_ipv6: IPv6Address | None = None
     backend_v6_data: Any = None
+
+    @property
+    def node_ip(self) -> IPv4Address | IPv6Address:
+        """The address that names the node: PublicIP, or in an IPv6-only network (PublicIP
+        0.0.0.0) its PublicIPv6."""
+        if self.public_ip.is_unspecified and self.public_ipv6 is not None:
+            return self.public_ipv6
+        return self.public_ip
 
     def encode(self) -> bytes:
         v6 = str(self.public_ipv6) if self.public_ipv6 is not None else None
@@ -82,7 +90,8 @@ class LeaseAttrs:
 class Lease:
     """A subnet lease as seen in etcd. `etcd_lease == 0` means a reservation (no TTL).
     `create_revision` orders claims: of two records for overlapping space, the older wins.
-    `ipv6_subnet` is the IPv6 half of a dual-stack lease (its key then has both)."""
+    `ipv6_subnet` is the IPv6 half of a dual-stack lease (its key then has both); an
+    IPv6-only lease has `subnet` NO_IPV4 (key `0.0.0.0-0&fd00:10:244:3::-64`)."""
 
     subnet: IPv4Network
     attrs: LeaseAttrs
@@ -90,6 +99,17 @@ class Lease:
     mod_revision: int = 0
     create_revision: int = 0
     ipv6_subnet: IPv6Network | None = None
+
+    @property
+    def has_ipv4(self) -> bool:
+        """False for an IPv6-only lease (its IPv4 part is `0.0.0.0/0`)."""
+        return self.subnet != NO_IPV4
+
+    @property
+    def ident(self) -> IPv4Network | IPv6Network:
+        """The subnet that names this lease in the peer table: the IPv4 one, or for an
+        IPv6-only lease the IPv6 one."""
+        return ident_of(self.subnet, self.ipv6_subnet)
 
     @property
     def key(self) -> str:

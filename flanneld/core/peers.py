@@ -15,10 +15,11 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv6Network
 from typing import Any, Literal
 
 from flanneld.core.lease import Lease, RecordError
+from flanneld.core.subnets import Network
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Snapshot:
 @dataclass(frozen=True)
 class WatchEvent:
     key: str
-    subnet: IPv4Network | None
+    subnet: Network | None  # the lease's ident (`Lease.ident`) named by the key
     lease: Lease | None  # None for a delete, or for a put whose record is malformed
     error: Rejected | None = None  # why a put was not understood
     revision: int = 0
@@ -51,8 +52,15 @@ class WatchEvent:
 @dataclass(frozen=True)
 class Change:
     kind: Literal["added", "changed", "removed"]
-    subnet: IPv4Network
+    subnet: Network  # the lease's ident: its IPv4 subnet, or an IPv6-only lease's IPv6 one
     lease: Lease  # the new lease, or for "removed" the last one known
+
+
+def _spaces(lease: Lease) -> tuple[Network, ...]:
+    """The address space a lease claims: its IPv4 subnet (none for an IPv6-only lease) and
+    its IPv6 subnet, if any."""
+    v4 = (lease.subnet,) if lease.has_ipv4 else ()
+    return v4 + ((lease.ipv6_subnet,) if lease.ipv6_subnet is not None else ())
 
 
 WARN_LIMIT = 20  # skipped records named one by one; beyond that, counted in one line
@@ -62,9 +70,9 @@ Check = Callable[[Lease], None]  # raises RecordError for a record that must not
 class PeerTable:
     def __init__(self, check: Check | None = None, quiet: bool = False) -> None:
         self.quiet = quiet  # no log lines (flannelctl lists the rejections itself)
-        self.leases: dict[IPv4Network, Lease] = {}
+        self.leases: dict[Network, Lease] = {}  # by `Lease.ident`
         self.rejected: dict[str, Rejected] = {}  # the records skipped now, by key
-        self.unconfirmed: set[IPv4Network] = set()  # kept after etcd lost its data
+        self.unconfirmed: set[Network] = set()  # kept after etcd lost its data
         self._by_v6: dict[IPv6Network, Lease] = {}  # the leases by IPv6 subnet
         self._check = check
 
@@ -95,8 +103,8 @@ class PeerTable:
     def _claimed(self, lease: Lease, holders: Mapping[Any, Lease]) -> Rejected | None:
         """Overlap with a record already in `holders` (by IPv4 and by IPv6 subnet): the one
         created first keeps the space (the create revision orders claims, then the key)."""
-        for space in (lease.subnet, lease.ipv6_subnet):
-            held = holders.get(space) if space is not None else None
+        for space in _spaces(lease):
+            held = holders.get(space)
             if (
                 held is not None
                 and held.key != lease.key
@@ -108,7 +116,7 @@ class PeerTable:
                 )
         return None
 
-    def _drop(self, subnet: IPv4Network) -> Lease:
+    def _drop(self, subnet: Network) -> Lease:
         old = self.leases.pop(subnet)
         if old.ipv6_subnet is not None and self._by_v6.get(old.ipv6_subnet) is old:
             del self._by_v6[old.ipv6_subnet]
@@ -119,7 +127,7 @@ class PeerTable:
         `keep_missing` (etcd lost its data), subnets the listing lacks stay, unconfirmed;
         so do those still unconfirmed from an earlier loss."""
         bad = dict(snap.bad)
-        good: dict[IPv4Network, Lease] = {}
+        good: dict[Network, Lease] = {}
         holders: dict[Any, Lease] = {}
         by_age = sorted(snap.leases.items(), key=lambda kv: (kv[1].create_revision, kv[0]))
         for key, lease in by_age:
@@ -127,9 +135,9 @@ class PeerTable:
             if why is not None:
                 bad[key] = why
                 continue
-            good[lease.subnet] = holders[lease.subnet] = lease
-            if lease.ipv6_subnet is not None:
-                holders[lease.ipv6_subnet] = lease
+            good[lease.ident] = lease
+            for space in _spaces(lease):
+                holders[space] = lease
         self.rejected = {k: v for k, v in self.rejected.items() if k in bad}
         new_bad = sum(self._reject(key, why) for key, why in bad.items())
         if len(self.rejected) > WARN_LIMIT and new_bad and not self.quiet:
@@ -152,7 +160,7 @@ class PeerTable:
             changes += self._put(subnet, new)
         return changes
 
-    def _put(self, subnet: IPv4Network, new: Lease) -> list[Change]:
+    def _put(self, subnet: Network, new: Lease) -> list[Change]:
         old = self.leases.get(subnet)
         if old is not None:
             self._drop(subnet)
@@ -176,10 +184,10 @@ class PeerTable:
             # the records already holding its space: its IPv4 subnet's, its IPv6 subnet's
             # unless that is the same subnet's record (O(1): this runs for every watch event)
             holders: dict[Any, Lease] = {}
-            if (held := self.leases.get(ev.lease.subnet)) is not None:
+            if ev.lease.has_ipv4 and (held := self.leases.get(ev.lease.subnet)) is not None:
                 holders[ev.lease.subnet] = held
             v6 = ev.lease.ipv6_subnet
-            if v6 is not None and (held6 := self._by_v6.get(v6)) and held6.subnet != ev.subnet:
+            if v6 is not None and (held6 := self._by_v6.get(v6)) and held6.ident != ev.subnet:
                 holders[v6] = held6
             why = self._judge(ev.key, ev.lease) or self._claimed(ev.lease, holders)
             if why is not None:

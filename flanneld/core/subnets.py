@@ -43,6 +43,12 @@ def parse_key(key: str) -> tuple[IPv4Network, IPv6Network | None] | None:
     return (net, v6) if key == subnet_key(net, v6) else None
 
 
+def ident_of(net: IPv4Network, net6: IPv6Network | None) -> Network:
+    """The subnet that names a lease (`Lease.ident`): its IPv4 one, or for an IPv6-only lease
+    (IPv4 part `0.0.0.0-0`) its IPv6 one."""
+    return net6 if net6 is not None and net.prefixlen == 0 else net
+
+
 def parse_subnet_key(key: str) -> IPv4Network | None:
     """The IPv4 subnet of a key (see `parse_key`), or None."""
     parsed = parse_key(key)

@@ -269,7 +269,7 @@ class Masquerade:
 
     def __init__(
         self,
-        network: IPv4Network,
+        network: IPv4Network | None,
         subnet: IPv4Network,
         *,
         forward: bool = True,
@@ -307,8 +307,9 @@ class Masquerade:
         return self._v6.mode
 
     def _families(self) -> list[_Family]:
-        """IPv4, and IPv6 when this node has an IPv6 network."""
-        return [self._v4, self._v6] if self.network6 is not None else [self._v4]
+        """IPv4 unless the network is IPv6-only, and IPv6 when it has an IPv6 network."""
+        v4 = [self._v4] if self.network is not None else []
+        return v4 + [self._v6] if self.network6 is not None else v4
 
     async def desired(self, family: int | None = None) -> RuleSet:
         """The rules wanted, of every family of the node or of `family` alone (which probes

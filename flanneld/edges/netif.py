@@ -1,5 +1,5 @@
-"""Reads the host's links, their IPv4 and global IPv6 addresses, and the default route from
-the kernel (one dump each) for `flanneld.core.interfaces.select()`."""
+"""Reads the host's links, their IPv4 and global IPv6 addresses, and the default route (IPv4's,
+else IPv6's) from the kernel (one dump each) for `flanneld.core.interfaces.select()`."""
 
 from __future__ import annotations
 
@@ -37,9 +37,12 @@ async def discover(ipr) -> tuple[list[Link], int | None]:  # noqa: ANN001 - Asyn
                 tuple(a.network for a in ifaddrs6),
             )
         )
-    best: tuple[int, int] | None = None  # (metric, oif): the lowest metric wins
-    async for r in await ipr.route("dump", family=socket.AF_INET, table=254):
-        if r["dst_len"] == 0 and r.get("oif"):
-            cand = (r.get("priority") or 0, r.get("oif"))
-            best = cand if best is None else min(best, cand)
-    return links, best[1] if best else None
+    for family in (socket.AF_INET, socket.AF_INET6):  # an IPv6 one only where IPv4 has none
+        best: tuple[int, int] | None = None  # (metric, oif): the lowest metric wins
+        async for r in await ipr.route("dump", family=family, table=254):
+            if r["dst_len"] == 0 and r.get("oif"):
+                cand = (r.get("priority") or 0, r.get("oif"))
+                best = cand if best is None else min(best, cand)
+        if best is not None:
+            return links, best[1]
+    return links, None

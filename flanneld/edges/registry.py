@@ -25,7 +25,7 @@ from aetcd import rpc
 from flanneld.core.errors import InputError, StateError
 from flanneld.core.lease import Lease, LeaseAttrs, RecordError
 from flanneld.core.peers import Rejected, Snapshot, WatchEvent
-from flanneld.core.subnets import parse_key, subnet_key
+from flanneld.core.subnets import ident_of, parse_key, subnet_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -388,7 +388,7 @@ class EtcdRegistry:
                 kv = ev.kv
                 key = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
                 try:
-                    subnet, _ = _subnets_of(key)
+                    subnet = ident_of(*_subnets_of(key))
                     lease = None if ev.kind == "DELETE" else _lease_from_kv(self.subnets_prefix, kv)
                 except RecordError as e:  # a delete of such a key was never in the table
                     error = None if ev.kind == "DELETE" else _rejected(e)

@@ -16,22 +16,27 @@ from flanneld.core.subnets import first_host
 
 
 def render(
-    network: IPv4Network,
+    network: IPv4Network | None,
     subnet: IPv4Network,
     mtu: int,
     ipmasq: bool,
     network6: IPv6Network | None = None,
     subnet6: IPv6Network | None = None,
 ) -> str:
-    """The reference's lines in its order; the IPv6 pair only for a dual-stack lease."""
+    """The reference's lines in its order; the IPv6 pair only for a lease with an IPv6
+    subnet, the IPv4 pair only when the network has IPv4 (`network` None: IPv6-only)."""
+    v4 = (
+        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first_host(subnet)}\n"
+        if network is not None
+        else ""
+    )
     v6 = (
         f"FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={first_host(subnet6)}\n"
         if network6 is not None and subnet6 is not None
         else ""
     )
     return (
-        f"FLANNEL_NETWORK={network}\n"
-        f"FLANNEL_SUBNET={first_host(subnet)}\n"
+        f"{v4}"
         f"{v6}"
         f"FLANNEL_MTU={mtu}\n"
         f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n"

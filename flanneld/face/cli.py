@@ -118,7 +118,7 @@ async def run(opts: Options) -> int:
     else:
         log.info(
             "stopping: kernel state and lease %s stay in place",
-            agent.leases.lease.subnet if agent.leases and agent.leases.lease else "-",
+            agent.leases.lease.key if agent.leases and agent.leases.lease else "-",
         )
         sdnotify.notify("STOPPING=1")
         main.cancel()

@@ -194,7 +194,7 @@ def render_status(doc: dict) -> str:
             f"renewal in {_duration(lease['renew_in'])}"
         )
         v6 = lease.get("ipv6_subnet")
-        subnets = lease["subnet"] + (f" + {v6}" if v6 else "")
+        subnets = " + ".join(n for n in (lease["subnet"], v6) if n)
         lines.append(f"{kind:<9} {subnets} (public IP {doc['public_ip']}), {expiry}")
     else:
         lines.append("lease     none yet")
@@ -217,7 +217,8 @@ def render_status(doc: dict) -> str:
         )
         v6 = (p.get("ipv6_subnet") or "-", p.get("public_ipv6") or "-") if dual else ()
         rows.append(
-            (p["subnet"], p["public_ip"], *v6, p["backend_type"] or "-", _ago(p["last_change"]),
+            (p["subnet"] or "-", p["public_ip"], *v6, p["backend_type"] or "-",
+             _ago(p["last_change"]),
              health)
         )  # fmt: skip
     lines.append("")
@@ -256,10 +257,18 @@ def _read(path: str) -> bytes:
 def validate_config(raw: bytes) -> str:
     """The agent's own validation; returns a one-line summary or raises ConfigError."""
     config = backends.checked_config(raw)
-    return (
-        f"network {config.network}, subnets /{config.subnet_len} from {config.subnet_min} "
-        f"to {config.subnet_max}, backend {config.backend_type}"
-    )
+    parts = []
+    if config.network is not None:
+        parts.append(
+            f"network {config.network}, subnets /{config.subnet_len} from {config.subnet_min} "
+            f"to {config.subnet_max}"
+        )
+    if (v6 := config.ipv6) is not None:
+        parts.append(
+            f"IPv6 network {v6.network}, subnets /{v6.subnet_len} from {v6.subnet_min} "
+            f"to {v6.subnet_max}"
+        )
+    return ", ".join([*parts, f"backend {config.backend_type}"])
 
 
 async def _config(args: argparse.Namespace) -> int:
@@ -298,13 +307,16 @@ async def _leases(args: argparse.Namespace) -> int:
         table = PeerTable(rules.check if rules else None, quiet=True)  # the agent's verdicts
         table.reset(snap)
         rows = []
-        for subnet, lease in sorted(table.leases.items()):
+        # IPv4 first, then IPv6-only leases (whose ident is their IPv6 subnet)
+        for _, lease in sorted(table.leases.items(), key=lambda kv: (kv[0].version, kv[0])):
             ttl = None if lease.is_reservation else await reg.time_to_live(lease.etcd_lease)
             rows.append(
                 {
-                    "subnet": str(subnet),
+                    "subnet": str(lease.subnet) if lease.has_ipv4 else None,
                     "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet else None,
                     "public_ip": str(lease.attrs.public_ip),
+                    "public_ipv6": str(v6ip) if (v6ip := lease.attrs.public_ipv6) else None,
+                    "node_ip": str(lease.attrs.node_ip),
                     "backend_type": lease.attrs.backend_type,
                     "reservation": lease.is_reservation,
                     "expires_in": ttl,
@@ -316,11 +328,12 @@ async def _leases(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"leases": rows, "rejected": rejected}, indent=2))
         return 0
-    table = [("SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
+    table = [("SUBNET", "IPV6 SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
     table += [
         (
-            r["subnet"],
-            r["public_ip"],
+            r["subnet"] or "-",
+            r["ipv6_subnet"] or "-",
+            r["node_ip"],
             r["backend_type"] or "-",
             "reservation" if r["reservation"] else _duration(r["expires_in"]),
         )

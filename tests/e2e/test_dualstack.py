@@ -100,3 +100,89 @@ def test_dual_stack(backend):
         if backend == "vxlan":
             fdb = lab.run(n1.ns, "bridge", "-j", "fdb", "show", "dev", "flannel-v6.1").stdout
             assert n3.ip6 not in fdb
+
+
+def routes4(c, node) -> list[dict]:
+    out = c.lab.run(node.ns, "ip", "-4", "-j", "route", "show", "table", "main").stdout
+    return [r for r in json.loads(out) if str(r.get("protocol")) == "155"]
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
+def test_ipv6_only(backend):
+    """EnableIPv4 false: leases `0.0.0.0-0&<IPv6 subnet>` as the reference's MakeSubnetKey
+    writes them, one per node (every record's PublicIP is 0.0.0.0: the nodes are told apart
+    by PublicIPv6), containers with IPv6 alone reach each other, and the agent makes no IPv4
+    state: no IPv4 route of ours, no flannel.1 device, no FLANNEL_SUBNET."""
+    config = {
+        "EnableIPv4": False,
+        "EnableIPv6": True,
+        "IPv6Network": "fd00:10:244::/56",
+        "Backend": {"Type": backend},
+    }
+    with running(config, ARGS, ipv6=True) as c:
+        lab = c.lab
+        n1, n2, n3 = lab.nodes
+        env = c.env(n1)
+        assert "FLANNEL_SUBNET" not in env and "FLANNEL_NETWORK" not in env
+        assert env["FLANNEL_IPV6_NETWORK"] == "fd00:10:244::/56"
+        assert env["FLANNEL_MTU"] == ("1500" if backend == "host-gw" else "1430")
+        subnets = {n.name: subnet6(c, n) for n in lab.nodes}
+        assert len(set(subnets.values())) == 3  # no two nodes share a lease
+
+        keys = lab.etcdctl("get", "--prefix", "--keys-only", f"{PREFIX}/subnets/").split()
+        want = {f"{PREFIX}/subnets/0.0.0.0-0&{s.replace('/', '-')}" for s in subnets.values()}
+        assert set(keys) == want
+        record = json.loads(lab.etcdctl("get", "--print-value-only", sorted(want)[0]))
+        assert record["PublicIP"] == "0.0.0.0" and "BackendData" not in record
+        assert record["PublicIPv6"] in {n.ip6 for n in lab.nodes}
+
+        assert all(cont.ip is None and cont.ip6 for n in lab.nodes for cont in n.containers)
+        matrix6 = c.wait_reachable(10, family=6)
+        assert matrix6 and all(matrix6.values()), matrix6
+        for node in lab.nodes:
+            assert routes4(c, node) == [], f"IPv4 routes of ours on {node.name}"
+            links = json.loads(lab.run(node.ns, "ip", "-j", "link", "show").stdout)
+            assert "flannel.1" not in {link["ifname"] for link in links}
+
+        r = routes6(c, n1)
+        s2, s3 = subnets["n2"], subnets["n3"]
+        assert str(r[s2]["protocol"]) == "155"
+        assert r[s2]["gateway" if backend == "host-gw" else "dev"] == (
+            n2.ip6 if backend == "host-gw" else "flannel-v6.1"
+        )
+        status = c.status(n1)
+        assert status["lease"]["subnet"] is None and status["lease"]["ipv6_subnet"] == subnets["n1"]
+        assert {p["ipv6_subnet"] for p in status["peers"]} == {s2, s3}
+        assert all(p["subnet"] is None for p in status["peers"])
+
+        # a hand-deleted route comes back; a restart keeps the subnet and loses no ping
+        lab.run(n1.ns, "ip", "-6", "route", "del", s2)
+        wait_until(lambda: s2 in routes6(c, n1), 5, what="the IPv6 route restored")
+        stream = lab.ping_stream(n1.containers[0].ns, n2.containers[0].ip6, 4, 0.02)
+        time.sleep(0.5)
+        c.stop(n2)
+        c.subnet_file(n2).unlink()
+        c.start(n2)
+        after = c.wait_ready(n2)
+        sent, answered = lab.stream_result(stream)
+        assert sent >= 100 and answered == sent, f"{sent - answered} of {sent} IPv6 pings lost"
+        assert str(IPv6Network(after["FLANNEL_IPV6_SUBNET"], strict=False)) == s2
+
+        # a dual-stack record in this IPv6-only network is rejected, and programs nothing
+        bad_key = f"{PREFIX}/subnets/10.244.250.0-24&fd00:10:244:fa::-64"
+        lab.etcdctl("put", bad_key, json.dumps({"PublicIP": "192.0.2.99",
+                    "PublicIPv6": "fd00:192::99", "BackendType": backend}))  # fmt: skip
+        wait_until(
+            lambda: any(x["key"].startswith("10.244.250.0") for x in c.status(n1)["rejected"]),
+            5,
+            what="the dual-stack record rejected",
+        )
+        assert "fd00:10:244:fa::/64" not in routes6(c, n1) and routes4(c, n1) == []
+
+        # a removed node's entries are gone from every other node
+        c.stop(n3)
+        lab.etcdctl("del", f"{PREFIX}/subnets/0.0.0.0-0&{s3.replace('/', '-')}")
+        for node in (n1, n2):
+            wait_until(
+                lambda node=node: s3 not in routes6(c, node), 5, what=f"{s3} gone on {node.name}"
+            )

@@ -225,7 +225,12 @@ def test_ipv6_off_by_default_and_ignored_when_off():
         ({"IPv6Network": "ff02::/16"}, ["IPv6Network", "multicast"]),
         ({"IPv6Network": "fd00::/48", "Backend": {"Type": "udp"}}, ["EnableIPv6", "udp"]),
         ({"IPv6Network": "fd00::/48", "Backend": None}, ["EnableIPv6", "udp"]),
-        ({"IPv6Network": "fd00::/48", "EnableIPv4": False}, ["EnableIPv4", "IPv6-only"]),
+        ({"IPv6Network": "fd00::/48", "EnableIPv4": False, "EnableIPv6": False},
+         ["EnableIPv4", "no address family"]),
+        ({"EnableIPv4": False}, ["IPv6Network", "missing"]),
+        ({"IPv6Network": "fd00::/48", "EnableIPv4": False, "Backend": {"Type": "udp"}},
+         ["EnableIPv6", "udp"]),
+        ({"IPv6Network": "fd00::/48", "EnableIPv4": "false"}, ["EnableIPv4", "true or false"]),
     ],
 )  # fmt: skip
 def test_invalid_ipv6_configs_name_the_key(extra, words):
@@ -235,3 +240,28 @@ def test_invalid_ipv6_configs_name_the_key(extra, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg, msg
+
+
+@pytest.mark.parametrize("network", [None, "10.3.0.0/16", "not even a CIDR"])
+def test_ipv6_only_has_no_ipv4_range_and_ignores_the_ipv4_keys(network):
+    """EnableIPv4 false: the IPv4 keys mean nothing (even invalid ones), only the IPv4 part
+    of an IPv6-only key (0.0.0.0/0) fits."""
+    doc = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
+           "Backend": {"Type": "vxlan"}}  # fmt: skip
+    if network is not None:
+        doc["Network"] = network
+    c = parse_config(json.dumps(doc))
+    assert c.network is None and not c.ipv4
+    assert c.ipv6 is not None and c.ipv6.network == IPv6Network("fd00:10:244::/56")
+    assert c.contains_lease(IPv4Network("0.0.0.0/0"))
+    assert not c.contains_lease(IPv4Network("10.3.1.0/24"))
+    assert parse_config(json.dumps({**DUAL, "IPv6Network": "fd00::/48", "EnableIPv4": True})).ipv4
+
+
+def test_validation_summary_names_each_family_of_the_network():
+    v6only = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/48",
+              "Backend": {"Type": "host-gw"}}  # fmt: skip
+    summary = validate_config(json.dumps(v6only).encode())
+    assert "IPv6 network fd00::/48, subnets /64" in summary and "network None" not in summary
+    dual = validate_config(json.dumps({**v6only, "EnableIPv4": True, "Network": "10.3.0.0/16"}))
+    assert "network 10.3.0.0/16" in dual and "IPv6 network fd00::/48" in dual
