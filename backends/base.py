@@ -74,6 +74,13 @@ class Backend(ABC):
         return None
 
     @classmethod
+    def check_network(cls, config: NetworkConfig) -> None:
+        """What the backend's options cannot be alone, checked against the rest of the
+        network config (vxlan: a VNI whose IPv6 device name is too long with EnableIPv6);
+        pure, run after `parse_options()` by the same callers. Default: nothing."""
+        return None
+
+    @classmethod
     def owned_devices(cls) -> tuple[tuple[str, str], ...]:
         """The devices this backend creates, as (link kind, full-match name regex) pairs, so
         `flannelctl cleanup` removes exactly those. Default: none."""

@@ -44,4 +44,5 @@ def checked_config(raw: bytes | str) -> NetworkConfig:
     except BackendError as e:  # an unknown type
         raise ConfigError(str(e)) from None
     backend.parse_options(config.backend)
+    backend.check_network(config)
     return config

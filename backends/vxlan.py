@@ -27,7 +27,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
-from flanneld.core.config import ConfigError, bool_field, ci_get, int_field
+from flanneld.core.config import ConfigError, NetworkConfig, bool_field, ci_get, int_field
 from flanneld.core.interfaces import NO_ADDRESS
 from flanneld.core.lease import Lease, LeaseAttrs
 
@@ -274,6 +274,15 @@ class VxlanBackend(KernelBackend):
         return parse_options(options)
 
     @classmethod
+    def check_network(cls, config: NetworkConfig) -> None:
+        vni = parse_options(config.backend).vni
+        if config.ipv6 is not None and vni > MAX_VNI6:
+            raise ConfigError(
+                f"network config: Backend.VNI {vni} makes the IPv6 device name flannel-v6.{vni} "
+                f"longer than the kernel's 15 characters; with EnableIPv6 use at most {MAX_VNI6}"
+            )
+
+    @classmethod
     def owned_devices(cls) -> tuple[tuple[str, str], ...]:
         return (("vxlan", r"flannel(-v6)?\.\d+"),)  # the IPv4 and the IPv6 device
 
@@ -337,11 +346,7 @@ class VxlanBackend(KernelBackend):
     def _prepare6(self) -> _Vtep:
         """The IPv6 device as the options and the interface allow it, or why not."""
         ext, vni, mtu = self.ctx.ext, self._opts.vni, self._base_mtu - ENCAP_OVERHEAD6
-        if vni > MAX_VNI6:
-            raise ConfigError(
-                f"network config: Backend.VNI {vni} makes the IPv6 device name flannel-v6.{vni} "
-                f"longer than the kernel's 15 characters; with EnableIPv6 use at most {MAX_VNI6}"
-            )
+        self.check_network(self.ctx.config)
         if mtu < MIN_IPV6_MTU:
             raise BackendError(
                 f"the MTU of {ext.name} ({ext.mtu}) leaves less than {MIN_IPV6_MTU} bytes (the "

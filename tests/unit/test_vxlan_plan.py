@@ -485,3 +485,16 @@ async def test_dual_stack_prepare_refuses_what_the_ipv6_device_cannot_be() -> No
         await backend6(mtu=1349).prepare()
     with pytest.raises(BackendError, match="eth0 has no global IPv6 address"):
         await backend6(ip6=None).prepare()
+
+
+def test_config_validation_refuses_a_vni_too_long_for_the_ipv6_device() -> None:
+    """`flannelctl config validate|set` (backends.checked_config) sees what only the agent's
+    start did before: VNI 10000 is fine alone, not with EnableIPv6."""
+    from backends.registry import checked_config
+
+    base = {"Network": "10.3.0.0/16", "Backend": {"Type": "vxlan", "VNI": 10_000}}
+    assert checked_config(json.dumps(base)).backend_type == "vxlan"
+    dual = {**base, "EnableIPv6": True, "IPv6Network": "fd00::/48"}
+    with pytest.raises(ConfigError, match="flannel-v6.10000 longer than the kernel's 15"):
+        checked_config(json.dumps(dual))
+    checked_config(json.dumps({**dual, "Backend": {"Type": "vxlan", "VNI": 9_999}}))
