@@ -326,6 +326,7 @@ class VxlanBackend(KernelBackend):
             try:
                 for vtep in await self._ensure_devices(self._socket()):
                     log.info("created device %s", vtep)
+                await self._drop_unwanted(self._socket())
             except NetlinkError as err:
                 await self.close()
                 hint = _CREATE_HINTS.get(err.code, "see the kernel log")
@@ -389,6 +390,26 @@ class VxlanBackend(KernelBackend):
             [link] = await ipr.link("get", ifname=vtep.name)
             vtep.index = link["index"]
         return missing
+
+    async def _drop_unwanted(self, ipr: AsyncIPRoute) -> None:
+        """Delete our device of a family the network no longer has (IPv6 turned off, or
+        IPv4 in an IPv6-only network): its entries go with it."""
+        wanted = {vtep.name for vtep in self._vteps()}
+        for version in (4, 6):
+            name = _Vtep(version, self._opts.vni, "", "", 0).name
+            if name in wanted:
+                continue
+            try:
+                [link] = await ipr.link("get", ifname=name)
+            except NetlinkError as err:
+                if err.code != errno.ENODEV:
+                    raise
+                continue
+            if link.get(("linkinfo", "kind")) == "vxlan":
+                await ipr.link("del", index=link["index"])
+                log.warning(
+                    "deleted device %s: the network config has no IPv%d any more", name, version
+                )
 
     async def _reuse(self, ipr: AsyncIPRoute, vtep: _Vtep) -> bool:
         """True when the device is there and compatible (then fixed in place); an incompatible

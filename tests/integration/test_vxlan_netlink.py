@@ -685,3 +685,32 @@ async def test_dual_stack_packets_cross_both_devices_at_the_advertised_mtu(
     assert reassembled(b) == 0
     with pytest.raises(subprocess.CalledProcessError):  # the kernel's limit too: not 1450
         ip(a, "link", "set", "dev", DEV6, "mtu", "1431")
+
+
+async def test_a_device_of_a_family_the_network_dropped_is_deleted(ns, backend6, tmp_path) -> None:
+    """Dual-stack, then IPv6-only (flannel.1 goes, flannel-v6.1 is kept as it was), then
+    IPv4-only (flannel-v6.1 goes): no device of a family the config no longer has is left
+    behind carrying stale entries."""
+    await backend6.reconcile(LOCAL6, peers(Q2))
+    index6 = link(ns, DEV6)["ifindex"]
+    ext = backend6.ctx.ext
+    v6only = parse_config(
+        '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", '
+        '"Backend": {"Type": "vxlan"}}'
+    )
+    b = VxlanBackend(BackendContext(ext, v6only, tmp_path, v6only.backend), netns=ns)
+    try:
+        attrs = await b.prepare()
+    finally:
+        await b.close()
+    names = {d["ifname"] for d in json.loads(ip(ns, "-j", "link", "show"))}
+    assert DEV not in names and link(ns, DEV6)["ifindex"] == index6
+    assert attrs.backend_data is None and str(attrs.public_ip) == "0.0.0.0"
+    v4only = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+    b = VxlanBackend(BackendContext(ext, v4only, tmp_path, v4only.backend), netns=ns)
+    try:
+        await b.prepare()
+    finally:
+        await b.close()
+    names = {d["ifname"] for d in json.loads(ip(ns, "-j", "link", "show"))}
+    assert DEV in names and DEV6 not in names
