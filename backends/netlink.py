@@ -34,6 +34,8 @@ __all__ = [
 Network = IPv4Network | IPv6Network
 
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h
+
 # A delete that finds nothing: the entry is already gone, which is what was asked.
 _GONE = {errno.ENOENT, errno.ESRCH}
 
@@ -59,7 +61,10 @@ async def own_address_up(ipr: AsyncIPRoute, link: Any, subnet: Network, network:
             )
             log.info("device %s: removed old address %s", name, addr)
     if want not in have:
-        await ipr.addr("add", index=index, address=str(want.ip), prefixlen=bits)
+        # IPv6: no duplicate address detection (the address is this node's own by lease), so
+        # it is usable at once instead of tentative for a second
+        flags = {"flags": IFA_F_NODAD} if subnet.version == 6 else {}
+        await ipr.addr("add", index=index, address=str(want.ip), prefixlen=bits, **flags)
         log.info("device %s: address %s", name, want)
     if not link["flags"] & IFF_UP:
         await ipr.link("set", index=index, state="up")

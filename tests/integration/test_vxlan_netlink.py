@@ -496,6 +496,8 @@ async def test_dual_stack_configure_sets_the_ipv6_address(ns, backend6) -> None:
     have = {a for a in addrs6(ns) if not a[0].startswith("fe80:")}
     assert have == {("fd00:10:244:1::", 128), ("fd00:99::1", 128)}
     assert "UP" in link(ns, DEV6)["flags"]
+    # added without duplicate address detection: usable at once, never tentative
+    assert "fd00:10:244:1::" not in ip(ns, "-6", "addr", "show", "dev", DEV6, "tentative")
     v4 = json.loads(ip(ns, "-j", "addr", "show", "dev", DEV))[0]
     assert [a["local"] for a in v4["addr_info"] if a["family"] == "inet"] == ["10.244.1.0"]
 
