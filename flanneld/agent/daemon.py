@@ -472,6 +472,7 @@ class Agent:
             return doc
         now = time.monotonic()
         doc["public_ip"] = str(lease.attrs.public_ip)
+        doc["public_ipv6"] = _str_or_none(lease.attrs.public_ipv6)
         doc["lease"] = {
             "subnet": str(lease.subnet) if lease.has_ipv4 else None,
             "ipv6_subnet": _str_or_none(lease.ipv6_subnet),

@@ -180,9 +180,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def render_status(doc: dict) -> str:
+    networks = " + ".join(n for n in (doc["network"], doc.get("ipv6_network")) if n) or "-"
     lines = [
         f"flanneld {doc['version']}: {'ready' if doc['ready'] else 'NOT READY'}   "
-        f"backend {doc['backend'] or '-'}   MTU {doc['mtu'] or '-'}   network {doc['network']}"
+        f"backend {doc['backend'] or '-'}   MTU {doc['mtu'] or '-'}   network {networks}"
     ]
     lease = doc.get("lease")
     if lease:
@@ -195,7 +196,10 @@ def render_status(doc: dict) -> str:
         )
         v6 = lease.get("ipv6_subnet")
         subnets = " + ".join(n for n in (lease["subnet"], v6) if n)
-        lines.append(f"{kind:<9} {subnets} (public IP {doc['public_ip']}), {expiry}")
+        public = doc["public_ip"]
+        if public == "0.0.0.0" and doc.get("public_ipv6"):  # an IPv6-only network
+            public = doc["public_ipv6"]
+        lines.append(f"{kind:<9} {subnets} (public IP {public}), {expiry}")
     else:
         lines.append("lease     none yet")
     etcd = doc["etcd"]

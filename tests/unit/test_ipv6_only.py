@@ -220,3 +220,26 @@ def test_vxlan_plans_ipv6_entries_alone_in_an_ipv6_only_network():
         Fdb(9, MAC6.format(2), IPv6Address("fd00:192::2")),
         Route(IPv6Network("fd00:10:244:2::/64"), gw, 9, onlink=True),
     }
+
+
+def test_flannelctl_status_text_of_an_ipv6_only_node():
+    from flanneld.face.ctl import render_status
+
+    doc = {
+        "ready": True, "version": "x", "network": None, "ipv6_network": "fd00:10:244::/56",
+        "backend": "vxlan", "mtu": 1430,
+        "etcd": {"endpoint": "http://e:2379", "reachable": True, "last_error": None},
+        "config": {"source": "etcd", "problem": None},
+        "public_ip": "0.0.0.0", "public_ipv6": "fd00:192::1",
+        "lease": {"subnet": None, "ipv6_subnet": "fd00:10:244:1::/64", "reservation": False,
+                  "expires_in": 86000, "renew_in": 82000},
+        "peers": [{"subnet": None, "public_ip": "0.0.0.0", "ipv6_subnet": "fd00:10:244:2::/64",
+                   "public_ipv6": "fd00:192::2", "backend_type": "vxlan", "last_change": None,
+                   "missing": [], "state": "ok"}],
+        "rejected": [],
+    }  # fmt: skip
+    text = render_status(doc)
+    assert "lease     fd00:10:244:1::/64 (public IP fd00:192::1)" in text
+    assert "None" not in text
+    peer = next(line for line in text.splitlines() if "fd00:10:244:2::/64" in line)
+    assert peer.split()[:4] == ["-", "0.0.0.0", "fd00:10:244:2::/64", "fd00:192::2"]
