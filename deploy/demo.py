@@ -30,7 +30,7 @@ from flanneld.core.text import table_lines
 from .cluster import AgentExited, Cluster
 from .lab import ETCD_ENDPOINT, Container, Lab, LabError, Node, cleanup, etcd_tool
 
-BACKENDS = ("host-gw", "vxlan", "udp")
+BACKENDS = ("host-gw", "vxlan", "udp", "wireguard")
 NETWORK = "10.244.0.0/16"
 NETWORK6 = "fd00:10:244::/56"  # IPv6Network of a dual-stack demo (--ipv6)
 READY_TIMEOUT = 30.0  # per node, from the agent's start to its subnet.env
@@ -376,9 +376,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.containers <= 8:
         parser.error("--containers must be between 1 and 8")
     args.backend = args.backend or default_backend()
-    if args.ipv6 and args.backend == "udp":
+    if args.ipv6 and args.backend in ("udp", "wireguard"):
         parser.exit(
-            2, "deploy/demo.sh: --ipv6 needs host-gw or vxlan: the udp backend carries IPv4 only\n"
+            2,
+            f"deploy/demo.sh: --ipv6 needs host-gw or vxlan: the {args.backend} backend carries "
+            "IPv4 only\n",
         )
     if args.backend not in backends.known_backends():
         parser.error(

@@ -12,11 +12,13 @@
 # / and systemd is left alone: a staging tree for packaging or tests (the virtualenv works
 # only once moved to /opt/flanneld). With --wheels DIR pip uses no index: the agent's
 # dependencies and its build requirements (setuptools) come from the wheels in DIR (a machine
-# with no network to PyPI, such as a VM of deploy/vmlab.sh).
+# with no network to PyPI, such as a VM of deploy/vmlab.sh). With --wireguard-go Debian's
+# wireguard-go is installed too when missing: the wireguard backend drives it where the kernel
+# has no WireGuard (a kernel with it, as Debian's, needs nothing more).
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--root DIR] [--python PYTHON] [--wheels DIR]" >&2
+  echo "usage: $0 [--root DIR] [--python PYTHON] [--wheels DIR] [--wireguard-go]" >&2
   exit 2
 }
 
@@ -24,6 +26,7 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 root=${DESTDIR:-}
 python=python3
 pip_source=()
+wireguard_go=no
 while [ $# -gt 0 ]; do
   case $1 in
     --root) [ $# -ge 2 ] || usage; root=$2; shift 2 ;;
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
     --python=*) python=${1#*=}; shift ;;
     --wheels) [ $# -ge 2 ] || usage; pip_source=(--no-index --find-links "$2"); shift 2 ;;
     --wheels=*) pip_source=(--no-index --find-links "${1#*=}"); shift ;;
+    --wireguard-go) wireguard_go=yes; shift ;;
     *) usage ;;
   esac
 done
@@ -47,6 +51,16 @@ fi
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "$0: $python is not Python 3.11 or newer; give one with --python" >&2
   exit 1
+fi
+
+if [ "$wireguard_go" = yes ] && ! command -v wireguard-go >/dev/null 2>&1; then
+  if [ -n "$root" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "$0: --wireguard-go installs Debian's package into / only; install wireguard-go" \
+      "yourself" >&2
+    exit 1
+  fi
+  echo "installing Debian's wireguard-go (the wireguard backend's userspace device)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go
 fi
 
 venv=/opt/flanneld

@@ -8,9 +8,11 @@ source deploy/setup-env.sh
 
 # the lab needs ip and sysctl; the deployment tests check the unit with systemd-analyze, the
 # scripts with shellcheck and the Vagrantfile with `vagrant validate` (vagrant: 80 MB, 15 s
-# without its recommends); the benchmark's test runs iperf3 and draws with matplotlib
+# without its recommends); the benchmark's test runs iperf3 and draws with matplotlib; the
+# wireguard backend's tests run wireguard-go where the kernel has no WireGuard (as here)
 need_debian_packages python3:python3 ip:iproute2 sysctl:procps ping:iputils-ping iperf3:iperf3 \
-  systemd-analyze:systemd shellcheck:shellcheck vagrant:vagrant iptables:iptables nft:nftables
+  systemd-analyze:systemd shellcheck:shellcheck vagrant:vagrant iptables:iptables nft:nftables \
+  wireguard-go:wireguard-go
 # the VM lab's test (where /dev/kvm exists): QEMU and mmdebstrap; deploy/vmlab.sh adds the rest
 if [ -e /dev/kvm ]; then
   need_debian_packages qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap
