@@ -90,10 +90,28 @@ class AgentCollector:
             entries.add_metric([op, kind], n)
         yield entries
         yield from _udp_families(st.datapath)
+        yield from _wireguard_families(st.datapath)
+
+
+def _wireguard_families(stats: dict[str, int]) -> Iterator[Metric]:
+    if "peers_skipped" in stats:
+        yield GaugeMetricFamily(
+            "flannel_wireguard_peers_skipped",
+            "Peer leases the wireguard backend cannot use now (no valid PublicKey, or one an "
+            "older lease announced)",
+            stats["peers_skipped"],
+        )
+    if "wireguard_go_starts" in stats:
+        yield CounterMetricFamily(
+            "flannel_wireguard_go_starts",
+            "wireguard-go processes this agent started (userspace device; more than one: "
+            "restarts after it died or its device was deleted)",
+            stats["wireguard_go_starts"],
+        )
 
 
 def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
-    if not stats:
+    if "packets_in" not in stats:
         return
     packets = CounterMetricFamily(
         "flannel_udp_packets", "Packets through the udp backend", labels=["direction"]
