@@ -4,6 +4,7 @@ memory), the kernel's tables as JSON, and polling for a state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,10 +56,20 @@ class Journal:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads) in seconds."""
+    """utime + stime of `pid` (all its threads) and of its running children, in seconds: the
+    wireguard backend's datapath (wireguard-go, where the kernel has no WireGuard) is the
+    agent's child, and its CPU is the agent's cost."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += (task / "children").read_text().split()
+    for child in children:
+        with contextlib.suppress(OSError, ValueError):
+            own += cpu_seconds(int(child))
+    return own
 
 
 def rss_mb(pid: int) -> float:
