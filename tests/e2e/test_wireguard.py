@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,29 +92,17 @@ def cluster(shared):
         yield shared
 
 
+def sock(c, node) -> Path:
+    return c.state_dir(node) / "wireguard" / "flannel-wg.sock"
+
+
 def device(c, node) -> DeviceState:
     """The node's WireGuard device as wireguard-go reports it on the agent's socket."""
-    path = c.state_dir(node) / "wireguard" / "flannel-wg.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(b"get=1\n\n")
-        data = b""
-        while not data.endswith(b"\n\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return parse_get(data.decode())
+    return parse_get(_ask(sock(c, node), b"get=1\n\n"))
 
 
 def uapi_set(c, node, request: bytes) -> None:
-    path = c.state_dir(node) / "wireguard" / "flannel-wg.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(request)
-        assert s.recv(4096).endswith(b"errno=0\n\n")
+    assert _ask(sock(c, node), request).endswith("errno=0\n\n")
 
 
 def record(c, node) -> dict:
@@ -214,6 +203,68 @@ def test_a_datagram_from_a_non_peer_reaches_no_container(cluster):
     lab.run(lab.switch_ns, sys.executable, "-c", sender, n1.ip, inner.hex(), transport.hex())
     assert finish(listener) == []
     assert lab.ping(n1.containers[0].ns, lab.nodes[1].containers[0].ip)  # peers still do
+
+
+ROGUE = r"""
+import asyncio, os, sys
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from backends.wireguard.keys import clamp, decode_key
+from backends.wireguard.uapi import PeerConfig
+from backends.wireguard.userspace import UserspaceDevice
+async def main():
+    dev = UserspaceDevice("rogue0", Path(sys.argv[1]))
+    await dev.ensure()
+    target = PeerConfig(decode_key(sys.argv[2]), (IPv4Address(sys.argv[3]), 51820),
+                        frozenset({IPv4Network("10.244.0.0/16")}), 1)
+    await dev.set(private_key=clamp(os.urandom(32)), listen_port=51999, upsert=[target])
+asyncio.run(main())
+"""
+
+
+def test_a_wireguard_speaker_that_is_no_peer_gets_nothing_in(cluster):
+    """A real WireGuard device on the switch (a host with no lease) that knows n1's public key
+    and endpoint, as anyone can read them from etcd, sends to n1's container: its handshakes
+    go unanswered, nothing reaches the container, n1 learns no peer."""
+    lab = cluster.lab
+    n1 = lab.nodes[0]
+    c1 = n1.containers[0]
+    run_dir = lab.workdir / "rogue"
+    key = record(cluster, n1)["BackendData"]["PublicKey"]
+    lab.run(lab.switch_ns, sys.executable, "-c", ROGUE, str(run_dir), key, n1.ip)
+    try:
+        lab.run(lab.switch_ns, "ip", "addr", "add", "10.244.250.1/32", "dev", "rogue0")
+        lab.run(lab.switch_ns, "ip", "link", "set", "rogue0", "up")
+        lab.run(lab.switch_ns, "ip", "route", "add", f"{c1.ip}/32", "dev", "rogue0")
+        listener = in_ns(cluster, c1.ns, LISTENER, "4")
+        lab.run(lab.switch_ns, sys.executable, "-c", SENDER, c1.ip, b"rogue".hex(), "100")
+        assert finish(listener) == []
+        assert len(parse_get(_ask(run_dir / "rogue0.sock", b"get=1\n\n")).peers) == 1
+        tx, rx = _counters(_ask(run_dir / "rogue0.sock", b"get=1\n\n"))
+        assert tx > 0 and rx == 0  # it sent handshake initiations; n1 answered none
+        assert len(device(cluster, n1).peers) == 2
+    finally:
+        lab.run(lab.switch_ns, "ip", "link", "del", "rogue0", check=False)
+        Path("/var/run/wireguard/rogue0.sock").unlink(missing_ok=True)
+
+
+def _ask(path, request: bytes) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(request)
+        data = b""
+        while not data.endswith(b"\n\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode()
+
+
+def _counters(answer: str) -> tuple[int, int]:
+    values = dict(line.split("=", 1) for line in answer.splitlines() if "=" in line)
+    return int(values["tx_bytes"]), int(values["rx_bytes"])
 
 
 def _udp_packet(src: str, dst: str, payload: bytes) -> bytes:
@@ -350,3 +401,21 @@ def test_a_record_without_a_usable_key_is_skipped_and_counted(cluster, data):
         5,
         what="the skip count back to 0",
     )
+
+
+def test_cleanup_removes_the_device_and_ends_wireguard_go(cluster):
+    lab = cluster.lab
+    n3 = lab.nodes[2]
+    cluster.stop(n3)
+    assert "wireguard-go" in _comms(lab, n3)  # it outlives the agent
+    out = lab.run(n3.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup").stdout
+    assert "device flannel-wg (tun)" in out
+    wait_until(lambda: "wireguard-go" not in _comms(lab, n3), 5, what="wireguard-go to end")
+    assert not sock(cluster, n3).exists()
+    assert lab.run(n3.ns, "ip", "link", "show", "flannel-wg", check=False).returncode != 0
+    assert not [r for r in cluster.routes(n3) if ours(r)]
+    # `as_found` starts the agent again: a new wireguard-go, the same key
+
+
+def _comms(lab, node) -> list[str]:
+    return [_comm(pid) for pid in lab.run(node.ns, "ip", "netns", "pids", node.ns).stdout.split()]
