@@ -2,7 +2,8 @@
 
 Run it through `deploy/benchmark.sh` (installs iperf3 and matplotlib) as root. It measures
 every backend against the bare underlay in interleaved rounds in the namespace lab (throughput,
-latency, agent CPU and memory, join time: deploy/bench/datapath.py), and in the same rounds
+latency, pings at three send intervals, agent CPU and memory, an idle agent's CPU, join time:
+deploy/bench/datapath.py, deploy/bench/pings.py), and in the same rounds
 host-gw and vxlan over IPv6 against the IPv6 underlay, in dual-stack labs (`--no-ipv6` skips
 them); then the control plane with N synthetic peers (deploy/bench/scale.py; `--scale 0`
 skips it, `--scale-only` skips the data path). The table gives medians over the rounds and
@@ -28,9 +29,10 @@ import backends
 
 from .bench.datapath import DUAL_STACK_BACKENDS, NETWORK, NETWORK6, RR_WARMUP, run_rounds
 from .bench.measure import Journal
+from .bench.pings import IDLE_SECONDS, PING_COUNTS
 from .bench.report import write_report
 from .bench.scale import SCALE_NETWORK, SCALE_RECONCILE, run_scale
-from .bench.stats import Sample
+from .bench.stats import PING_INTERVALS, Sample
 from .demo import signals_interrupt
 
 
@@ -42,6 +44,8 @@ class Settings:
     rounds: int
     seconds: float
     rtts: int
+    pings: list[int]
+    idle: float
     ipv6: bool
     scale: list[int]
     scale_only: bool
@@ -58,6 +62,9 @@ class Settings:
             "round_trips": self.rtts,
             "round_trip_warmup": RR_WARMUP,
             "message_bytes": 64,
+            "ping_intervals": list(PING_INTERVALS),
+            "ping_counts": self.pings,
+            "idle_seconds": self.idle,
             "network": NETWORK,
             "ipv6": self.ipv6,  # the IPv6 rows: 1 stream and the round trips, separate labs
             "ipv6_network": NETWORK6 if self.ipv6 else None,
@@ -78,7 +85,16 @@ def run(s: Settings) -> int:
     if not s.scale_only:
         with ExitStack() as stack:
             samples, datapaths = run_rounds(
-                journal, stack, prefixes, s.backends, s.rounds, s.seconds, s.rtts, s.ipv6
+                journal,
+                stack,
+                prefixes,
+                s.backends,
+                s.rounds,
+                s.seconds,
+                s.rtts,
+                s.ipv6,
+                s.pings,
+                s.idle,
             )
             journal("tearing the data-path labs down")
     scale = run_scale(journal, prefixes, s.backends, s.scale, s.scale_timeout)
@@ -97,6 +113,20 @@ def _csv_ints(text: str) -> list[int]:
         return []
     if any(v < 1 or v > 60000 for v in values):
         raise argparse.ArgumentTypeError("peer counts must be between 1 and 60000, or just 0")
+    return values
+
+
+def _ping_counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(PING_INTERVALS) or any(v < 0 or v > 100000 for v in values):
+        intervals = ", ".join(f"{iv:g}" for iv in PING_INTERVALS)
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give {len(PING_INTERVALS)} counts (0 to 100000, 0 skips), one per "
+            f"send interval {intervals} s"
+        )
     return values
 
 
@@ -119,6 +149,24 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument(
         "--rtts", type=int, default=5000, help="timed round trips per latency run (default 5000)"
+    )
+    parser.add_argument(
+        "--pings",
+        type=_ping_counts,
+        default=list(PING_COUNTS),
+        metavar="N,N,N",
+        help="pings per round at send intervals of "
+        + ", ".join(f"{iv:g}" for iv in PING_INTERVALS)
+        + " s (default "
+        + ",".join(map(str, PING_COUNTS))
+        + ": 16 s per datapath and round; 0,0,0 skips them)",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=IDLE_SECONDS,
+        help=f"seconds over which idle agents' CPU is measured each round (default "
+        f"{IDLE_SECONDS:g}; 0 skips it)",
     )
     parser.add_argument(
         "--no-ipv6",
@@ -158,8 +206,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     unknown = [b for b in chosen if b not in known]
     if unknown or not chosen:
         parser.error(f"--backends: unknown {', '.join(unknown) or '(none)'}; choose from {known}")
-    if a.rounds < 1 or a.seconds <= 0 or a.rtts < 10:
-        parser.error("--rounds must be at least 1, --seconds positive, --rtts at least 10")
+    if a.rounds < 1 or a.seconds <= 0 or a.rtts < 10 or a.idle < 0:
+        parser.error(
+            "--rounds must be at least 1, --seconds positive, --rtts at least 10, --idle 0 or more"
+        )
     if a.scale_only and not a.scale:
         parser.error("--scale-only needs --scale N,...")
     if a.prefix and not re.fullmatch(r"[a-z][a-z0-9]{1,8}", a.prefix):
@@ -169,6 +219,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         rounds=a.rounds,
         seconds=a.seconds,
         rtts=a.rtts,
+        pings=a.pings,
+        idle=a.idle,
         ipv6=not a.no_ipv6,
         scale=a.scale,
         scale_only=a.scale_only,
@@ -183,6 +235,8 @@ def missing_tools() -> list[str]:
     missing = []
     if shutil.which("iperf3") is None:
         missing.append("iperf3 (apt-get install iperf3)")
+    if shutil.which("ping") is None:
+        missing.append("ping (apt-get install iputils-ping)")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

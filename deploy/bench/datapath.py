@@ -8,8 +8,13 @@ to container on node 2), round by round (underlay, host-gw, vxlan, udp, underlay
 - TCP throughput with iperf3, 1 stream and 4 streams;
 - request/response latency: 64-byte messages echoed back and forth on one TCP connection,
   each round trip timed; p50 and p99 (idle `ping` would overstate a userspace datapath);
+- ping RTT p50/p99 at send intervals of 0.2 s, 0.02 s and 0.002 s (`pings`: iputils ping,
+  container to container; node to node for the underlay), the latency at ordinary load, when a
+  userspace datapath wakes from sleep for every packet;
 - the agents' CPU (utime+stime from /proc, % of one core) on the sending and the receiving
   node during the 1-stream run, and the sending node's agent memory (VmRSS);
+- once per round, with every lab quiet, each backend's agents' CPU over an idle window
+  (`pings.IDLE_SECONDS`: an idle agent must not spin);
 - join-to-reachable: the agent starts on node 3 (its containers already on cni0, its kernel
   wiped of the agent's state, its old lease deleted); the time from its lease key appearing
   in etcd to the first echo answered from its container to node 1's container.
@@ -19,7 +24,7 @@ lab of its own (the same 3 nodes, an IPv6 underlay fd00:192::/64, the network NE
 the same rounds, after the IPv4 pairs: the bare IPv6 underlay (node 1 to node 2 over eth0's
 IPv6 address) and each backend's containers over IPv6, as "underlay (IPv6)", "host-gw (IPv6)",
 "vxlan (IPv6)": iperf3 -6 with 1 stream, the request/response round trips, the agents' CPU
-and memory; no join (the IPv4 rows have it). Separate labs, not the IPv4 ones made
+and memory; no join and no pings (the IPv4 rows have them). Separate labs, not the IPv4 ones made
 dual-stack: in dual-stack vxlan's MTU is base − 70 rather than base − 50 (one FLANNEL_MTU
 for both families), and the agent programs a second device and twice the routes, so the
 IPv4 rows would no longer measure what they did.
@@ -32,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from ipaddress import IPv4Network, ip_interface
@@ -51,7 +56,8 @@ from .measure import (
     kernel_table,
     rss_mb,
 )
-from .stats import UNDERLAY, UNDERLAY6, Sample, ipv6_name, percentile
+from .pings import IDLE_SECONDS, PING_COUNTS, idle_cpu_pct, ping_rtts, ping_summary
+from .stats import PING_INTERVALS, UNDERLAY, UNDERLAY6, Sample, ipv6_name, percentile
 
 NETWORK = "10.244.0.0/16"
 NETWORK6 = "fd00:10:244::/56"  # the IPv6Network of the dual-stack labs
@@ -61,6 +67,7 @@ RR_PORT = 7007
 RR_WARMUP = 200
 IPV6_STREAMS = (1,)  # the IPv6 rows' iperf3 runs: a single stream
 JOIN_TIMEOUT = 30.0
+
 
 @dataclass
 class Pair:
@@ -325,11 +332,18 @@ class KeyWatch:
 
 
 def measure(
-    journal: Journal, pair: Pair, sample: Sample, tag: str, seconds: float, rtts: int
+    journal: Journal,
+    pair: Pair,
+    sample: Sample,
+    tag: str,
+    seconds: float,
+    rtts: int,
+    pings: Sequence[int] = PING_COUNTS,
 ) -> None:
     """One round of `pair` into `sample`: iperf3 with each of the pair's numbers of streams
-    (1 and 4; 1 over IPv6), `rtts` round trips, the sending agent's memory; a failed part is
-    journaled and the rest goes on."""
+    (1 and 4; 1 over IPv6), `rtts` round trips, over IPv4 `pings[i]` pings at each of
+    PING_INTERVALS (0: none), the sending agent's memory; a failed part is journaled and the
+    rest goes on."""
     for streams in pair.streams:
         journal(f"{tag} {pair.name}: iperf3 {streams} stream{'s' * (streams > 1)}...")
         try:
@@ -346,11 +360,51 @@ def measure(
         return
     us = [r / 1000 for r in rtt_ns]
     sample.update(p50_us=percentile(us, 50), p99_us=percentile(us, 99), rtt_ns=rtt_ns)
+    if pair.family == 4:
+        measure_pings(journal, pair, sample, tag, pings)
     if pair.agents:
         try:
             sample["rss_mb"] = rss_mb(pair.agents[0])
         except FAILURES as e:
             journal.failed(f"{tag} {pair.name} agent memory", e)
+
+
+def measure_pings(
+    journal: Journal, pair: Pair, sample: Sample, tag: str, counts: Sequence[int]
+) -> None:
+    """`counts[i]` pings at PING_INTERVALS[i] from the pair's source to its destination; their
+    p50/p99 into `sample`, the RTTs (µs) by interval under "ping_us"."""
+    rtts: dict[float, list[float]] = {}
+    for interval, count in zip(PING_INTERVALS, counts, strict=False):
+        if count <= 0:
+            continue
+        journal(f"{tag} {pair.name}: ping every {interval:g} s x{count}...")
+        try:
+            rtts[interval] = ping_rtts(pair.lab, pair.src, pair.dst_ip, interval, count)
+        except FAILURES as e:
+            journal.failed(f"{tag} {pair.name} ping -i {interval:g}", e)
+    sample.update(ping_summary(rtts))
+    if rtts:
+        sample["ping_us"] = {f"{iv:g}": [round(v, 1) for v in vs] for iv, vs in rtts.items()}
+
+
+def measure_idle(
+    journal: Journal, tag: str, labs: list[BackendLab], seconds: float
+) -> dict[str, float]:
+    """Every lab's agents on nodes 1 and 2 quiet for `seconds` s at once (nothing is sent
+    anywhere meanwhile); per backend the mean CPU of an agent, % of one core."""
+    pids = [[pid for pid in bl.pair().agents or ()] for bl in labs]
+    journal(f"{tag} idle agents: CPU over {seconds:g} s...")
+    try:
+        cpu = idle_cpu_pct([pid for both in pids for pid in both], seconds)
+    except FAILURES as e:
+        journal.failed(f"{tag} idle agents' CPU", e)
+        return {}
+    out, at = {}, 0
+    for bl, both in zip(labs, pids, strict=True):
+        out[bl.backend] = sum(cpu[at : at + len(both)]) / len(both)
+        at += len(both)
+    return out
 
 
 def build_lab(
@@ -385,9 +439,12 @@ def run_rounds(
     seconds: float,
     rtts: int,
     ipv6: bool = True,
+    pings: Sequence[int] = PING_COUNTS,
+    idle: float = IDLE_SECONDS,
 ) -> tuple[list[Sample], list[str]]:
     """Build a lab per backend, and with `ipv6` a dual-stack one per dual-stack backend (kept
-    open in `stack`, named from `prefixes`), then `rounds` interleaved rounds, each ending
+    open in `stack`, named from `prefixes`), then `rounds` interleaved rounds (`pings`:
+    the ping counts per interval; `idle`: s of the idle window, 0 for none), each ending
     with node 3 joining in every IPv4 lab; the samples and the datapaths measured: the
     underlay, the backends, then the IPv6 underlay and the backends over IPv6."""
     labs = [bl for b in backends if (bl := build_lab(journal, stack, prefixes, b, False))]
@@ -410,9 +467,12 @@ def run_rounds(
         by_name: dict[str, Sample] = {}
         for pair in pairs:
             sample: Sample = {"round": r, "datapath": pair.name, "family": pair.family}
-            measure(journal, pair, sample, tag, seconds, rtts)
+            measure(journal, pair, sample, tag, seconds, rtts, pings)
             by_name[pair.name] = sample
             samples.append(sample)
+        if idle > 0 and labs:
+            for backend, pct in measure_idle(journal, tag, labs, idle).items():
+                by_name[backend]["idle_cpu_pct"] = pct
         for bl in labs:
             journal(f"{tag} {bl.backend}: node 3 joins...")
             try:

@@ -19,7 +19,15 @@ from flanneld.core.text import table_lines
 from ..lab import SEG1_NET6
 from .datapath import NETWORK6
 from .scale import NOOP_PASSES
-from .stats import UNDERLAY6, Sample, is_ipv6, is_underlay, summarise
+from .stats import (
+    PING_INTERVALS,
+    UNDERLAY6,
+    Sample,
+    is_ipv6,
+    is_underlay,
+    ping_key,
+    summarise,
+)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -79,6 +87,38 @@ def render_table(summary: dict[str, dict[str, float | None]], rounds: int) -> st
             f"{SEG1_NET6}, containers in {NETWORK6}); 1 stream only; × underlay = to "
             f"{UNDERLAY6}"
         )
+    return "\n".join(table_lines(rows) + notes)
+
+
+def render_ping_table(summary: dict[str, dict[str, float | None]], rounds: int) -> str:
+    """The ping table: per datapath (those pinged) the p50/p99 RTT at each send interval with
+    the p50's ratio to the underlay, and an idle agent's CPU; empty when nothing was pinged."""
+    pinged = {
+        dp: r for dp, r in summary.items() if any(r.get(ping_key(iv, 50)) for iv in PING_INTERVALS)
+    }
+    if not pinged:
+        return ""
+    header = ["datapath"]
+    for iv in PING_INTERVALS:
+        header += [f"ping {iv:g} s p50/p99 µs", "× underlay"]
+    rows = [header + ["idle agent CPU %"]]
+    for dp, r in pinged.items():
+        row = [dp + ("*" if is_underlay(dp) else "")]
+        for iv in PING_INTERVALS:
+            p50, p99 = r.get(ping_key(iv, 50)), r.get(ping_key(iv, 99))
+            row += [
+                f"{_num(p50, '.0f')}/{_num(p99, '.0f')}",
+                _num(r.get(f"{ping_key(iv, 50)}_ratio"), ".1f"),
+            ]
+        rows.append(row + [_num(r.get("idle_cpu_pct"), ".2f")])
+    notes = [
+        "",
+        f"  medians over {rounds} round(s) of ping RTT p50/p99 (iputils ping, one echo every "
+        "0.2 s, 0.02 s, 0.002 s; IPv4, container to container; * node to node); × underlay = "
+        "p50 / the underlay's",
+        "  idle agent CPU: % of one core per agent (its threads and children) over a window in "
+        "which nothing was sent",
+    ]
     return "\n".join(table_lines(rows) + notes)
 
 
@@ -157,7 +197,8 @@ def chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (4 if samples else 0) + (3 if scale else 0)
+    pinged = [d for d in datapaths if any(s["datapath"] == d and "ping_us" in s for s in samples)]
+    panels = (4 if samples else 0) + (1 if pinged else 0) + (3 if scale else 0)
     rows = (panels + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
     axes = list(axes.flat)
@@ -216,6 +257,11 @@ def chart(
         ax = axes.pop(0)
         bars(ax, measured("join_ms"), [("join_ms", "join→reachable")], "ms")
         ax.set_title("new node's lease in etcd → its container reachable")
+    if pinged:
+        ax = axes.pop(0)
+        bars(ax, pinged, [(ping_key(iv, 50), f"every {iv:g} s") for iv in PING_INTERVALS], "µs")
+        ax.set_yscale("log")
+        ax.set_title("ping RTT p50 at three send intervals (log scale)")
     if scale:
         for ax, metric, unit, what in (
             (axes.pop(0), "kernel_s", "s", "N peers written → all entries in the kernel"),
@@ -259,6 +305,9 @@ def write_report(
     if samples:
         print(render_table(summary, rounds))
         print()
+        if pings := render_ping_table(summary, rounds):
+            print(pings)
+            print()
     if scale:
         print(render_scale_table(scale))
         print()

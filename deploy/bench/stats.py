@@ -15,6 +15,19 @@ UNDERLAY6 = UNDERLAY + IPV6_SUFFIX  # the same over the IPv6 underlay, the IPv6 
 
 Sample = dict[str, Any]
 
+# the send intervals (s) of the ping runs (deploy/bench/pings.py) and their percentiles
+PING_INTERVALS: tuple[float, ...] = (0.2, 0.02, 0.002)
+PING_QUANTILES = (50, 99)
+
+
+def ping_key(interval: float, q: int) -> str:
+    """The sample key of the `q`-th percentile RTT (µs) of the pings sent every `interval` s."""
+    return f"ping_{interval:g}_p{q}_us"
+
+
+PING_METRICS = tuple(ping_key(iv, q) for iv in PING_INTERVALS for q in PING_QUANTILES)
+PING_P50 = tuple(ping_key(iv, 50) for iv in PING_INTERVALS)
+
 METRICS = (
     "gbps_1",
     "gbps_4",
@@ -24,6 +37,8 @@ METRICS = (
     "cpu_dst_pct_1",
     "rss_mb",
     "join_ms",
+    "idle_cpu_pct",
+    *PING_METRICS,
 )
 
 
@@ -67,7 +82,8 @@ def underlay_of(datapath: str) -> str:
 
 def summarise(samples: list[Sample], datapaths: list[str]) -> dict[str, dict[str, float | None]]:
     """Per datapath: the median of each metric over the rounds, and the ratios of throughput
-    and p50 latency to the medians of the underlay of its address family."""
+    and p50 latencies (request/response, and pings at each interval) to the medians of the
+    underlay of its address family."""
     out: dict[str, dict[str, float | None]] = {}
     for dp in datapaths:
         runs = [s for s in samples if s["datapath"] == dp]
@@ -75,6 +91,6 @@ def summarise(samples: list[Sample], datapaths: list[str]) -> dict[str, dict[str
         out[dp]["rounds"] = len(runs)
     for dp, row in out.items():
         base = out.get(underlay_of(dp), {})
-        for m in ("gbps_1", "gbps_4", "p50_us"):
+        for m in ("gbps_1", "gbps_4", "p50_us", *PING_P50):
             row[f"{m}_ratio"] = ratio(row[m], base.get(m))
     return out

@@ -1,7 +1,8 @@
 """The benchmark as a user runs it (`python -m deploy.benchmark`, what deploy/benchmark.sh ends
-in), in a tiny mode: one round of 1-second runs on host-gw against the underlay, the same over
-IPv6 against the IPv6 underlay (a dual-stack lab), and the control-plane scale with 50
-synthetic peers. It must write a sane table, JSON and chart and leave no namespace behind."""
+in), in a tiny mode: one round of 1-second runs on host-gw against the underlay (a few pings at
+each send interval, a 1-second idle window), the same over IPv6 against the IPv6 underlay (a
+dual-stack lab), and the control-plane scale with 50 synthetic peers. It must write a sane
+table, JSON and chart and leave no namespace behind."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def prefix():
 
 def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
     args = ["--rounds", "1", "--seconds", "1", "--rtts", "200", "--backends", "host-gw"]
+    args += ["--pings", "5,5,20", "--idle", "1"]
     res = subprocess.run(
         [sys.executable, "-m", "deploy.benchmark", *args, "--scale", "50"]
         + ["--out", str(tmp_path), "--prefix", prefix],
@@ -51,6 +53,8 @@ def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
     assert res.returncode == 0, out + res.stderr
     assert "[round 1/1] host-gw: iperf3 1 stream..." in out  # progress lines
     assert "[round 1/1] host-gw: node 3 joins..." in out
+    assert "[round 1/1] host-gw: ping every 0.002 s x20..." in out
+    assert "host-gw (IPv6): ping every" not in out  # pings over IPv4 only
     assert "[round 1/1] host-gw (IPv6): iperf3 1 stream..." in out
     assert "host-gw (IPv6): iperf3 4 streams" not in out and "(IPv6): node 3 joins" not in out
     assert "[scale] host-gw: 50 peers in the kernel after " in out
@@ -73,6 +77,14 @@ def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
     assert 0 < hostgw["p50_us"] <= hostgw["p99_us"] < 100_000
     assert 0 < hostgw["join_ms"] < 30_000 and 10 < hostgw["rss_mb"] < 500
     assert 0 <= hostgw["cpu_src_pct_1"] < 200
+    for interval, count in (("0.2", 5), ("0.02", 5), ("0.002", 20)):
+        for row in (underlay, hostgw):
+            assert 0 < row[f"ping_{interval}_p50_us"] <= row[f"ping_{interval}_p99_us"] < 1e6
+        assert 0 < hostgw[f"ping_{interval}_p50_us_ratio"] < 1000
+        [sample] = [s for s in doc["samples"] if s["datapath"] == "host-gw"]
+        assert 0 < len(sample["ping_us"][interval]) <= count
+    assert 0 <= hostgw["idle_cpu_pct"] < 100 and underlay["idle_cpu_pct"] is None
+    assert "ping 0.2 s p50/p99 µs" in out and "idle agent CPU %" in out
     assert [(s["datapath"], s["family"], len(s["rtt_ns"])) for s in doc["samples"]] == [
         ("underlay", 4, 200),
         ("host-gw", 4, 200),

@@ -11,7 +11,7 @@ import pytest
 
 import backends
 from deploy import benchmark as cli
-from deploy.bench import datapath, report, scale, stats
+from deploy.bench import datapath, pings, report, scale, stats
 from deploy.bench.measure import Journal
 from deploy.cluster import PREFIX
 from flanneld.core.lease import LeaseAttrs
@@ -161,3 +161,107 @@ def test_command_line_defaults_and_errors(capsys):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)
     assert "--backends: unknown gre" in capsys.readouterr().err
+
+
+PING_OUTPUT = """PING 10.244.2.2 (10.244.2.2) 56(84) bytes of data.
+64 bytes from 10.244.2.2: icmp_seq=1 ttl=62 time=0.452 ms
+64 bytes from 10.244.2.2: icmp_seq=2 ttl=62 time=1.23 ms
+64 bytes from 10.244.2.2: icmp_seq=2 ttl=62 time=1.50 ms (DUP!)
+From 10.244.1.1 icmp_seq=3 Destination Host Unreachable
+64 bytes from 10.244.2.2: icmp_seq=5 ttl=62 time=12 ms
+
+--- 10.244.2.2 ping statistics ---
+5 packets transmitted, 3 received, +1 duplicates, 40% packet loss, time 4004ms
+rtt min/avg/max/mdev = 0.452/4.56/12.0/5.3 ms
+"""
+
+
+def test_ping_output_gives_the_answers_rtts_without_duplicates_or_errors():
+    assert pings.parse_ping(PING_OUTPUT) == pytest.approx([452.0, 1230.0, 12000.0])
+    assert pings.parse_ping("PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.\n") == []
+
+
+def test_ping_summary_has_p50_and_p99_per_interval_answered():
+    rtts = {0.2: [float(v) for v in range(1, 101)], 0.02: [], 0.002: [50.0]}
+    out = pings.ping_summary(rtts)
+    assert out == {
+        "ping_0.2_p50_us": pytest.approx(50.5),
+        "ping_0.2_p99_us": pytest.approx(99.01),
+        "ping_0.002_p50_us": 50.0,
+        "ping_0.002_p99_us": 50.0,
+    }
+
+
+def test_ping_rows_take_medians_and_ratios_to_the_underlay_and_an_idle_cpu():
+    samples = [
+        {"round": 1, "datapath": "underlay", "ping_0.2_p50_us": 70.0, "ping_0.2_p99_us": 90.0},
+        {"round": 2, "datapath": "underlay", "ping_0.2_p50_us": 50.0, "ping_0.002_p50_us": 10.0},
+        {"round": 1, "datapath": "udp", "ping_0.2_p50_us": 300.0, "idle_cpu_pct": 0.1},
+        {"round": 2, "datapath": "udp", "ping_0.2_p50_us": 200.0, "idle_cpu_pct": 0.3},
+        {"round": 1, "datapath": "vxlan", "p50_us": 90.0},  # no pings (e.g. --pings 0,0,0)
+    ]
+    summary = stats.summarise(samples, ["underlay", "udp", "vxlan"])
+    udp = summary["udp"]
+    assert udp["ping_0.2_p50_us"] == 250.0 and udp["ping_0.2_p50_us_ratio"] == 250.0 / 60
+    assert udp["ping_0.002_p50_us"] is None and udp["ping_0.002_p50_us_ratio"] is None
+    assert udp["idle_cpu_pct"] == pytest.approx(0.2)
+    table = report.render_ping_table(summary, 2)
+    assert cells(table, "underlay")[:3] == ["underlay*", "60/90", "1.0"]
+    assert cells(table, "udp") == ["udp", "250/-", "4.2", "-/-", "-", "-/-", "-", "0.20"]
+    assert not any(line.startswith("  vxlan") for line in table.splitlines())
+    assert report.render_ping_table(stats.summarise(samples[4:], ["vxlan"]), 1) == ""
+
+
+def test_pings_run_at_each_interval_with_a_count_and_a_failure_is_journaled(monkeypatch):
+    calls = []
+
+    def ping_rtts(lab, src, dst, interval, count):
+        calls.append((interval, count))
+        if interval == 0.02:
+            raise datapath.BenchError("ping -i 0.02 got no answer")
+        return [100.0, 300.0]
+
+    monkeypatch.setattr(datapath, "ping_rtts", ping_rtts)
+    pair = datapath.Pair("udp", None, "c1", "c2", "10.244.2.2", None)  # type: ignore[arg-type]
+    journal, sample = Journal(), {}
+    datapath.measure_pings(journal, pair, sample, "[round 1/1]", [5, 7, 0])
+    assert calls == [(0.2, 5), (0.02, 7)]  # a count of 0 skips its interval
+    assert journal.errors == ["[round 1/1] udp ping -i 0.02: ping -i 0.02 got no answer"]
+    assert sample == {
+        "ping_0.2_p50_us": 200.0,
+        "ping_0.2_p99_us": pytest.approx(298.0),
+        "ping_us": {"0.2": [100.0, 300.0]},
+    }
+
+
+def test_idle_cpu_is_the_mean_of_a_backends_two_agents_measured_in_one_window(monkeypatch):
+    class FakeLab:
+        def __init__(self, backend, pids):
+            self.backend, self._pids = backend, pids
+
+        def pair(self):
+            return datapath.Pair(self.backend, None, "a", "b", "ip", self._pids)
+
+    windows = []
+
+    def idle_cpu_pct(pids, seconds):
+        windows.append((list(pids), seconds))
+        return [0.1, 0.3, 2.0, 4.0]
+
+    monkeypatch.setattr(datapath, "idle_cpu_pct", idle_cpu_pct)
+    labs = [FakeLab("host-gw", (11, 12)), FakeLab("udp", (21, 22))]
+    out = datapath.measure_idle(Journal(), "[round 1/1]", labs, 10.0)  # type: ignore[arg-type]
+    assert windows == [([11, 12, 21, 22], 10.0)]
+    assert out == {"host-gw": pytest.approx(0.2), "udp": 3.0}
+
+
+def test_ping_counts_and_idle_window_on_the_command_line(capsys):
+    s = cli.parse_args([])
+    assert s.pings == [50, 200, 1000] and s.idle == 10.0
+    assert s.document()["ping_intervals"] == [0.2, 0.02, 0.002]
+    s = cli.parse_args(["--pings", "5,0,10", "--idle", "0"])
+    assert s.pings == [5, 0, 10] and s.idle == 0 and s.document()["ping_counts"] == [5, 0, 10]
+    for bad in (["--pings", "5,5"], ["--pings", "a,b,c"], ["--pings", "1,-1,1"], ["--idle", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
+    assert "one per send interval 0.2, 0.02, 0.002 s" in capsys.readouterr().err
