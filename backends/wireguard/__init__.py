@@ -135,7 +135,7 @@ class WireguardBackend(Backend):
         ipr = self._socket()
         if await KernelDevice.create(ipr, DEVICE):
             log.info("wireguard: device %s: the kernel's WireGuard", DEVICE)
-            return KernelDevice(DEVICE, ipr)
+            return KernelDevice(DEVICE, self._socket)
         if why := UserspaceDevice.available():
             raise BackendError(f"the kernel has no WireGuard and {why}")
         log.info(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import errno
 import logging
+from collections.abc import Callable
 from ipaddress import ip_address, ip_network
 from typing import Any
 
@@ -45,11 +46,12 @@ def _peer(nla: Any) -> PeerConfig:
 
 
 class KernelDevice:
-    """The link `name` of kind wireguard in the agent's namespace."""
+    """The link `name` of kind wireguard in the agent's namespace; `ipr` gives the backend's
+    rtnetlink socket as it is now (the backend opens a fresh one after a failure)."""
 
     kind = "kernel"
 
-    def __init__(self, name: str, ipr: AsyncIPRoute) -> None:
+    def __init__(self, name: str, ipr: Callable[[], AsyncIPRoute]) -> None:
         self.name = name
         self._ipr = ipr
         self._wg: AsyncWireGuard | None = None
@@ -88,13 +90,13 @@ class KernelDevice:
     async def ensure(self, cheap: bool = False) -> bool:
         """The link present; True when it had to be made again (it is empty then)."""
         try:
-            [link] = await self._ipr.link("get", ifname=self.name)
+            [link] = await self._ipr().link("get", ifname=self.name)
             if link.get(("linkinfo", "kind")) == KIND:
                 return False
         except NetlinkError as err:
             if err.code != errno.ENODEV:
                 raise
-        if not await self.create(self._ipr, self.name):
+        if not await self.create(self._ipr(), self.name):
             raise NetlinkError(errno.EOPNOTSUPP, "the kernel no longer takes wireguard links")
         return True
 

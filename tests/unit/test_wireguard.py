@@ -355,3 +355,31 @@ def test_dual_stack_refused_by_prepare(tmp_path):
     with pytest.raises(BackendError, match="IPv4 only"):
         asyncio.run(backend.prepare())
     assert backend.mtu == 1420
+
+
+# -- the kernel path's messages ------------------------------------------------------------------
+def test_kernel_peer_read_back_from_the_generic_netlink_message():
+    """No kernel WireGuard here: what pyroute2 encodes for a peer (as `KernelDevice.set` asks
+    it to), decoded as a dump would be, reads back as the same PeerConfig."""
+    from pyroute2.netlink.generic.wireguard import AsyncWireGuard, wgmsg
+
+    from backends.wireguard.kerneldev import _peer
+
+    msg = wgmsg()
+    msg["cmd"], msg["version"] = 0, 1
+    msg["attrs"].append(["WGDEVICE_A_IFNAME", "flannel-wg"])
+    spec = {
+        "public_key": encode_key(K1),
+        "preshared_key": encode_key(PSK),
+        "endpoint_addr": "192.0.2.11",
+        "endpoint_port": 51820,
+        "persistent_keepalive": 25,
+        "replace_allowed_ips": True,
+        "allowed_ips": ["10.244.1.0/24"],
+    }
+    AsyncWireGuard._wg_set_peer(AsyncWireGuard.__new__(AsyncWireGuard), msg, spec)
+    msg.encode()
+    dumped = wgmsg(msg.data)
+    dumped.decode()
+    [nla] = dumped.get_attr("WGDEVICE_A_PEERS")
+    assert _peer(nla) == P1
