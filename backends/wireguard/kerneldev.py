@@ -82,9 +82,17 @@ class KernelDevice:
             raise
         return True
 
-    def _socket(self) -> AsyncWireGuard:
+    async def _socket(self) -> AsyncWireGuard:
+        """The generic netlink socket, bound to the wireguard family (pyroute2 looks its id up
+        in `setup_endpoint`, which its `info` and `set` do not call)."""
         if self._wg is None:
-            self._wg = AsyncWireGuard()
+            wg = AsyncWireGuard()
+            try:
+                await wg.setup_endpoint()
+            except Exception:
+                wg.close()
+                raise
+            self._wg = wg
         return self._wg
 
     async def ensure(self, cheap: bool = False) -> bool:
@@ -105,7 +113,7 @@ class KernelDevice:
 
     async def get(self) -> DeviceState:
         state = DeviceState()
-        async for msg in await self._socket().info(self.name):
+        async for msg in await (await self._socket()).info(self.name):
             if (err := msg["header"].get("error")) is not None:
                 raise err
             if (key := msg.get_attr("WGDEVICE_A_PRIVATE_KEY")) is not None:
@@ -133,7 +141,7 @@ class KernelDevice:
         remove: list[bytes] | None = None,
         upsert: list[PeerConfig] | None = None,
     ) -> None:
-        wg = self._socket()
+        wg = await self._socket()
         if private_key is not None or listen_port is not None:
             key = encode_key(private_key) if private_key is not None else None
             await wg.set(self.name, private_key=key, listen_port=listen_port)
