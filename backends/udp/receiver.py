@@ -130,15 +130,38 @@ class Receiver:
             elif step is TRAINS:
                 writes += self._trains(routes, src, landed, n, plain, gro, state is READY)
             else:  # LAYOUT
-                first = self._pair[0]
-                if (
-                    run is not None
-                    and (run.hl, run.mss) != (first.hl, first.mss)
-                    and run.dlen == gro
-                    and run.mss >= LAYOUT_MIN_MSS
-                ):
-                    self._pair = self._scatter_pair(run.hl, run.mss)
-                self._fresh = self._pair[0] if n > gro else None
+                self._layout(run, n, gro)
+        self._settle(run, src, second)
+        return writes
+
+    def datagram(self, routes: Routes, n: int, src: tuple[str, int]) -> Writes:
+        """`receive` of one datagram (no GRO batch) that came into the flat buffer in READY
+        (the caller checked both: `iov is flat`), the common case at low load (a ping, a
+        request, an ACK): the same steps (PACKETS, LAYOUT, or TRAINS for a train's chunk),
+        without looking them up; a datagram after a sleep pays for every line it runs."""
+        if n > 0 and IS_TRAIN[self.buf[0]]:
+            return self.receive(routes, n, n, src)
+        second = self._pair[1]
+        writes, run = receive(routes, src[0], src[1], self.buf, n, n, self.drops)
+        if run is not None:
+            self._layout(run, n, n)
+        self._settle(run, src, second)
+        return writes
+
+    def _layout(self, run: Run | None, n: int, gro: int) -> None:
+        """LAYOUT: the next fresh receive laid out for what this one held (module doc)."""
+        first = self._pair[0]
+        if (
+            run is not None
+            and (run.hl, run.mss) != (first.hl, first.mss)
+            and run.dlen == gro
+            and run.mss >= LAYOUT_MIN_MSS
+        ):
+            self._pair = self._scatter_pair(run.hl, run.mss)
+        self._fresh = self._pair[0] if n > gro else None
+
+    def _settle(self, run: Run | None, src: tuple[str, int], second: Scatter) -> None:
+        """The state after a receive: OPEN with `run` (continued into `second`), or READY."""
         self.run = run
         if run is None:
             self.state = READY
@@ -146,7 +169,6 @@ class Receiver:
         else:  # only READY's PACKETS, LAYOUT leaves a run open
             self.state, self._run_src, self._second = OPEN, src, second
             self.iov = second.iov
-        return writes
 
     def nothing(self) -> Writes:
         """No receive came where one was looked for (in OPEN: the run ends here)."""

@@ -483,3 +483,47 @@ def test_fuzz_the_receive_dispatch_with_runs_open(wire, data: st.DataObject) -> 
         drain(dp)
         got = dp.written()
         assert [p[12:] for _, p in got] == [q[12:] for q in pings]
+
+
+# -- egress: what one TUN read becomes on the wire ----------------------------------------------
+
+
+def test_a_packet_read_with_nothing_offloaded_is_routed_and_sent_whole() -> None:
+    """A TUN read whose virtio-net header asks for nothing (a ping) goes out as one datagram,
+    TTL decremented; one for a subnet no peer holds is answered with an ICMP unreachable, one
+    with a partial checksum goes the offload way (left partial for a capable peer). A
+    SOCK_SEQPACKET pair stands in for the TUN: one read or write per packet."""
+    tun, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(2)
+    port = peer.getsockname()[1]
+    routes = Routes(NETWORK, 24, A_NET, [Peer(B_NET, IPv4Address("127.0.0.1"), port, True)], port)
+    sock = open_socket("127.0.0.1", 0, gro=True)
+    dp = Datapath(tun.fileno(), sock, True, routes, MTU)
+    try:
+        ping = ip_packet("10.244.1.2", "10.244.2.2", proto=1, payload=b"\x08\0\xf7\xff" + bytes(4))
+        far.send(PLAIN + ping)
+        dp._readable(tun.fileno())
+        got = peer.recv(2048)
+        assert got[8] == ping[8] - 1 and got[:8] == ping[:8] and got[12:] == ping[12:]
+        assert checksum(got[:20]) == 0  # the header checksum patched for the new TTL
+        assert (dp.packets_out, dp.bytes_out) == (1, len(ping))
+
+        lost = ip_packet("10.244.1.2", "10.244.9.2", proto=1, payload=b"\x08\0\xf7\xff" + bytes(4))
+        far.send(PLAIN + lost)
+        dp._readable(tun.fileno())
+        reply = far.recv(2048)
+        assert reply[:VNET_LEN] == PLAIN and reply[VNET_LEN + 20] == 3  # net unreachable
+        assert dp.drops == Counter({Drop.NO_PEER: 1}) and dp.packets_out == 1
+
+        udp = ip_packet("10.244.1.2", "10.244.2.2")  # its UDP checksum left partial
+        far.send(VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6) + udp)
+        dp._readable(tun.fileno())
+        got = peer.recv(2048)
+        assert got[20:] == udp[20:] and dp.packets_out == 2  # left partial for the peer
+    finally:
+        for s in (tun, far, peer, sock):
+            s.close()
+        os.close(dp._wake_r)
+        os.close(dp._wake_w)

@@ -221,3 +221,71 @@ def test_an_empty_continuation_is_dropped_and_the_run_written(rx: Receiver) -> N
     writes = rx.receive(B, 0, 0, SRC)  # an empty datagram carries no GRO size either
     assert sizes(writes) == [52 + 4000] and rx.state is READY
     assert rx.drops == Counter({Drop.SHORT: 1})
+
+
+# -- Receiver.datagram: the low-load shortcut, the same outcome as `receive` -----------------
+
+
+def _datagrams() -> list[list[bytes]]:
+    """Receives to feed both machines: single datagrams of every kind, and batches."""
+    sp = bytes(tcp_packet(os.urandom(3 * 1420), flags=ACK))
+    chunks, _ = train_of(sp)
+    seg = train(3, mss=1000, seq=90000)
+    return [
+        [short_packet(28)],  # ping -s 0
+        [short_packet(33, proto=17)],
+        [bytes(tcp_packet(b"", flags=ACK))],  # an ACK
+        [bytes(tcp_packet(b"request", flags=ACK | PSH))],  # a request
+        seg[:1],  # a full-size data segment: it opens a run
+        seg[1:2],  # ... its continuation
+        seg,  # a batch: the next receive is laid out for its segments
+        chunks[:1],  # a train's first chunk alone
+        chunks,  # a whole train
+        [b"\x45garbage"],
+        [b""],
+        [os.urandom(60)],
+    ]
+
+
+def _feed(rx: Receiver, dgrams: list[bytes], shortcut: bool) -> list:
+    data = b"".join(dgrams)
+    at = 0
+    for part in rx.iov:
+        take = min(len(part), len(data) - at)
+        if take <= 0:
+            break
+        part[:take] = data[at : at + take]
+        at += take
+    if shortcut:
+        assert len(dgrams) == 1 and rx.iov is rx.flat
+        writes = rx.datagram(B_T, len(data), SRC)
+    else:
+        writes = rx.receive(B_T, len(data), len(dgrams[0]), SRC)
+    return [[bytes(b) for b in w] for w in writes]
+
+
+def _looks(rx: Receiver) -> tuple:
+    return (
+        rx.state,
+        rx.iov is rx.flat,
+        [rx.iov is sc.iov for sc in rx._pair],  # which buffer of the pair
+        [len(b) for b in rx.iov],
+        (rx._pair[0].hl, rx._pair[0].mss),
+        rx.run is None or (rx.run.seq, rx.run.total),
+        dict(rx.drops),
+        rx.trains.written,
+    )
+
+
+@given(st.lists(st.integers(0, 11), max_size=25))
+def test_one_datagram_by_the_shortcut_is_what_the_machine_makes_of_it(picks: list[int]) -> None:
+    """Two machines fed the same receives: one through `receive` only, the other through
+    `datagram` whenever a single datagram comes into the flat buffer; the same writes, drops,
+    state and layouts after every receive."""
+    kinds = _datagrams()
+    full, short = (Receiver(MTU, Counter(), bytearray(1 << 17)) for _ in range(2))
+    for pick in picks:
+        dgrams = kinds[pick]
+        shortcut = len(dgrams) == 1 and short.iov is short.flat
+        assert _feed(short, dgrams, shortcut) == _feed(full, dgrams, False)
+        assert _looks(short) == _looks(full)
