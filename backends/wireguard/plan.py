@@ -1,11 +1,13 @@
-"""The wireguard backend's plan (pure): the peers the device should have for the leases, and
+"""The wireguard backend's plan (pure): the peers each device should have for the leases, and
 why a lease gets none.
 
-A peer lease becomes one WireGuard peer: its BackendData's `PublicKey`, endpoint
-`PublicIP:ListenPort` (the same port on every node, as the reference), allowed-ips its subnet,
-the config's keepalive and PSK. Each is checked first, as vxlan checks a VtepMAC: a record
-without a usable key (missing, not base64 of 32 bytes, of small order, ours, or one an older
-lease announced first) is skipped with one warning naming the fix, and the other peers go on.
+A peer lease becomes one WireGuard peer on `flannel-wg`: its BackendData's `PublicKey`,
+endpoint `PublicIP:ListenPort` (the same port on every node, as the reference), allowed-ips
+its subnet, the config's keepalive and PSK. In a dual-stack network it also becomes one on
+`flannel-wg-v6`: BackendV6Data's `PublicKey`, endpoint `[PublicIPv6]:ListenPortV6`, its IPv6
+subnet. Each is checked first, as vxlan checks a VtepMAC: a record without a usable key
+(missing, not base64 of 32 bytes, of small order, ours, or one an older lease announced first)
+is skipped with one warning naming the fix, and the other peers go on.
 """
 
 from __future__ import annotations
@@ -25,18 +27,31 @@ TYPE = "wireguard"
 FIX = "restart the agent on that node to rewrite its lease"
 
 
-def record_key(data: object) -> tuple[bytes | None, str]:
-    """The public key a lease's BackendData announces, or None and why not."""
+def record_key(data: object, field: str = "BackendData") -> tuple[bytes | None, str]:
+    """The public key a lease's BackendData (or BackendV6Data) announces, or None and why."""
     text = ci_get(data, "PublicKey") if isinstance(data, dict) else None
     if text is None:
-        return None, f"its BackendData {json.dumps(data)[:120]} has no PublicKey"
+        return None, f"its {field} {json.dumps(data)[:120]} has no PublicKey; {FIX}"
     try:
         key = decode_key(text)
     except BadKey as e:
-        return None, f"its PublicKey {e}"
+        return None, f"its PublicKey {e}; {FIX}"
     if why := peer_key_problem(key):
-        return None, f"its PublicKey {text!r} is unusable: {why}"
+        return None, f"its PublicKey {text!r} is unusable: {why}; {FIX}"
     return key, ""
+
+
+def _not6(local: Lease, peer: Lease) -> str:
+    """Why a peer's IPv6 half cannot be planned before its key is looked at ("" if not)."""
+    if peer.ipv6_subnet is None:
+        return "its lease has no IPv6 subnet; restart the agent on that node with EnableIPv6"
+    if peer.attrs.public_ipv6 is None:
+        return f"its lease names no PublicIPv6; {FIX}"
+    if peer.ipv6_subnet == local.ipv6_subnet:
+        return "it is our IPv6 subnet"
+    if peer.attrs.public_ipv6 == local.attrs.public_ipv6:
+        return "its PublicIPv6 is ours; two nodes must not share a public address"
+    return ""
 
 
 def plan(
@@ -45,27 +60,43 @@ def plan(
     port: int,
     keepalive: int = 0,
     psk: bytes | None = None,
+    version: int = 4,
 ) -> tuple[set[PeerConfig], list[str]]:
-    """The device's peers for `peers`, and one warning per lease skipped.
+    """The peers of the device for IP `version` (4: `flannel-wg`, 6: `flannel-wg-v6`), and one
+    warning per lease skipped (for 6, only what concerns the IPv6 half: the rest is said once
+    for 4).
 
     Leases are taken oldest first (etcd create revision), so a record that copies another
     node's PublicKey never takes that node's place: the key is the older lease's."""
-    ours, _ = record_key(local.attrs.backend_data)
+    field = "BackendData" if version == 4 else "BackendV6Data"
+    ours, _ = record_key(local.attrs.backend_data if version == 4 else local.attrs.backend_v6_data)
     owners: dict[bytes, str] = {ours: "ours"} if ours else {}
     planned: set[PeerConfig] = set()
     warnings: list[str] = []
     for subnet, peer in sorted(peers.items(), key=lambda kv: (kv[1].create_revision, kv[0])):
         if why := skip_reason(local, subnet, peer, (TYPE,)):
-            warnings.append(why)
+            if version == 4:
+                warnings.append(why)
             continue
-        key, why = record_key(peer.attrs.backend_data)
+        attrs = peer.attrs
+        if version == 4:
+            net, ip, data = subnet, attrs.public_ip, attrs.backend_data
+            where = f"peer lease {subnet} (PublicIP {ip})"
+            key, why = record_key(data, field)
+        else:
+            net, ip, data = peer.ipv6_subnet, attrs.public_ipv6, attrs.backend_v6_data
+            where = f"the IPv6 subnet of peer lease {subnet} (PublicIPv6 {ip or 'none'})"
+            key, why = None, _not6(local, peer)
+            if not why:
+                key, why = record_key(data, field)
         if key is not None and key in owners:
-            why = f"its PublicKey {encode_key(key)} is also {owners[key]}; every node needs its own"
-        if why:
-            where = f"peer lease {subnet} (PublicIP {peer.attrs.public_ip})"
-            warnings.append(f"skipping {where}: {why}; {FIX}")
+            why = (
+                f"its PublicKey {encode_key(key)} is also {owners[key]}; every node needs a key "
+                "of its own: delete the copied key file on that node and restart its agent"
+            )
+        if why or key is None or net is None or ip is None:
+            warnings.append(f"skipping {where}: {why}")
             continue
         owners[key] = f"that of {subnet}"
-        endpoint = (peer.attrs.public_ip, port)
-        planned.add(PeerConfig(key, endpoint, frozenset({subnet}), keepalive, psk or NO_KEY))
+        planned.add(PeerConfig(key, (ip, port), frozenset({net}), keepalive, psk or NO_KEY))
     return planned, warnings

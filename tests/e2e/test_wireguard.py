@@ -22,16 +22,24 @@ import pytest
 from backends.wireguard.keys import decode_key, encode_key, public_key
 from backends.wireguard.uapi import DeviceState, parse_get, set_request
 
-from .cluster import as_found, ours, running, wait_until
+from .cluster import PREFIX, as_found, ours, running, wait_until
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}}
 PORT = 51820
 
 # Every frame on every port of the switch, for `seconds`: how many, how many carried WireGuard
-# (UDP to or from its port), how many held the pattern anywhere.
+# (UDP over IPv4 or IPv6 to or from its port), how many held the pattern anywhere.
 CAPTURE = r"""
 import json, socket, struct, sys, time
 seconds, pattern, port = float(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+def udp_ports(data):
+    if data[12:14] == b"\x08\x00" and data[23] == 17:
+        at = 14 + (data[14] & 15) * 4
+    elif data[12:14] == b"\x86\xdd" and data[20] == 17:
+        at = 54
+    else:
+        return ()
+    return struct.unpack("!HH", data[at:at + 4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 print("capturing", flush=True)
 frames = wg = seen = 0
@@ -44,18 +52,16 @@ while (left := end - time.monotonic()) > 0:
         break
     frames += 1
     seen += pattern in data
-    if data[12:14] == b"\x08\x00" and data[23] == 17:
-        ihl = (data[14] & 15) * 4
-        sport, dport = struct.unpack("!HH", data[14 + ihl:18 + ihl])
-        wg += port in (sport, dport)
+    wg += port in udp_ports(data)
 print(json.dumps({"frames": frames, "wireguard": wg, "pattern": seen}), flush=True)
 """
 
-# Prints every datagram that reaches UDP 9999 for `seconds`.
+# Prints every datagram that reaches UDP 9999 for `seconds` (over IPv6 with a second arg "6").
 LISTENER = r"""
 import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 9999))
+six = sys.argv[2:] == ["6"]
+s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("::" if six else "0.0.0.0", 9999))
 print("listening", flush=True)
 end = time.monotonic() + float(sys.argv[1])
 while (left := end - time.monotonic()) > 0:
@@ -69,7 +75,7 @@ while (left := end - time.monotonic()) > 0:
 SENDER = r"""
 import socket, sys, time
 dst, payload, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(count):
     s.sendto(payload, (dst, 9999))
     time.sleep(0.02)
@@ -419,3 +425,68 @@ def test_cleanup_removes_the_device_and_ends_wireguard_go(cluster):
 
 def _comms(lab, node) -> list[str]:
     return [_comm(pid) for pid in lab.run(node.ns, "ip", "netns", "pids", node.ns).stdout.split()]
+
+
+# -- dual-stack and IPv6-only ---------------------------------------------------------------------
+@pytest.mark.parametrize("ipv4", [True, False], ids=["dual-stack", "IPv6-only"])
+def test_a_device_per_family(ipv4):
+    """The reference's "separate" mode: flannel-wg-v6 (beside flannel-wg in dual-stack), the
+    same key in BackendV6Data, peers at [PublicIPv6]:51821 with their IPv6 subnets; the ping
+    matrices, and a payload sent over IPv6 never visible on the switch. IPv6-only: no IPv4
+    device, route or BackendData (PublicIP 0.0.0.0, as the reference writes it)."""
+    from ipaddress import IPv6Address, IPv6Network
+
+    config = {**CONFIG, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
+    if not ipv4:
+        config["EnableIPv4"] = False
+    with running(config, ("--reconcile-interval=2",), ipv6=True) as c:
+        lab = c.lab
+        n1, n2, n3 = lab.nodes
+        if ipv4:
+            c.assert_all_reachable()
+        matrix6 = c.wait_reachable(10, family=6)
+        assert matrix6 and all(matrix6.values()), matrix6
+        assert c.env(n1)["FLANNEL_MTU"] == "1420"
+        link = json.loads(lab.run(n1.ns, "ip", "-j", "link", "show", "flannel-wg-v6").stdout)
+        assert link[0]["mtu"] == 1420 and "UP" in link[0]["flags"]
+        routes6 = json.loads(lab.run(n1.ns, "ip", "-6", "-j", "route", "show").stdout)
+        [route] = [r for r in routes6 if r["dst"] == "fd00:10:244::/56"]
+        assert route["dev"] == "flannel-wg-v6" and ours(route)
+        key_of = {}
+        records = [
+            json.loads(v)
+            for v in lab.etcdctl("get", "--prefix", "--print-value-only", f"{PREFIX}/subnets/")
+            .strip()
+            .split("\n")
+        ]
+        for doc in records:
+            key_of[doc["PublicIPv6"]] = decode_key(doc["BackendV6Data"]["PublicKey"])
+            if ipv4:
+                assert doc["BackendData"] == doc["BackendV6Data"]
+            else:
+                assert doc["PublicIP"] == "0.0.0.0" and "BackendData" not in doc
+        assert set(key_of) == {n.ip6 for n in lab.nodes}
+        if not ipv4:
+            names = {x["ifname"] for x in json.loads(lab.run(n1.ns, "ip", "-j", "link").stdout)}
+            assert "flannel-wg" not in names
+            assert not [r for r in c.routes(n1) if ours(r)]
+
+        def subnet6(node) -> str:
+            return str(IPv6Network(c.env(node)["FLANNEL_IPV6_SUBNET"], strict=False))
+
+        path6 = c.state_dir(n1) / "wireguard" / "flannel-wg-v6.sock"
+        state6 = parse_get(_ask(path6, b"get=1\n\n"))
+        assert state6.listen_port == 51821
+        assert peers_by_subnet(state6) == {subnet6(n): key_of[n.ip6] for n in (n2, n3)}
+        assert {p.endpoint for p in state6.peers.values()} == {
+            (IPv6Address(n.ip6), 51821) for n in (n2, n3)
+        }
+        pattern = b"flannel-wg6-secret-" + secrets.token_hex(8).encode()
+        c2 = n2.containers[0]
+        capture = in_ns(c, lab.switch_ns, CAPTURE, "6", pattern.hex(), "51821")
+        listener = in_ns(c, c2.ns, LISTENER, "5", "6")
+        lab.run(n1.containers[0].ns, sys.executable, "-c", SENDER, c2.ip6, pattern.hex(), "50")
+        got = finish(listener)
+        seen = json.loads(finish(capture)[-1])
+        assert sum(bytes.fromhex(d) == pattern for d in got) >= 45
+        assert seen["wireguard"] >= 45 and seen["pattern"] == 0, seen

@@ -311,7 +311,7 @@ def test_a_copied_key_stays_with_the_older_lease_and_ours_with_us():
     peers = {le.subnet: le for le in (older, copy, thief)}
     planned, warnings = plan(OURS, peers, 51820)
     assert [p.allowed_ips for p in planned] == [frozenset({older.subnet})]
-    assert len(warnings) == 2 and all("every node needs its own" in w for w in warnings)
+    assert len(warnings) == 2 and all("a key of its own" in w for w in warnings)
 
 
 def test_other_backends_and_our_own_lease_skipped():
@@ -340,21 +340,71 @@ def test_a_changed_key_is_a_new_peer_and_the_old_one_removed():
     assert not change.remove and {p.public_key for p in change.upsert} == {key_of(3)}
 
 
-def test_dual_stack_refused_by_prepare(tmp_path):
+def _dual(net: str, net6: str, ip: str, ip6: str | None, data6: object) -> Lease:
+    from ipaddress import IPv6Address, IPv6Network
+
+    key = encode_key(key_of(int(ip.rsplit(".", 1)[1])))
+    attrs = LeaseAttrs(
+        IPv4Address(ip), "wireguard", {"PublicKey": key},
+        IPv6Address(ip6) if ip6 else None, data6,
+    )  # fmt: skip
+    return Lease(IPv4Network(net), attrs, ipv6_subnet=IPv6Network(net6))
+
+
+def test_plan_for_the_ipv6_device():
+    from ipaddress import IPv6Address, IPv6Network
+
+    local = _dual("10.244.1.0/24", "fd00:10:244:1::/64", "192.0.2.11", "fd00:192::11", None)
+    good = _dual(
+        "10.244.2.0/24", "fd00:10:244:2::/64", "192.0.2.12", "fd00:192::12",
+        {"PublicKey": encode_key(key_of(12))},
+    )  # fmt: skip
+    no_ip6 = _dual("10.244.3.0/24", "fd00:10:244:3::/64", "192.0.2.13", None, None)
+    bad = _dual(
+        "10.244.4.0/24", "fd00:10:244:4::/64", "192.0.2.14", "fd00:192::14", {"PublicKey": "x"}
+    )
+    peers = {p.subnet: p for p in (good, no_ip6, bad)}
+    planned, warnings = plan(local, peers, 51821, version=6)
+    assert planned == {
+        PeerConfig(
+            key_of(12), (IPv6Address("fd00:192::12"), 51821),
+            frozenset({IPv6Network("fd00:10:244:2::/64")}),
+        )
+    }  # fmt: skip
+    assert len(warnings) == 2
+    assert any("10.244.3.0/24" in w and "PublicIPv6" in w for w in warnings)
+    assert any("10.244.4.0/24" in w and "not base64" in w for w in warnings)
+    text = set_request(upsert=planned).decode()
+    assert "endpoint=[fd00:192::12]:51821\n" in text  # bracketed, as the UAPI wants it
+    v4, warnings4 = plan(local, peers, 51820, version=4)
+    assert len(v4) == 3 and warnings4 == []  # the IPv4 halves are all fine
+
+
+@pytest.mark.parametrize(
+    ("backend", "ip6", "refused"),
+    [
+        ('{"Type": "wireguard", "Mode": "auto"}', "fd00:192::11", "separate"),
+        ('{"Type": "wireguard"}', None, "no global IPv6 address"),
+    ],
+)
+def test_dual_stack_refusals_before_anything_is_touched(tmp_path, backend, ip6, refused):
+    import asyncio
+    from ipaddress import IPv6Address
+
     from backends.base import BackendContext
     from flanneld.core.interfaces import ExternalInterface
 
     config = parse_config(
-        b'{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56",'
-        b' "Backend": {"Type": "wireguard"}}'
+        '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56",'
+        f' "Backend": {backend}}}'
     )
-    ext = ExternalInterface("eth0", 2, IPv4Address("192.0.2.11"), IPv4Address("192.0.2.11"), 1500)
+    v4 = IPv4Address("192.0.2.11")
+    v6 = IPv6Address(ip6) if ip6 else None
+    ext = ExternalInterface("eth0", 2, v4, v4, 1500, None, v6, v6)
     backend = WireguardBackend(BackendContext(ext, config, tmp_path, config.backend))
-    import asyncio
-
-    with pytest.raises(BackendError, match="IPv4 only"):
+    with pytest.raises((BackendError, ConfigError), match=refused):
         asyncio.run(backend.prepare())
-    assert backend.mtu == 1420
+    assert backend.mtu == 1420 and not (tmp_path / "wgkey").exists()
 
 
 # -- the kernel path's messages ------------------------------------------------------------------
@@ -383,3 +433,19 @@ def test_kernel_peer_read_back_from_the_generic_netlink_message():
     dumped.decode()
     [nla] = dumped.get_attr("WGDEVICE_A_PEERS")
     assert _peer(nla) == P1
+
+
+def test_config_check_refuses_a_mode_other_than_separate_with_ipv6():
+    from backends import checked_config
+
+    six = '"EnableIPv6": true, "IPv6Network": "fd00:10:244::/56"'
+    with pytest.raises(ConfigError, match='"separate"'):
+        auto = '{"Type": "wireguard", "Mode": "auto"}'
+        checked_config(f'{{"Network": "10.244.0.0/16", {six}, "Backend": {auto}}}')
+    assert checked_config(
+        f'{{"Network": "10.244.0.0/16", {six}, "Backend": {{"Type": "wireguard"}}}}'
+    )
+    # without IPv6 the mode changes nothing: accepted as the reference accepts it
+    assert checked_config(
+        '{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard", "Mode": "ipv4"}}'
+    )
