@@ -4,7 +4,7 @@
 # the agent on a lab of network namespaces and prints the ping matrix.
 #
 #   sudo deploy/demo.sh [--backend host-gw|vxlan|udp|wireguard] [--nodes N] [--containers N] [--keep]
-#   sudo deploy/demo.sh --ipv6 [--backend host-gw|vxlan] ...   (dual-stack: an IPv6 grid too)
+#   sudo deploy/demo.sh --ipv6 [--backend host-gw|vxlan|wireguard] ...   (dual-stack: an IPv6 grid too)
 #   sudo deploy/demo.sh --down --prefix PREFIX      (tear down a lab left up by --keep)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,7 +34,7 @@ from .machines import (
 )
 from .scenario import CHECKS, ROOT, Report, Scenario, env_of
 
-BACKENDS = ("host-gw", "vxlan", "udp")
+BACKENDS = ("host-gw", "vxlan", "udp", "wireguard")
 KVM_GET_API_VERSION = 0xAE00
 TCG_SLOWDOWN = 3.0  # timeouts under emulation
 

@@ -137,7 +137,8 @@ def test_ipv6_refuses_udp_in_one_line_before_building():
     res = demo("--ipv6", "--backend", "udp", "--nodes", "2", timeout=30)
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
-        "deploy/demo.sh: --ipv6 needs host-gw or vxlan: the udp backend carries IPv4 only"
+        "deploy/demo.sh: --ipv6 needs host-gw, vxlan or wireguard: the udp backend carries "
+        "IPv4 only"
     ]
     assert res.stdout == ""
 
