@@ -17,6 +17,8 @@ on-link in the node by a route, so host-gw has N distinct gateways). Measured:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import sys
 import time
@@ -67,6 +69,9 @@ def synthetic_leases(backend: str, count: int, own: IPv4Network) -> list[tuple[s
             attrs = LeaseAttrs(ip, "vxlan", {"VNI": 1, "VtepMAC": mac})
         elif backend == "udp":
             attrs = LeaseAttrs(ip)  # the reference's udp record: PublicIP only
+        elif backend == "wireguard":  # a distinct key each (any 32 bytes but a few will do)
+            key = base64.b64encode(hashlib.sha256(f"peer {i}".encode()).digest()).decode()
+            attrs = LeaseAttrs(ip, "wireguard", {"PublicKey": key})
         else:
             attrs = LeaseAttrs(ip, backend)
         leases.append((f"{PREFIX}/subnets/{subnet_key(subnet)}", attrs))
@@ -75,7 +80,7 @@ def synthetic_leases(backend: str, count: int, own: IPv4Network) -> list[tuple[s
 
 def expected_entries(backend: str, peers: int) -> dict[str, int]:
     """The per-peer kernel entries a backend programs (DESIGN.md); udp keeps its peers in the
-    agent's own table."""
+    agent's own table, wireguard in its device."""
     per_peer = {"host-gw": ("route",), "vxlan": ("route", "fdb", "arp")}
     return {kind: peers for kind in per_peer.get(backend, ())}
 
