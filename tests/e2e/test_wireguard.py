@@ -334,17 +334,26 @@ def test_a_new_key_is_taken_everywhere_within_one_reconcile(cluster):
 
 # -- drift ----------------------------------------------------------------------------------------
 def test_a_hand_removed_peer_is_restored(cluster):
-    n1, n2, _ = cluster.lab.nodes
+    n1, n2, n3 = cluster.lab.nodes
     key = node_key(cluster, n2)
     repaired = cluster.metric_samples(n1).get(
         'flannel_entries_total{kind="peer",op="repaired"}', 0.0
     )
+    full = 'flannel_reconcile_runs_total{mode="full"}'
+    runs = cluster.metric_samples(n1)[full]
+    # right after a full pass, so that the next one is about 2 s away: the status still sees
+    # the peer missing
+    wait_until(lambda: cluster.metric_samples(n1)[full] > runs, 5, what="a full pass")
     uapi_set(cluster, n1, set_request(remove=[key]))
     assert key not in device(cluster, n1).peers
+    peers = {p["subnet"]: p for p in cluster.status(n1)["peers"]}
+    assert peers[cluster.subnet(n2)]["state"] == "drifted"
+    assert peers[cluster.subnet(n3)]["state"] == "ok"
     wait_until(lambda: key in device(cluster, n1).peers, 6, what="the peer restored")
     assert peers_by_subnet(device(cluster, n1))[cluster.subnet(n2)] == key
     samples = cluster.metric_samples(n1)
     assert samples['flannel_entries_total{kind="peer",op="repaired"}'] == repaired + 1
+    assert all(p["state"] == "ok" for p in cluster.status(n1)["peers"])
     assert cluster.lab.ping(n1.containers[0].ns, n2.containers[0].ip)
 
 
