@@ -123,10 +123,17 @@ class UserspaceDevice:
         )
 
     async def answers(self) -> bool:
+        """Something listens on the socket: a wireguard-go holds it (a dead one's socket file
+        refuses connections). Only a connection, no request: cheap at any number of peers."""
         try:
-            await self.get()
-        except UapiError:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.socket_path)), REQUEST_TIMEOUT
+            )
+        except (OSError, TimeoutError):
             return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
         return True
 
     # -- the child ----------------------------------------------------------------------------
@@ -221,7 +228,7 @@ class UserspaceDevice:
         self.starts += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
-        while not await self.answers():
+        while not await self._serves():
             if self.proc.poll() is not None or loop.time() > deadline:
                 tail = (self.run_dir / f"{PROGRAM}.log").read_text(errors="replace")[-300:]
                 raise BackendError(
@@ -230,6 +237,15 @@ class UserspaceDevice:
                 )
             await asyncio.sleep(0.05)
         log.info("wireguard: started %s (pid %d) on %s", PROGRAM, self.proc.pid, self.socket_path)
+
+    async def _serves(self) -> bool:
+        """wireguard-go answers a request (a connection alone is taken by the backlog of the
+        socket the agent made, before wireguard-go accepts anything)."""
+        try:
+            await self.get()
+        except UapiError:
+            return False
+        return True
 
     async def close(self) -> None:
         """Nothing to release: the child keeps the device running for the next agent."""
