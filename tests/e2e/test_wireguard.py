@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,134 +19,46 @@ from pathlib import Path
 import pytest
 
 from backends.wireguard.keys import decode_key, encode_key, public_key
-from backends.wireguard.uapi import DeviceState, parse_get, set_request
+from backends.wireguard.uapi import parse_get, set_request
 
-from .cluster import PREFIX, as_found, ours, running, wait_until
-
-CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}}
-PORT = 51820
-
-# Every frame on every port of the switch, for `seconds`: how many, how many carried WireGuard
-# (UDP over IPv4 or IPv6 to or from its port), how many held the pattern anywhere.
-CAPTURE = r"""
-import json, socket, struct, sys, time
-seconds, pattern, port = float(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[3])
-def udp_ports(data):
-    if data[12:14] == b"\x08\x00" and data[23] == 17:
-        at = 14 + (data[14] & 15) * 4
-    elif data[12:14] == b"\x86\xdd" and data[20] == 17:
-        at = 54
-    else:
-        return ()
-    return struct.unpack("!HH", data[at:at + 4])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-print("capturing", flush=True)
-frames = wg = seen = 0
-end = time.monotonic() + seconds
-while (left := end - time.monotonic()) > 0:
-    s.settimeout(left)
-    try:
-        data = s.recv(65535)
-    except TimeoutError:
-        break
-    frames += 1
-    seen += pattern in data
-    wg += port in udp_ports(data)
-print(json.dumps({"frames": frames, "wireguard": wg, "pattern": seen}), flush=True)
-"""
-
-# Prints every datagram that reaches UDP 9999 for `seconds` (over IPv6 with a second arg "6").
-LISTENER = r"""
-import socket, sys, time
-six = sys.argv[2:] == ["6"]
-s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("::" if six else "0.0.0.0", 9999))
-print("listening", flush=True)
-end = time.monotonic() + float(sys.argv[1])
-while (left := end - time.monotonic()) > 0:
-    s.settimeout(left)
-    try:
-        print(s.recv(4096).hex(), flush=True)
-    except TimeoutError:
-        break
-"""
-
-SENDER = r"""
-import socket, sys, time
-dst, payload, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
-for _ in range(count):
-    s.sendto(payload, (dst, 9999))
-    time.sleep(0.02)
-"""
+from .cluster import as_found, ours, running, wait_until
+from .wireguard_kit import (
+    CAPTURE,
+    CONFIG,
+    LISTENER,
+    PORT,
+    SENDER,
+    ask,
+    comm,
+    comms,
+    device,
+    drop_dangling_links,
+    finish,
+    in_ns,
+    need_wireguard_go,
+    node_key,
+    peers_by_subnet,
+    record,
+    sock,
+    starts,
+    uapi_set,
+)
 
 
 @pytest.fixture(scope="module")
 def shared():
-    if not any(
-        os.access(os.path.join(d, "wireguard-go"), os.X_OK) for d in os.environ["PATH"].split(":")
-    ):
-        pytest.skip("wireguard-go is not installed (deploy/run-tests.sh installs it)")
-    with running(CONFIG, ("--reconcile-interval=2",)) as c:
-        yield c
+    need_wireguard_go()
+    try:
+        with running(CONFIG, ("--reconcile-interval=2",)) as c:
+            yield c
+    finally:
+        drop_dangling_links()
 
 
 @pytest.fixture
 def cluster(shared):
     with as_found(shared):
         yield shared
-
-
-def sock(c, node) -> Path:
-    return c.state_dir(node) / "wireguard" / "flannel-wg.sock"
-
-
-def device(c, node) -> DeviceState:
-    """The node's WireGuard device as wireguard-go reports it on the agent's socket."""
-    return parse_get(_ask(sock(c, node), b"get=1\n\n"))
-
-
-def uapi_set(c, node, request: bytes) -> None:
-    assert _ask(sock(c, node), request).endswith("errno=0\n\n")
-
-
-def record(c, node) -> dict:
-    return json.loads(c.lab.etcdctl("get", "--print-value-only", c.lease_key(c.subnet(node))))
-
-
-def node_key(c, node) -> bytes:
-    return decode_key(record(c, node)["BackendData"]["PublicKey"])
-
-
-def peers_by_subnet(state: DeviceState) -> dict[str, bytes]:
-    return {str(net): p.public_key for p in state.peers.values() for net in p.allowed_ips}
-
-
-def in_ns(c, ns: str, script: str, *args: str) -> subprocess.Popen[str]:
-    """A Python script in namespace `ns`, its stdout piped; the caller ends it."""
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    proc.stdout.readline()  # "capturing" / "listening": it is ready
-    return proc
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 20) -> list[str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    return [line for line in out.splitlines() if line]
-
-
-def starts(c, node) -> float:
-    return c.metric_samples(node).get("flannel_wireguard_go_starts_total", 0.0)
 
 
 # -- the datapath --------------------------------------------------------------------------------
@@ -245,27 +156,13 @@ def test_a_wireguard_speaker_that_is_no_peer_gets_nothing_in(cluster):
         listener = in_ns(cluster, c1.ns, LISTENER, "4")
         lab.run(lab.switch_ns, sys.executable, "-c", SENDER, c1.ip, b"rogue".hex(), "100")
         assert finish(listener) == []
-        assert len(parse_get(_ask(run_dir / "rogue0.sock", b"get=1\n\n")).peers) == 1
-        tx, rx = _counters(_ask(run_dir / "rogue0.sock", b"get=1\n\n"))
+        assert len(parse_get(ask(run_dir / "rogue0.sock", b"get=1\n\n")).peers) == 1
+        tx, rx = _counters(ask(run_dir / "rogue0.sock", b"get=1\n\n"))
         assert tx > 0 and rx == 0  # it sent handshake initiations; n1 answered none
         assert len(device(cluster, n1).peers) == 2
     finally:
         lab.run(lab.switch_ns, "ip", "link", "del", "rogue0", check=False)
         Path("/var/run/wireguard/rogue0.sock").unlink(missing_ok=True)
-
-
-def _ask(path, request: bytes) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(request)
-        data = b""
-        while not data.endswith(b"\n\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode()
 
 
 def _counters(answer: str) -> tuple[int, int]:
@@ -366,7 +263,7 @@ def test_a_lost_device_is_made_again_and_every_peer_replayed(cluster, how):
         lab.run(n1.ns, "ip", "link", "del", "flannel-wg")
     else:
         pids = lab.run(n1.ns, "ip", "netns", "pids", n1.ns).stdout.split()
-        [pid] = [p for p in pids if _comm(p) == "wireguard-go"]
+        [pid] = [p for p in pids if comm(p) == "wireguard-go"]
         os.kill(int(pid), signal.SIGKILL)
     wait_until(lambda: starts(cluster, n1) == before + 1, 8, what="wireguard-go started again")
     wait_until(
@@ -377,14 +274,6 @@ def test_a_lost_device_is_made_again_and_every_peer_replayed(cluster, how):
         what="every peer replayed",
     )
     cluster.assert_all_reachable(timeout=10)
-
-
-def _comm(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # -- hostile records -----------------------------------------------------------------------------
@@ -422,80 +311,11 @@ def test_cleanup_removes_the_device_and_ends_wireguard_go(cluster):
     lab = cluster.lab
     n3 = lab.nodes[2]
     cluster.stop(n3)
-    assert "wireguard-go" in _comms(lab, n3)  # it outlives the agent
+    assert "wireguard-go" in comms(lab, n3)  # it outlives the agent
     out = lab.run(n3.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup").stdout
     assert "device flannel-wg (tun)" in out
-    wait_until(lambda: "wireguard-go" not in _comms(lab, n3), 5, what="wireguard-go to end")
+    wait_until(lambda: "wireguard-go" not in comms(lab, n3), 5, what="wireguard-go to end")
     assert not sock(cluster, n3).exists()
     assert lab.run(n3.ns, "ip", "link", "show", "flannel-wg", check=False).returncode != 0
     assert not [r for r in cluster.routes(n3) if ours(r)]
     # `as_found` starts the agent again: a new wireguard-go, the same key
-
-
-def _comms(lab, node) -> list[str]:
-    return [_comm(pid) for pid in lab.run(node.ns, "ip", "netns", "pids", node.ns).stdout.split()]
-
-
-# -- dual-stack and IPv6-only ---------------------------------------------------------------------
-@pytest.mark.parametrize("ipv4", [True, False], ids=["dual-stack", "IPv6-only"])
-def test_a_device_per_family(ipv4):
-    """The reference's "separate" mode: flannel-wg-v6 (beside flannel-wg in dual-stack), the
-    same key in BackendV6Data, peers at [PublicIPv6]:51821 with their IPv6 subnets; the ping
-    matrices, and a payload sent over IPv6 never visible on the switch. IPv6-only: no IPv4
-    device, route or BackendData (PublicIP 0.0.0.0, as the reference writes it)."""
-    from ipaddress import IPv6Address, IPv6Network
-
-    config = {**CONFIG, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
-    if not ipv4:
-        config["EnableIPv4"] = False
-    with running(config, ("--reconcile-interval=2",), ipv6=True) as c:
-        lab = c.lab
-        n1, n2, n3 = lab.nodes
-        if ipv4:
-            c.assert_all_reachable()
-        matrix6 = c.wait_reachable(10, family=6)
-        assert matrix6 and all(matrix6.values()), matrix6
-        assert c.env(n1)["FLANNEL_MTU"] == "1420"
-        link = json.loads(lab.run(n1.ns, "ip", "-j", "link", "show", "flannel-wg-v6").stdout)
-        assert link[0]["mtu"] == 1420 and "UP" in link[0]["flags"]
-        routes6 = json.loads(lab.run(n1.ns, "ip", "-6", "-j", "route", "show").stdout)
-        [route] = [r for r in routes6 if r["dst"] == "fd00:10:244::/56"]
-        assert route["dev"] == "flannel-wg-v6" and ours(route)
-        key_of = {}
-        records = [
-            json.loads(v)
-            for v in lab.etcdctl("get", "--prefix", "--print-value-only", f"{PREFIX}/subnets/")
-            .strip()
-            .split("\n")
-        ]
-        for doc in records:
-            key_of[doc["PublicIPv6"]] = decode_key(doc["BackendV6Data"]["PublicKey"])
-            if ipv4:
-                assert doc["BackendData"] == doc["BackendV6Data"]
-            else:
-                assert doc["PublicIP"] == "0.0.0.0" and "BackendData" not in doc
-        assert set(key_of) == {n.ip6 for n in lab.nodes}
-        if not ipv4:
-            names = {x["ifname"] for x in json.loads(lab.run(n1.ns, "ip", "-j", "link").stdout)}
-            assert "flannel-wg" not in names
-            assert not [r for r in c.routes(n1) if ours(r)]
-
-        def subnet6(node) -> str:
-            return str(IPv6Network(c.env(node)["FLANNEL_IPV6_SUBNET"], strict=False))
-
-        path6 = c.state_dir(n1) / "wireguard" / "flannel-wg-v6.sock"
-        state6 = parse_get(_ask(path6, b"get=1\n\n"))
-        assert state6.listen_port == 51821
-        assert peers_by_subnet(state6) == {subnet6(n): key_of[n.ip6] for n in (n2, n3)}
-        assert {p.endpoint for p in state6.peers.values()} == {
-            (IPv6Address(n.ip6), 51821) for n in (n2, n3)
-        }
-        pattern = b"flannel-wg6-secret-" + secrets.token_hex(8).encode()
-        c2 = n2.containers[0]
-        capture = in_ns(c, lab.switch_ns, CAPTURE, "6", pattern.hex(), "51821")
-        listener = in_ns(c, c2.ns, LISTENER, "5", "6")
-        lab.run(n1.containers[0].ns, sys.executable, "-c", SENDER, c2.ip6, pattern.hex(), "50")
-        got = finish(listener)
-        seen = json.loads(finish(capture)[-1])
-        assert sum(bytes.fromhex(d) == pattern for d in got) >= 45
-        assert seen["wireguard"] >= 45 and seen["pattern"] == 0, seen
