@@ -319,3 +319,27 @@ def test_cleanup_removes_the_device_and_ends_wireguard_go(cluster):
     assert lab.run(n3.ns, "ip", "link", "show", "flannel-wg", check=False).returncode != 0
     assert not [r for r in cluster.routes(n3) if ours(r)]
     # `as_found` starts the agent again: a new wireguard-go, the same key
+
+
+# -- a preshared key -----------------------------------------------------------------------------
+def test_the_psk_is_used_and_a_node_with_another_one_gets_no_traffic(tmp_path):
+    """The config's PSK on every peer; a node whose WIREGUARD_PSK_FILE holds another PSK (the
+    file wins) completes no handshake."""
+    psk = encode_key(os.urandom(32))
+    need_wireguard_go()
+    config = {**CONFIG, "Backend": {"Type": "wireguard", "PSK": psk}}
+    other = tmp_path / "psk"
+    other.write_text(encode_key(os.urandom(32)) + "\n")
+    try:
+        with running(config, ("--reconcile-interval=2",), start=2) as c:
+            n1, n2, n3 = c.lab.nodes
+            assert c.lab.ping(n1.containers[0].ns, n2.containers[0].ip)
+            assert {p.psk for p in device(c, n1).peers.values()} == {decode_key(psk)}
+            c.start(n3, env={"WIREGUARD_PSK_FILE": str(other)})
+            c.wait_ready(n3)
+            wait_until(lambda: len(device(c, n1).peers) == 2, 5, what="n1 to know n3")
+            assert {p.psk for p in device(c, n3).peers.values()} == {decode_key(other.read_text())}
+            assert not c.lab.ping(n1.containers[0].ns, n3.containers[0].ip, count=3, timeout=1)
+            assert c.lab.ping(n1.containers[0].ns, n2.containers[0].ip)
+    finally:
+        drop_dangling_links()
