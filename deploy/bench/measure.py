@@ -56,12 +56,13 @@ class Journal:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads) and of its running children, in seconds: the
-    wireguard backend's datapath (wireguard-go, where the kernel has no WireGuard) is the
-    agent's child, and its CPU is the agent's cost."""
+    """utime + stime of `pid` (all its threads) and of its children, running or reaped, in
+    seconds: the wireguard backend's datapath (wireguard-go, where the kernel has no
+    WireGuard) is the agent's child, and its CPU is the agent's cost. A child that ends moves
+    from the running ones to the reaped ones (cutime + cstime), so the sum never goes back."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    own = sum(int(f) for f in fields[11:15]) / CLK_TCK
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
