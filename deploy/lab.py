@@ -127,6 +127,20 @@ def _delete_ns(ns: str) -> None:
         pass
 
 
+# wireguard-go's socket paths, one directory for the whole host: the wireguard backend's
+# agents link their own sockets (in their state directories, in the lab's workdir) there
+WIREGUARD_RUN_DIR = Path("/var/run/wireguard")
+
+
+def _drop_links_into(directory: Path, workdir: Path) -> None:
+    """Remove the symlinks in `directory` that point into `workdir`; never raises."""
+    with contextlib.suppress(OSError):
+        for link in directory.iterdir():
+            with contextlib.suppress(OSError):
+                if link.is_symlink() and Path(os.readlink(link)).is_relative_to(workdir):
+                    link.unlink()
+
+
 def signal_group(proc: subprocess.Popen[bytes], sig: int) -> bool:
     """Send `sig` to the process group `proc` leads, only while `proc` is not yet reaped: then
     its pid, and so the group id, cannot belong to anyone else. False when it had exited."""
@@ -544,6 +558,8 @@ class Lab:
         for node in self.nodes:
             node.containers.clear()
             node.subnet = node.subnet6 = None
+        if self.workdir != Path():
+            _drop_links_into(WIREGUARD_RUN_DIR, self.workdir)
         if self.workdir != Path() and os.environ.get("LAB_KEEP_LOGS") != "1":
             shutil.rmtree(self.workdir, ignore_errors=True)
 

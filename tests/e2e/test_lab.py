@@ -119,6 +119,22 @@ def test_exit_deletes_namespaces_processes_and_workdir() -> None:
     assert not workdir.exists()
 
 
+def test_exit_removes_wireguard_socket_links_into_its_workdir(monkeypatch, tmp_path) -> None:
+    """The wireguard backend's agents link their sockets into one host-wide directory: the
+    lab removes the links that point into its workdir, and no other."""
+    import deploy.lab
+
+    run_dir = tmp_path / "wireguard"
+    run_dir.mkdir()
+    monkeypatch.setattr(deploy.lab, "WIREGUARD_RUN_DIR", run_dir)
+    other = run_dir / "flannel-wg.other.sock"
+    other.symlink_to(tmp_path / "someone-elses.sock")
+    with Lab(nodes=1) as lab:
+        ours = run_dir / "flannel-wg.sock"
+        ours.symlink_to(lab.workdir / "n1" / "wireguard" / "flannel-wg.sock")
+    assert not ours.is_symlink() and other.is_symlink()
+
+
 def test_exception_inside_with_still_tears_down() -> None:
     with pytest.raises(RuntimeError, match="boom"), Lab(nodes=2) as lab:
         lab.attach_containers(lab.nodes[0], "10.244.1.1/24")
