@@ -21,10 +21,10 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
-from .reconcile import Entry, Fdb, Neigh, Route
+from .reconcile import Entry, Fdb, Neigh, Route, fdb_slot, neigh_slot, route_ident, route_slot
 
 # Every route the agent installs carries this private routing protocol number (`ip route`
 # shows "proto 155"). It is how the agent recognises its own routes after a restart, removes
@@ -130,6 +130,12 @@ def request(entry: Entry, delete: bool) -> tuple[int, int, bytes]:
     return _REQUESTS[entry.kind](entry, delete)
 
 
+# A dump is parsed against the entries the agent already has (by `ident`): an entry found
+# there as it is comes back as that very object, so nothing is built for it.
+Known = Mapping[tuple, Entry]
+_NONE: Known = {}
+
+
 # -- replies ----------------------------------------------------------------------------------
 def messages(data: bytes) -> Iterator[tuple[int, int, int, memoryview]]:
     """(type, flags, seq, body) of each message in one receive."""
@@ -155,8 +161,9 @@ def attrs(body: memoryview, at: int) -> dict[int, memoryview]:
     return out
 
 
-def parse_route(body: memoryview) -> Route | None:
-    """An RTM_NEWROUTE of the main table with our protocol, as a Route; else None."""
+def parse_route(body: memoryview, known: Known = _NONE) -> Route | None:
+    """An RTM_NEWROUTE of the main table with our protocol, as a Route (the one in `known` with
+    the same ident, if any); else None."""
     family, dst_len, _, _, table, proto, _, _, flags = _RTMSG.unpack_from(body)
     if proto != ROUTE_PROTOCOL:
         return None
@@ -165,34 +172,37 @@ def parse_route(body: memoryview) -> Route | None:
         table = _U32.unpack(a[RTA_TABLE])[0]
     if table != MAIN_TABLE:
         return None
-    net_cls = IPv4Network if family == socket.AF_INET else IPv6Network
     dst = a.get(RTA_DST)
-    zero = bytes(4 if family == socket.AF_INET else 16)
+    raw = bytes(dst) if dst is not None else bytes(4 if family == socket.AF_INET else 16)
     gateway = a.get(RTA_GATEWAY)
-    return Route(
-        dst=net_cls((bytes(dst) if dst is not None else zero, dst_len)),
-        gateway=ip_address(bytes(gateway)) if gateway is not None else None,
-        oif=_U32.unpack(a[RTA_OIF])[0] if RTA_OIF in a else 0,
-        onlink=bool(flags & RTNH_F_ONLINK),
-    )
+    gw = bytes(gateway) if gateway is not None else b""
+    oif = _U32.unpack(a[RTA_OIF])[0] if RTA_OIF in a else 0
+    onlink = bool(flags & RTNH_F_ONLINK)
+    seen = known.get(route_ident(route_slot(raw, dst_len), gw, oif, onlink))
+    if seen is not None:
+        return seen  # type: ignore[return-value]
+    net_cls = IPv4Network if family == socket.AF_INET else IPv6Network
+    return Route(net_cls((raw, dst_len)), ip_address(gw) if gw else None, oif, onlink)
 
 
 def _mac_text(raw: memoryview) -> str:
     return bytes(raw).hex(":")
 
 
-def parse_neigh(body: memoryview, ifindex: int) -> Neigh | None:
-    """A permanent neighbour on `ifindex`, as a Neigh; else None."""
+def parse_neigh(body: memoryview, ifindex: int, known: Known = _NONE) -> Neigh | None:
+    """A permanent neighbour on `ifindex`, as a Neigh (the one in `known`, if any); else None."""
     _, index, state, _, _ = _NDMSG.unpack_from(body)
     if index != ifindex or not state & NUD_PERMANENT:
         return None
     a = attrs(body, _NDMSG.size)
     if NDA_DST not in a or NDA_LLADDR not in a:
         return None
-    return Neigh(ifindex, ip_address(bytes(a[NDA_DST])), _mac_text(a[NDA_LLADDR]))
+    dst, mac = bytes(a[NDA_DST]), _mac_text(a[NDA_LLADDR])
+    seen = known.get((neigh_slot(ifindex, dst), mac))
+    return seen if seen is not None else Neigh(ifindex, ip_address(dst), mac)  # type: ignore[return-value]
 
 
-def parse_fdb(body: memoryview, ifindex: int) -> Fdb | None:
+def parse_fdb(body: memoryview, ifindex: int, known: Known = _NONE) -> Fdb | None:
     """A permanent FDB entry of `ifindex` sending a unicast MAC to a remote; else None (the
     all-zeros and multicast flooding entries are someone else's)."""
     _, index, state, _, _ = _NDMSG.unpack_from(body)
@@ -202,7 +212,9 @@ def parse_fdb(body: memoryview, ifindex: int) -> Fdb | None:
     mac, dst = a.get(NDA_LLADDR), a.get(NDA_DST)
     if mac is None or dst is None or len(mac) != 6 or mac[0] & 1 or not any(mac):
         return None
-    return Fdb(ifindex, _mac_text(mac), ip_address(bytes(dst)))
+    text, raw = _mac_text(mac), bytes(dst)
+    seen = known.get((fdb_slot(ifindex, text), raw))
+    return seen if seen is not None else Fdb(ifindex, text, ip_address(raw))  # type: ignore[return-value]
 
 
 # -- the socket -------------------------------------------------------------------------------
@@ -286,25 +298,27 @@ class Rtnl:
                 if not interrupted:
                     return out
 
-    async def dump_routes(self, version: int = 4, oif: int | None = None) -> set[Route]:
+    async def dump_routes(
+        self, version: int = 4, oif: int | None = None, known: Known = _NONE
+    ) -> set[Route]:
         """The main table's routes with our protocol (IPv4, or IPv6 with `version` 6),
         optionally on one device."""
         body = _RTMSG.pack(_family(version), 0, 0, 0, 0, 0, 0, 0, 0)
         routes = set()
         for msg in await self._dump(RTM_GETROUTE, body):
-            route = parse_route(msg)
+            route = parse_route(msg, known)
             if route is not None and (oif is None or route.oif == oif):
                 routes.add(route)
         return routes
 
-    async def dump_neighs(self, ifindex: int, version: int = 4) -> set[Neigh]:
+    async def dump_neighs(self, ifindex: int, version: int = 4, known: Known = _NONE) -> set[Neigh]:
         body = _NDMSG.pack(_family(version), 0, 0, 0, 0)
-        found = (parse_neigh(m, ifindex) for m in await self._dump(RTM_GETNEIGH, body))
+        found = (parse_neigh(m, ifindex, known) for m in await self._dump(RTM_GETNEIGH, body))
         return {n for n in found if n is not None}
 
-    async def dump_fdb(self, ifindex: int) -> set[Fdb]:
+    async def dump_fdb(self, ifindex: int, known: Known = _NONE) -> set[Fdb]:
         body = _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)
-        found = (parse_fdb(m, ifindex) for m in await self._dump(RTM_GETNEIGH, body))
+        found = (parse_fdb(m, ifindex, known) for m in await self._dump(RTM_GETNEIGH, body))
         return {f for f in found if f is not None}
 
     async def run(self, requests: Iterable[tuple[int, int, bytes]]) -> list[int]:
