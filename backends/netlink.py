@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
@@ -81,36 +81,59 @@ def is_unicast(mac: str) -> bool:
     return mac != "00:00:00:00:00:00" and not int(mac[:2], 16) & 1
 
 
+LOG_LIMIT = 50  # entries changed in one pass logged one by one at INFO; the rest at DEBUG
+
+
 @dataclass
 class Applied:
-    """The entries one `apply` actually changed, in the order it changed them, and those it
-    found already gone when it came to remove them (no longer in the kernel all the same)."""
+    """The entries one `apply` actually changed, in the order it changed them, those it found
+    already gone when it came to remove them (no longer in the kernel all the same), and those
+    the kernel refused."""
 
     upserted: list[Entry] = field(default_factory=list)
     removed: list[Entry] = field(default_factory=list)
     gone: list[Entry] = field(default_factory=list)
+    failed: list[Entry] = field(default_factory=list)
 
     def report(
         self,
-        before: Iterable[Entry],
-        planned: Set[Entry],
+        before: Mapping[tuple, Entry | None],
+        planned: Callable[[Entry], bool],
         result: ReconcileResult,
         describe: Callable[[Entry], str],
     ) -> None:
-        """One log line per entry changed; an entry added again that the previous plan had
-        too was deleted behind our back: counted as `repaired` (flannel_entries_total)."""
-        old = {(e.kind, e.key): e for e in before}
-        for entry in self.removed:
-            log.info("%s removed: %s", entry.kind, describe(entry))
-        for entry in self.upserted:
-            was = old.get((entry.kind, entry.key))
-            if was is not None:
-                log.info("%s changed: %s (was %s)", entry.kind, describe(entry), describe(was))
-            elif entry in planned:
-                result.count(result.repaired, entry.kind)
-                log.info("%s restored: %s", entry.kind, describe(entry))
+        """One log line per entry changed (past LOG_LIMIT of them, at DEBUG, and one line
+        that says how many); `before`: what was in each upserted slot. An entry added again
+        that the previous plan had too (`planned`) was deleted behind our back: counted as
+        `repaired` (flannel_entries_total)."""
+        lines = 0
+
+        def say(what: str, entry: Entry, was: Entry | None = None) -> None:
+            nonlocal lines
+            lines += 1
+            level = logging.INFO if lines <= LOG_LIMIT else logging.DEBUG
+            if not log.isEnabledFor(level):
+                return
+            if was is None:
+                log.log(level, "%s %s: %s", entry.kind, what, describe(entry))
             else:
-                log.info("%s added: %s", entry.kind, describe(entry))
+                log.log(
+                    level, "%s %s: %s (was %s)", entry.kind, what, describe(entry), describe(was)
+                )
+
+        for entry in self.removed:
+            say("removed", entry)
+        for entry in self.upserted:
+            was = before.get(entry.slot)
+            if was is not None:
+                say("changed", entry, was)
+            elif planned(entry):
+                result.count(result.repaired, entry.kind)
+                say("restored", entry)
+            else:
+                say("added", entry)
+        if lines > LOG_LIMIT:
+            log.info("... and %d more entries changed (logged at debug level)", lines - LOG_LIMIT)
 
 
 def _failed(result: ReconcileResult, verb: str, entry: Entry, code: int) -> None:
@@ -135,12 +158,14 @@ async def apply(rtnl: Rtnl, diff: Diff, result: ReconcileResult) -> Applied:
             done.gone.append(entry)
         elif code:
             _failed(result, "remove", entry, code)
+            done.failed.append(entry)
         else:
             result.count(result.removed, entry.kind)
             done.removed.append(entry)
     for entry, code in zip(upserts, codes[len(removes) :], strict=True):
         if code:
             _failed(result, "install", entry, code)
+            done.failed.append(entry)
         else:
             result.count(result.added, entry.kind)
             done.upserted.append(entry)
