@@ -51,7 +51,7 @@ class Planner:
     inputs: Callable[[Lease], Hashable] = _no_inputs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Group:
     members: tuple[IPv4Network, ...]
     entries: tuple[Entry, ...]
@@ -77,7 +77,7 @@ class PlanCache:
         self._context = context
         self._leases: dict[IPv4Network, tuple[Lease, Hashable]] = {}  # planned from
         self._claims: dict[IPv4Network, tuple[Hashable, ...]] = {}
-        self._holders: dict[Hashable, set[IPv4Network]] = {}  # claim -> peers claiming it
+        self._holders: dict[Hashable, tuple[IPv4Network, ...]] = {}  # claim -> its claimants
         self._group: dict[IPv4Network, _Group] = {}
         self._warned: dict[tuple[IPv4Network, ...], tuple[str, ...]] = {}  # groups with any
 
@@ -134,7 +134,7 @@ class PlanCache:
             if (lease := peers.get(subnet)) is not None:
                 claims.update(planner.claims(lease))
             for claim in claims:
-                related |= self._holders.get(claim, set())
+                related.update(self._holders.get(claim, ()))
             for other in related - dirty:
                 dirty.add(other)
                 todo.append(other)
@@ -161,19 +161,20 @@ class PlanCache:
     # -- the bookkeeping --------------------------------------------------------------------
     def _set_claims(self, subnet: IPv4Network, planner: Planner, lease: Lease | None) -> None:
         for claim in self._claims.pop(subnet, ()):
-            holders = self._holders[claim]
-            holders.discard(subnet)
-            if not holders:
+            holders = tuple(s for s in self._holders[claim] if s != subnet)
+            if holders:
+                self._holders[claim] = holders
+            else:
                 del self._holders[claim]
         if lease is None:
             self._leases.pop(subnet, None)
             return
-        self._leases[subnet] = (lease, planner.inputs(lease))
+        self._leases[subnet] = (lease, planner.inputs(lease))  # the lease, as the table has it
         claims = tuple(dict.fromkeys(c for c in planner.claims(lease) if c is not None))
         if claims:
             self._claims[subnet] = claims
             for claim in claims:
-                self._holders.setdefault(claim, set()).add(subnet)
+                self._holders[claim] = (*self._holders.get(claim, ()), subnet)
 
     def _drop_group(self, subnet: IPv4Network, before: dict[tuple, Entry]) -> None:
         group = self._group.get(subnet)

@@ -61,6 +61,11 @@ class _Compared:
         return self is other or self.ident == other.ident  # type: ignore[attr-defined]
 
 
+def _lower(mac: str) -> str:
+    """`mac` in lower case: the very string when it is (the plan's and the dump's are)."""
+    return low if (low := mac.lower()) != mac else mac
+
+
 def route_slot(dst: bytes, dst_len: int) -> tuple[str, bytes, int]:
     return ("route", dst, dst_len)
 
@@ -119,7 +124,7 @@ class Neigh(_Compared):
     _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lladdr", self.lladdr.lower())
+        object.__setattr__(self, "lladdr", _lower(self.lladdr))
         slot = neigh_slot(self.ifindex, self.dst.packed)
         _set(self, slot, (slot, self.lladdr))
 
@@ -144,7 +149,7 @@ class Fdb(_Compared):
     _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lladdr", self.lladdr.lower())
+        object.__setattr__(self, "lladdr", _lower(self.lladdr))
         slot = fdb_slot(self.ifindex, self.lladdr)
         _set(self, slot, (slot, self.dst.packed))
 

@@ -106,9 +106,9 @@ def vtep_mac(public_ip: Address, vni: int) -> str:
 
 def _data_mac(data: Any) -> str | None:
     mac = ci_get(data, "VtepMAC") if isinstance(data, dict) else None
-    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(low := mac.lower()):
         return None
-    mac = mac.lower()
+    mac = low if low != mac else mac  # the record's own string when it is lower case
     return mac if netlink.is_unicast(mac) else None
 
 
