@@ -323,7 +323,9 @@ class Agent:
     # -- steady state -----------------------------------------------------------------------
     def peers(self, own: IPv4Network) -> dict[IPv4Network, Lease]:
         assert self.watcher
-        return {s: lease for s, lease in self.watcher.table.leases.items() if s != own}
+        peers = dict(self.watcher.table.leases)  # a copy without rehashing 10,000 subnets
+        peers.pop(own, None)
+        return peers
 
     async def reconcile(self, full: bool = True) -> None:
         """One pass; `full` compares against a fresh kernel dump (periodic passes, lease
