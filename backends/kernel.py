@@ -93,7 +93,7 @@ class KernelBackend(Backend):
                     slots = update.slots | self._retry
                     want = [desired[s] for s in slots if s in desired]
                     change = diff(want, [e for s in slots if (e := self._view.get(s)) is not None])
-                was = {e.slot: self._view.get(e.slot) for e in change.upsert}
+                was = {e.slot: w for e in change.upsert if (w := self._view.get(e.slot))}
                 result = ReconcileResult()
                 done = await netlink.apply(self._lean(), change, result)
                 self._view.applied(done.upserted, [*done.removed, *done.gone])

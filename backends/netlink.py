@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
+from itertools import chain
 from socket import AF_INET, AF_INET6
 from typing import Any
 
@@ -149,8 +150,9 @@ async def apply(rtnl: Rtnl, diff: Diff, result: ReconcileResult) -> Applied:
     Errors of the socket itself propagate.
     """
     removes, upserts = diff.ordered_removes(), diff.ordered_upserts()
+    # built as they are sent: 30,000 requests held at once would add ~4 MB to the peak
     codes = await rtnl.run(
-        [request(e, delete=True) for e in removes] + [request(e, delete=False) for e in upserts]
+        chain((request(e, delete=True) for e in removes), (request(e, False) for e in upserts))
     )
     done = Applied()
     for entry, code in zip(removes, codes, strict=False):
