@@ -78,7 +78,9 @@ class PlanCache:
         self._leases: dict[IPv4Network, tuple[Lease, Hashable]] = {}  # planned from
         self._claims: dict[IPv4Network, tuple[Hashable, ...]] = {}
         self._holders: dict[Hashable, tuple[IPv4Network, ...]] = {}  # claim -> its claimants
-        self._group: dict[IPv4Network, _Group] = {}
+        # each peer's group; a peer planned alone and without a warning (nearly all of them)
+        # keeps just its entries, which is a third of the memory
+        self._group: dict[IPv4Network, _Group | tuple[Entry, ...]] = {}
         self._warned: dict[tuple[IPv4Network, ...], tuple[str, ...]] = {}  # groups with any
 
     def warnings(self) -> list[str]:
@@ -128,7 +130,7 @@ class PlanCache:
         while todo:
             subnet = todo.pop()
             related: set[IPv4Network] = set()
-            if (group := self._group.get(subnet)) is not None:
+            if isinstance(group := self._group.get(subnet), _Group):
                 related.update(group.members)
             claims = set(self._claims.get(subnet, ()))
             if (lease := peers.get(subnet)) is not None:
@@ -180,21 +182,29 @@ class PlanCache:
         group = self._group.get(subnet)
         if group is None:
             return
-        for member in group.members:
+        if isinstance(group, _Group):
+            members, entries = group.members, group.entries
+            self._warned.pop(members, None)
+        else:
+            members, entries = (subnet,), group
+        for member in members:
             self._group.pop(member, None)
-        self._warned.pop(group.members, None)
-        for entry in group.entries:
+        for entry in entries:
             if self.desired.get(entry.slot) is entry:
                 before.setdefault(entry.slot, self.desired.pop(entry.slot))
 
     def _plan_group(self, planner: Planner, peers: Mapping[IPv4Network, Lease]) -> list[tuple]:
         """Plan one group; the slots of its entries."""
         entries, warnings = planner.plan(peers)
-        group = _Group(tuple(peers), tuple(entries), tuple(warnings))
-        for subnet in group.members:
-            self._group[subnet] = group
-        if warnings:
-            self._warned[group.members] = group.warnings
+        if len(peers) == 1 and not warnings:
+            [subnet] = peers
+            self._group[subnet] = tuple(entries)
+        else:
+            group = _Group(tuple(peers), tuple(entries), tuple(warnings))
+            for subnet in group.members:
+                self._group[subnet] = group
+            if warnings:
+                self._warned[group.members] = group.warnings
         for entry in entries:
             self.desired[entry.slot] = entry
         return [entry.slot for entry in entries]
