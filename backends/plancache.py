@@ -94,10 +94,20 @@ class PlanCache:
             before, self.desired = self.desired, {}
             self._reset(planner.context)
         dirty = self._dirty(planner, peers)
-        self._closure(dirty, planner, peers)
+        fresh: dict[IPv4Network, tuple[Hashable, ...]] = {}  # claims, each asked for once
+
+        def claims(subnet: IPv4Network) -> tuple[Hashable, ...]:
+            if (got := fresh.get(subnet)) is None:
+                lease = peers.get(subnet)
+                got = () if lease is None else tuple(dict.fromkeys(planner.claims(lease)))
+                got = tuple(c for c in got if c is not None)
+                fresh[subnet] = got
+            return got
+
+        self._closure(dirty, claims)
         for subnet in dirty:
             self._drop_group(subnet, before)
-            self._set_claims(subnet, planner, peers.get(subnet))
+            self._set_claims(subnet, planner, peers.get(subnet), claims(subnet))
         slots = set(before)
         for members in self._components(dirty & peers.keys()):
             slots.update(self._plan_group(planner, {s: peers[s] for s in members}))
@@ -122,7 +132,7 @@ class PlanCache:
         return dirty
 
     def _closure(
-        self, dirty: set[IPv4Network], planner: Planner, peers: Mapping[IPv4Network, Lease]
+        self, dirty: set[IPv4Network], claims_of: Callable[[IPv4Network], tuple[Hashable, ...]]
     ) -> None:
         """Add to `dirty` every peer whose plan may depend on one in it: the members of its
         old group, the peers sharing an old or a new claim; and theirs, and so on."""
@@ -132,10 +142,7 @@ class PlanCache:
             related: set[IPv4Network] = set()
             if isinstance(group := self._group.get(subnet), _Group):
                 related.update(group.members)
-            claims = set(self._claims.get(subnet, ()))
-            if (lease := peers.get(subnet)) is not None:
-                claims.update(planner.claims(lease))
-            for claim in claims:
+            for claim in {*self._claims.get(subnet, ()), *claims_of(subnet)}:
                 related.update(self._holders.get(claim, ()))
             for other in related - dirty:
                 dirty.add(other)
@@ -161,7 +168,13 @@ class PlanCache:
         return out
 
     # -- the bookkeeping --------------------------------------------------------------------
-    def _set_claims(self, subnet: IPv4Network, planner: Planner, lease: Lease | None) -> None:
+    def _set_claims(
+        self,
+        subnet: IPv4Network,
+        planner: Planner,
+        lease: Lease | None,
+        claims: tuple[Hashable, ...],
+    ) -> None:
         for claim in self._claims.pop(subnet, ()):
             holders = tuple(s for s in self._holders[claim] if s != subnet)
             if holders:
@@ -172,7 +185,6 @@ class PlanCache:
             self._leases.pop(subnet, None)
             return
         self._leases[subnet] = (lease, planner.inputs(lease))  # the lease, as the table has it
-        claims = tuple(dict.fromkeys(c for c in planner.claims(lease) if c is not None))
         if claims:
             self._claims[subnet] = claims
             for claim in claims:
