@@ -357,7 +357,6 @@ class Rtnl:
         self._sock.setblocking(False)
         self._seq = 0
         self._lock = asyncio.Lock()
-        self.hops: dict[int, Hop] = {}  # our nexthop objects, by id (as last dumped)
         self.foreign: Set[int] = set()  # ids of nexthop objects that are not ours
 
     def close(self) -> None:
@@ -398,34 +397,37 @@ class Rtnl:
                 if not interrupted:
                     return out
 
-    async def dump_nexthops(self) -> None:
-        """Which nexthop objects are ours (`hops`) and which ids others hold (`foreign`)."""
-        self.hops, self.foreign = {}, set()
+    async def dump_nexthops(self) -> dict[int, Hop]:
+        """Our nexthop objects, by id; notes the ids others hold (`foreign`)."""
+        ours: dict[int, Hop] = {}
+        foreign: set[int] = set()
         try:
             found = await self._dump(RTM_GETNEXTHOP, _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0))
         except RtnlError as e:  # a kernel without nexthop objects (before 5.3)
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EAFNOSUPPORT):
                 raise
             self.foreign = _EVERY_ID  # every route names its gateway
-            return
+            return ours
         for msg in found:
             nhid, proto, hop = parse_nexthop(msg)
             if proto == ROUTE_PROTOCOL and hop is not None:
-                self.hops[nhid] = hop
+                ours[nhid] = hop
             else:
-                self.foreign.add(nhid)
+                foreign.add(nhid)
+        self.foreign = foreign
+        return ours
 
     async def dump_routes(
         self, version: int = 4, oif: int | None = None, known: Known = _NONE
     ) -> set[Route]:
         """The main table's routes with our protocol (IPv4, or IPv6 with `version` 6),
-        optionally on one device. An IPv4 dump reads the nexthop objects first."""
-        if version == 4:
-            await self.dump_nexthops()
+        optionally on one device. An IPv4 dump reads the nexthop objects first (kept for the
+        dump only: a route names its gateway in it unless nexthop_compat_mode is off)."""
+        hops = await self.dump_nexthops() if version == 4 else _NO_HOPS
         body = _RTMSG.pack(_family(version), 0, 0, 0, 0, 0, 0, 0, 0)
         routes = set()
         for msg in await self._dump(RTM_GETROUTE, body):
-            route = parse_route(msg, known, self.hops)
+            route = parse_route(msg, known, hops)
             if route is not None and (oif is None or route.oif == oif):
                 routes.add(route)
         return routes

@@ -63,8 +63,8 @@ async def cleanup_kernel(netns: str | None = None) -> list[str]:
     try:
         routes = await rtnl.dump_routes() | await rtnl.dump_routes(version=6)
         applied = await netlink.apply(rtnl, diff(set(), routes), ReconcileResult())
-        await rtnl.dump_nexthops()  # those no route of ours went through
-        await rtnl.run([delete_nexthop(nhid) for nhid in rtnl.hops])
+        stray = await rtnl.dump_nexthops()  # those no route of ours went through
+        await rtnl.run([delete_nexthop(nhid) for nhid in stray])
     finally:
         rtnl.close()
     done = [f"route {r.dst}" for r in applied.removed]  # (a route gone meanwhile: not listed)
