@@ -465,7 +465,14 @@ class Rtnl:
                     batch, seqs, size = [], [], 0
             if batch:
                 batches.append((b"".join(batch), seqs))
-            return await asyncio.to_thread(self._exchange, batches)
+            exchange = asyncio.ensure_future(asyncio.to_thread(self._exchange, batches))
+            try:
+                return await asyncio.shield(exchange)
+            except asyncio.CancelledError:
+                # a thread cannot be stopped: the socket stays locked until it is done with it
+                with contextlib.suppress(Exception):
+                    await exchange
+                raise
 
     def _exchange(self, batches: list[tuple[bytes, list[int]]]) -> list[int]:
         """Each batch sent, then its acknowledgements read (blocking: in a worker thread)."""
