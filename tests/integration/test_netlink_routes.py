@@ -315,6 +315,19 @@ async def test_ipv4_routes_go_through_nexthop_objects_of_ours(ns, backend) -> No
     assert hop_id(P2) not in nexthops(ns) and hop_id(P3) in nexthops(ns)
 
 
+async def test_a_route_the_kernel_refused_is_tried_again_by_the_next_event_pass(
+    ns, backend
+) -> None:
+    """An event pass diffs only what the plan changed, and what failed before."""
+    far = ("10.244.4.0/24", "203.0.113.5")  # not on-link: the kernel refuses a route via it
+    result = await backend.reconcile(LOCAL, peers(P2, far))
+    assert result.failed == {"route": 1} and far[0] not in kernel_routes(ns)
+    ip(ns, "route", "add", "203.0.113.0/24", "dev", "ul0", "scope", "link")
+    result = await backend.reconcile(LOCAL, peers(P2, far), full=False)  # no peer changed
+    assert result.added == {"route": 1} and not result.failed
+    assert kernel_routes(ns)[far[0]]["gateway"] == far[1]
+
+
 async def test_cleanup_removes_our_nexthop_objects_and_nothing_else(ns, backend) -> None:
     await backend.reconcile(LOCAL, peers(P2, P3))
     ip(ns, "nexthop", "add", "id", "7", "via", "192.0.2.77", "dev", "ul0", "proto", "155")
