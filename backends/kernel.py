@@ -112,7 +112,7 @@ class KernelBackend(Backend):
             prev = update.before.get(slot) if slot in update.slots else desired.get(slot)
             return prev == entry
 
-        done.report(was, planned_before, result, self._describe)
+        done.report_slots(was, planned_before, result, self._describe)
         return result
 
     async def inspect(

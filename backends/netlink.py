@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
@@ -97,15 +97,27 @@ class Applied:
 
     def report(
         self,
-        before: Mapping[tuple, Entry | None],
+        before: Iterable[Entry],
+        planned: Set[Entry],
+        result: ReconcileResult,
+        describe: Callable[[Entry], str],
+    ) -> None:
+        """`report_slots` with what was in the kernel before (`before`) and the previous plan
+        (`planned`) as sets of entries."""
+        old = {e.slot: e for e in before}
+        self.report_slots(old, planned.__contains__, result, describe)
+
+    def report_slots(
+        self,
+        before: Mapping[tuple, Entry],
         planned: Callable[[Entry], bool],
         result: ReconcileResult,
         describe: Callable[[Entry], str],
     ) -> None:
         """One log line per entry changed (past LOG_LIMIT of them, at DEBUG, and one line
-        that says how many); `before`: what was in each upserted slot. An entry added again
-        that the previous plan had too (`planned`) was deleted behind our back: counted as
-        `repaired` (flannel_entries_total)."""
+        that says how many); `before`: what was in each upserted slot, if anything. An entry
+        added again that the previous plan had too (`planned`) was deleted behind our back:
+        counted as `repaired` (flannel_entries_total)."""
         lines = 0
 
         def say(what: str, entry: Entry, was: Entry | None = None) -> None:
