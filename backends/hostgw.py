@@ -19,9 +19,10 @@ from flanneld.core.lease import Lease, LeaseAttrs
 
 from .base import BackendError, skip_reason
 from .kernel import KernelBackend
+from .plancache import Planner
 from .reconcile import Entry, Route
 from .registry import register
-from .rtnl import Rtnl
+from .rtnl import Known, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,15 @@ class HostGwBackend(KernelBackend):
             public_ipv6=ext.ext_addr6 if ipv6 else None,
         )
 
-    async def _plan(
+    async def _planner(
         self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
-    ) -> tuple[set[Entry], list[str]]:
-        routes, warnings = plan(lease, peers, self.ctx.ext.index)
-        return set(routes), warnings
+    ) -> Planner:
+        oif = self.ctx.ext.index
+        return Planner((lease, oif), lambda some: plan(lease, some, oif))  # type: ignore[arg-type,return-value]
 
-    async def _dump(self, rtnl: Rtnl) -> set[Entry]:
+    async def _dump(self, rtnl: Rtnl, known: Known) -> set[Entry]:
         # Our routes on any device: one of ours on another device is stale.
-        return await rtnl.dump_routes() | await rtnl.dump_routes(version=6)
+        return await rtnl.dump_routes(known=known) | await rtnl.dump_routes(6, known=known)
 
     def _describe(self, entry: Entry) -> str:
         assert isinstance(entry, Route)

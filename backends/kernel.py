@@ -1,7 +1,9 @@
 """The reconcile skeleton of backends whose state is kernel entries (host-gw, vxlan).
 
-A pass: plan the desired entries from the peers (pure, in the backend), take what the backend
-owns (a fresh dump on full passes, its `KernelView` in between), diff, apply, log one line per
+A pass: bring the plan up to the peers (pure, in the backend; kept from pass to pass by
+`PlanCache`, which re-plans only the peers that changed), take what the backend owns (a fresh
+dump on full passes, its `KernelView` in between), diff (on a full pass all of it, after a peer
+event only the slots whose plan changed and those that failed to apply), apply, log one line per
 entry changed. `inspect` answers the status command: which desired entries are missing, by peer.
 """
 
@@ -19,8 +21,9 @@ from flanneld.core.lease import Lease
 
 from . import netlink
 from .base import Backend, BackendContext, ReconcileResult
+from .plancache import PlanCache, Planner
 from .reconcile import Entry, KernelView, Route, diff, missing_by_peer
-from .rtnl import Rtnl
+from .rtnl import Known, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,9 @@ class KernelBackend(Backend):
         self._rtnl: Rtnl | None = None  # the entries by the thousand (backends.rtnl)
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()  # warnings of the last pass: each is logged when it appears
-        self._desired: set[Entry] = set()  # the last plan: a missing member was deleted by hand
+        self._plans = PlanCache()  # the plan, by slot: a member added again was deleted by hand
         self._view = KernelView()  # owned entries: dumped on full passes, followed in between
+        self._retry: set[tuple] = set()  # slots whose last change failed: diffed again
 
     def _socket(self) -> AsyncIPRoute:
         if self._ipr is None:
@@ -50,15 +54,16 @@ class KernelBackend(Backend):
 
     # -- what a backend provides ----------------------------------------------------------
     @abstractmethod
-    async def _plan(
+    async def _planner(
         self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
-    ) -> tuple[set[Entry], list[str]]:
-        """The desired entries and one warning per peer skipped; `full`: a full pass, where
-        whatever the plan reads from the kernel is read afresh."""
+    ) -> Planner:
+        """How to plan the desired entries (and one warning per peer skipped) now; `full`: a
+        full pass, where whatever the plan reads from the kernel is read afresh."""
 
     @abstractmethod
-    async def _dump(self, rtnl: Rtnl) -> set[Entry]:
-        """Every entry the backend owns in the kernel now."""
+    async def _dump(self, rtnl: Rtnl, known: Known) -> set[Entry]:
+        """Every entry the backend owns in the kernel now (those equal to one in `known`, by
+        ident, as that object)."""
 
     async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:  # noqa: B027
         """Bring up what the entries hang on (vxlan: its device); default: nothing."""
@@ -77,22 +82,37 @@ class KernelBackend(Backend):
             try:
                 await self._before_pass(ipr, lease)
                 full = full or not self._view.known
-                desired, warnings = await self._plan(ipr, lease, peers, full)
+                planner = await self._planner(ipr, lease, peers, full)
+                update = self._plans.update(planner, peers)
+                desired = self._plans.desired
                 if full:
-                    self._view.refresh(await self._dump(self._lean()))
-                actual = self._view.entries()
+                    known = {e.ident: e for e in desired.values()}
+                    self._view.refresh(await self._dump(self._lean(), known))
+                    change = diff(desired.values(), self._view.entries())
+                else:
+                    slots = update.slots | self._retry
+                    want = [desired[s] for s in slots if s in desired]
+                    change = diff(want, [e for s in slots if (e := self._view.get(s)) is not None])
+                was = {e.slot: w for e in change.upsert if (w := self._view.get(e.slot))}
                 result = ReconcileResult()
-                done = await netlink.apply(self._lean(), diff(desired, actual), result)
+                done = await netlink.apply(self._lean(), change, result)
                 self._view.applied(done.upserted, [*done.removed, *done.gone])
+                self._retry = {e.slot for e in done.failed}
             except Exception:
                 await self.close()  # a broken socket: the next pass opens a fresh one
                 raise
+        warnings = self._plans.warnings()
         for warning in warnings:
             if warning not in self._warned:
                 log.warning("%s", warning)
         self._warned = set(warnings)
-        done.report(actual, self._desired, result, self._describe)
-        self._desired = desired
+
+        def planned_before(entry: Entry) -> bool:
+            slot = entry.slot
+            prev = update.before.get(slot) if slot in update.slots else desired.get(slot)
+            return prev == entry
+
+        done.report_slots(was, planned_before, result, self._describe)
         return result
 
     async def inspect(
@@ -102,8 +122,8 @@ class KernelBackend(Backend):
         async with self._lock:
             ipr = self._socket()
             try:
-                desired, _ = await self._plan(ipr, lease, peers, True)
-                actual = await self._dump(self._lean())
+                desired, _ = (await self._planner(ipr, lease, peers, True)).plan(peers)
+                actual = await self._dump(self._lean(), {})
             except Exception:
                 await self.close()
                 raise

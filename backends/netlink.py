@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
@@ -19,7 +19,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from .base import ReconcileResult
 from .reconcile import Diff, Entry
-from .rtnl import MAIN_TABLE, ROUTE_PROTOCOL, Rtnl, request
+from .rtnl import MAIN_TABLE, ROUTE_PROTOCOL, Rtnl, requests
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -86,14 +86,19 @@ def is_unicast(mac: str) -> bool:
     return mac != "00:00:00:00:00:00" and not int(mac[:2], 16) & 1
 
 
+LOG_LIMIT = 50  # entries changed in one pass logged one by one at INFO; the rest at DEBUG
+
+
 @dataclass
 class Applied:
-    """The entries one `apply` actually changed, in the order it changed them, and those it
-    found already gone when it came to remove them (no longer in the kernel all the same)."""
+    """The entries one `apply` actually changed, in the order it changed them, those it found
+    already gone when it came to remove them (no longer in the kernel all the same), and those
+    the kernel refused."""
 
     upserted: list[Entry] = field(default_factory=list)
     removed: list[Entry] = field(default_factory=list)
     gone: list[Entry] = field(default_factory=list)
+    failed: list[Entry] = field(default_factory=list)
 
     def report(
         self,
@@ -102,20 +107,50 @@ class Applied:
         result: ReconcileResult,
         describe: Callable[[Entry], str],
     ) -> None:
-        """One log line per entry changed; an entry added again that the previous plan had
-        too was deleted behind our back: counted as `repaired` (flannel_entries_total)."""
-        old = {(e.kind, e.key): e for e in before}
-        for entry in self.removed:
-            log.info("%s removed: %s", entry.kind, describe(entry))
-        for entry in self.upserted:
-            was = old.get((entry.kind, entry.key))
-            if was is not None:
-                log.info("%s changed: %s (was %s)", entry.kind, describe(entry), describe(was))
-            elif entry in planned:
-                result.count(result.repaired, entry.kind)
-                log.info("%s restored: %s", entry.kind, describe(entry))
+        """`report_slots` with what was in the kernel before (`before`) and the previous plan
+        (`planned`) as sets of entries."""
+        old = {e.slot: e for e in before}
+        self.report_slots(old, planned.__contains__, result, describe)
+
+    def report_slots(
+        self,
+        before: Mapping[tuple, Entry],
+        planned: Callable[[Entry], bool],
+        result: ReconcileResult,
+        describe: Callable[[Entry], str],
+    ) -> None:
+        """One log line per entry changed (past LOG_LIMIT of them, at DEBUG, and one line
+        that says how many); `before`: what was in each upserted slot, if anything. An entry
+        added again that the previous plan had too (`planned`) was deleted behind our back:
+        counted as `repaired` (flannel_entries_total)."""
+        lines = 0
+
+        def say(what: str, entry: Entry, was: Entry | None = None) -> None:
+            nonlocal lines
+            lines += 1
+            level = logging.INFO if lines <= LOG_LIMIT else logging.DEBUG
+            if not log.isEnabledFor(level):
+                return
+            if was is None:
+                log.log(level, "%s %s: %s", entry.kind, what, describe(entry))
             else:
-                log.info("%s added: %s", entry.kind, describe(entry))
+                log.log(
+                    level, "%s %s: %s (was %s)", entry.kind, what, describe(entry), describe(was)
+                )
+
+        for entry in self.removed:
+            say("removed", entry)
+        for entry in self.upserted:
+            was = before.get(entry.slot)
+            if was is not None:
+                say("changed", entry, was)
+            elif planned(entry):
+                result.count(result.repaired, entry.kind)
+                say("restored", entry)
+            else:
+                say("added", entry)
+        if lines > LOG_LIMIT:
+            log.info("... and %d more entries changed (logged at debug level)", lines - LOG_LIMIT)
 
 
 def _failed(result: ReconcileResult, verb: str, entry: Entry, code: int) -> None:
@@ -131,21 +166,33 @@ async def apply(rtnl: Rtnl, diff: Diff, result: ReconcileResult) -> Applied:
     Errors of the socket itself propagate.
     """
     removes, upserts = diff.ordered_removes(), diff.ordered_upserts()
-    codes = await rtnl.run(
-        [request(e, delete=True) for e in removes] + [request(e, delete=False) for e in upserts]
-    )
+    sizes: list[int] = []  # requests per entry (a route through a nexthop object: two)
+
+    def each() -> Iterator[tuple[int, int, bytes]]:
+        """Built as they are sent: 30,000 requests held at once would add ~4 MB to the peak."""
+        for delete, entries in ((True, removes), (False, upserts)):
+            for entry in entries:
+                reqs = requests(entry, delete, rtnl.foreign)
+                sizes.append(len(reqs))
+                yield from reqs
+
+    codes = iter(await rtnl.run(each()))
     done = Applied()
-    for entry, code in zip(removes, codes, strict=False):
+    for entry, size in zip(removes, sizes, strict=False):
+        code = [next(codes) for _ in range(size)][0]  # the route's: its nexthop may be gone
         if code in _GONE:
             done.gone.append(entry)
         elif code:
             _failed(result, "remove", entry, code)
+            done.failed.append(entry)
         else:
             result.count(result.removed, entry.kind)
             done.removed.append(entry)
-    for entry, code in zip(upserts, codes[len(removes) :], strict=True):
+    for entry, size in zip(upserts, sizes[len(removes) :], strict=True):
+        code = next((c for c in [next(codes) for _ in range(size)] if c), 0)
         if code:
             _failed(result, "install", entry, code)
+            done.failed.append(entry)
         else:
             result.count(result.added, entry.kind)
             done.upserted.append(entry)

@@ -19,7 +19,7 @@ needs).
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -31,13 +31,59 @@ RANK: dict[str, int] = {"arp": 0, "fdb": 1, "route": 2}
 
 class Entry(Protocol):
     kind: ClassVar[str]
+    slot: tuple[Hashable, ...]  # (kind, key) as bytes and ints: the kernel object it is
+    ident: tuple[Hashable, ...]  # the slot and every other field, likewise: its value
 
     @property
     def key(self) -> Hashable: ...
 
 
-@dataclass(frozen=True)
-class Route:
+# Entries by the ten thousand are hashed and compared on every pass: each carries its slot and
+# ident as tuples of bytes, ints and strings (computed once; what `rtnl` reads off the wire, so
+# a dump can find an entry it already knows without building one), and compares by them.
+def _set(entry: object, slot: tuple, ident: tuple) -> None:
+    object.__setattr__(entry, "slot", slot)
+    object.__setattr__(entry, "ident", ident)
+    object.__setattr__(entry, "_hash", hash(ident))
+
+
+class _Compared:
+    __slots__ = ()
+    ident: tuple
+    _hash: int
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self is other or self.ident == other.ident  # type: ignore[attr-defined]
+
+
+def _lower(mac: str) -> str:
+    """`mac` in lower case: the very string when it is (the plan's and the dump's are)."""
+    return low if (low := mac.lower()) != mac else mac
+
+
+def route_slot(dst: bytes, dst_len: int) -> tuple[str, bytes, int]:
+    return ("route", dst, dst_len)
+
+
+def route_ident(slot: tuple, gateway: bytes, oif: int, onlink: bool) -> tuple:
+    return (slot, gateway, oif, onlink)
+
+
+def neigh_slot(ifindex: int, dst: bytes) -> tuple[str, int, bytes]:
+    return ("arp", ifindex, dst)
+
+
+def fdb_slot(ifindex: int, lladdr: str) -> tuple[str, int, str]:
+    return ("fdb", ifindex, lladdr)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Route(_Compared):
     """`dst via gateway dev oif [onlink]` in the main table; no gateway only when dumped."""
 
     kind: ClassVar[str] = "route"
@@ -45,6 +91,15 @@ class Route:
     gateway: IPv4Address | IPv6Address | None
     oif: int
     onlink: bool = False
+    slot: tuple = field(init=False, repr=False)
+    ident: tuple = field(init=False, repr=False)
+    _hash: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "onlink", bool(self.onlink))
+        slot = route_slot(self.dst.network_address.packed, self.dst.prefixlen)
+        gateway = self.gateway.packed if self.gateway is not None else b""
+        _set(self, slot, route_ident(slot, gateway, self.oif, self.onlink))
 
     @property
     def key(self) -> IPv4Network | IPv6Network:
@@ -55,8 +110,8 @@ class Route:
         return f"route {self.dst}{via} dev #{self.oif}{' onlink' if self.onlink else ''}"
 
 
-@dataclass(frozen=True)
-class Neigh:
+@dataclass(frozen=True, eq=False, slots=True)
+class Neigh(_Compared):
     """A permanent ARP (or, for an IPv6 `dst`, NDP) entry `dst lladdr dev ifindex`; the MAC is
     kept in lower case."""
 
@@ -64,9 +119,14 @@ class Neigh:
     ifindex: int
     dst: IPv4Address | IPv6Address
     lladdr: str
+    slot: tuple = field(init=False, repr=False)
+    ident: tuple = field(init=False, repr=False)
+    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lladdr", self.lladdr.lower())
+        object.__setattr__(self, "lladdr", _lower(self.lladdr))
+        slot = neigh_slot(self.ifindex, self.dst.packed)
+        _set(self, slot, (slot, self.lladdr))
 
     @property
     def key(self) -> tuple[int, IPv4Address | IPv6Address]:
@@ -76,17 +136,22 @@ class Neigh:
         return f"arp {self.dst} lladdr {self.lladdr} dev #{self.ifindex}"
 
 
-@dataclass(frozen=True)
-class Fdb:
+@dataclass(frozen=True, eq=False, slots=True)
+class Fdb(_Compared):
     """An FDB entry `lladdr dst ip dev ifindex`; the MAC is kept in lower case."""
 
     kind: ClassVar[str] = "fdb"
     ifindex: int
     lladdr: str
     dst: IPv4Address | IPv6Address
+    slot: tuple = field(init=False, repr=False)
+    ident: tuple = field(init=False, repr=False)
+    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lladdr", self.lladdr.lower())
+        object.__setattr__(self, "lladdr", _lower(self.lladdr))
+        slot = fdb_slot(self.ifindex, self.lladdr)
+        _set(self, slot, (slot, self.dst.packed))
 
     @property
     def key(self) -> tuple[int, str]:
@@ -98,8 +163,9 @@ class Fdb:
 
 def _order(entries: Iterable[Entry], descending: bool) -> list[Entry]:
     # Within a rank and an address family all keys have one type, so this always compares.
+    # The slot sorts as the key does (addresses as big-endian bytes, then the prefix length).
     sign = -1 if descending else 1
-    return sorted(entries, key=lambda e: (sign * RANK[e.kind], _version(e), e.key))
+    return sorted(entries, key=lambda e: (sign * RANK[e.kind], _version(e), e.slot))
 
 
 def _version(e: Entry) -> int:
@@ -132,13 +198,13 @@ def diff(desired: Iterable[Entry], actual: Iterable[Entry]) -> Diff:
     want = desired if isinstance(desired, (set, frozenset)) else set(desired)
     have = actual if isinstance(actual, (set, frozenset)) else set(actual)
     upsert = frozenset(want - have)
-    replaced = {(e.kind, e.key) for e in upsert}
-    remove = frozenset(e for e in have - want if (e.kind, e.key) not in replaced)
+    replaced = {e.slot for e in upsert}
+    remove = frozenset(e for e in have - want if e.slot not in replaced)
     return Diff(upsert, remove)
 
 
 class KernelView:
-    """What a backend owns in the kernel, as far as it knows.
+    """What a backend owns in the kernel, as far as it knows, by slot.
 
     A full pass replaces it with a fresh dump (`refresh`); between full passes it follows what
     the backend itself applied (`applied`), so a pass triggered by one peer event costs a plan
@@ -147,7 +213,7 @@ class KernelView:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, Hashable], Entry] | None = None
+        self._entries: dict[tuple, Entry] | None = None
 
     @property
     def known(self) -> bool:
@@ -156,16 +222,19 @@ class KernelView:
     def entries(self) -> set[Entry]:
         return set(self._entries.values()) if self._entries is not None else set()
 
+    def get(self, slot: tuple) -> Entry | None:
+        return self._entries.get(slot) if self._entries is not None else None
+
     def refresh(self, dumped: Iterable[Entry]) -> None:
-        self._entries = {(e.kind, e.key): e for e in dumped}
+        self._entries = {e.slot: e for e in dumped}
 
     def applied(self, upserted: Iterable[Entry], removed: Iterable[Entry]) -> None:
         if self._entries is None:
             return
         for e in removed:
-            self._entries.pop((e.kind, e.key), None)
+            self._entries.pop(e.slot, None)
         for e in upserted:
-            self._entries[(e.kind, e.key)] = e
+            self._entries[e.slot] = e
 
     def invalidate(self) -> None:
         self._entries = None

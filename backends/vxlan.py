@@ -34,9 +34,10 @@ from flanneld.core.lease import Lease, LeaseAttrs
 from . import netlink
 from .base import BackendContext, BackendError, skip_reason
 from .kernel import KernelBackend
+from .plancache import Planner
 from .reconcile import Fdb, Neigh, Route
 from .registry import register
-from .rtnl import Rtnl
+from .rtnl import Known, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,9 @@ def vtep_mac(public_ip: Address, vni: int) -> str:
 
 def _data_mac(data: Any) -> str | None:
     mac = ci_get(data, "VtepMAC") if isinstance(data, dict) else None
-    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(low := mac.lower()):
         return None
-    mac = mac.lower()
+    mac = low if low != mac else mac  # the record's own string when it is lower case
     return mac if netlink.is_unicast(mac) else None
 
 
@@ -120,6 +121,12 @@ def peer_mac(lease: Lease) -> str | None:
 def peer_mac6(lease: Lease) -> str | None:
     """The VtepMAC of a lease's BackendV6Data (its `flannel-v6` device), likewise."""
     return _data_mac(lease.attrs.backend_v6_data)
+
+
+def claims(lease: Lease) -> tuple[tuple[int, str], ...]:
+    """What of a lease's only one peer can have (`plancache`): its VtepMAC per family."""
+    macs = ((4, peer_mac(lease)), (6, peer_mac6(lease)))
+    return tuple((version, mac) for version, mac in macs if mac is not None)
 
 
 @dataclass
@@ -502,27 +509,34 @@ class VxlanBackend(KernelBackend):
     async def _before_pass(self, ipr: AsyncIPRoute, lease: Lease) -> None:
         await self._heal_device(ipr, lease)
 
-    async def _plan(
+    async def _planner(
         self, ipr: AsyncIPRoute, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool
-    ) -> tuple[set[Entry], list[str]]:
-        direct = None
+    ) -> Planner:
+        direct: Set[Address] = set()
         if self._opts.direct_routing:
             ips: set[Address | None] = {p.attrs.public_ip for p in peers.values()}
             if self._v6 is not None:
                 ips |= {p.attrs.public_ipv6 for p in peers.values()}
             ours = {None, lease.attrs.public_ip, lease.attrs.public_ipv6}
             direct = await self._on_link(ipr, {ip for ip in ips if ip not in ours}, full)
-        index6 = self._v6.index if self._v6 is not None else 0
-        index4 = self._v4.index if self._v4 is not None else 0
-        return plan(lease, peers, index4, direct, self.ctx.ext.index, index6)
+        v6 = self._v6.index if self._v6 is not None else 0
+        v4 = self._v4.index if self._v4 is not None else 0
+        ext = self.ctx.ext.index
+        return Planner(
+            (lease, v4, v6, ext, self._opts.direct_routing),
+            lambda some: plan(lease, some, v4, direct or None, ext, v6),  # type: ignore[arg-type]
+            claims,
+            # a peer is re-planned when its PublicIP(v6) turns on-link or stops being so
+            lambda p: direct and (p.attrs.public_ip in direct, p.attrs.public_ipv6 in direct),
+        )
 
-    async def _dump(self, rtnl: Rtnl) -> set[Entry]:
+    async def _dump(self, rtnl: Rtnl, known: Known) -> set[Entry]:
         dumped: set[Entry] = set()
         for vtep in self._vteps():
-            dumped |= await rtnl.dump_neighs(vtep.index, vtep.version)
-            dumped |= await rtnl.dump_fdb(vtep.index)
+            dumped |= await rtnl.dump_neighs(vtep.index, vtep.version, known)
+            dumped |= await rtnl.dump_fdb(vtep.index, known)
         for version in (4, 6):  # ours on any device: others are stale
-            dumped |= await rtnl.dump_routes(version=version)
+            dumped |= await rtnl.dump_routes(version, known=known)
         return dumped
 
     def _describe(self, entry: Entry) -> str:

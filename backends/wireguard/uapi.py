@@ -54,6 +54,11 @@ class PeerConfig:
     def key(self) -> bytes:
         return self.public_key
 
+    @property
+    def slot(self) -> tuple[str, bytes]:
+        """Its identity on the device, as `reconcile.diff` and `KernelView` match entries."""
+        return ("peer", self.public_key)
+
     def __str__(self) -> str:
         ips = ",".join(str(n) for n in sorted(self.allowed_ips, key=str)) or "(none)"
         end = format_endpoint(self.endpoint) if self.endpoint else "(none)"

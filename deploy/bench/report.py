@@ -131,10 +131,12 @@ def render_scale_table(results: list[Sample]) -> str:
             "write s",
             "all seen s",
             "in kernel s",
+            "after last write s",
             "agent RSS MB",
             "full pass ms",
             "event pass ms",
             "+1 peer ms",
+            "cold start: ready/all in kernel s",
             "all removed s",
         ]
     ]
@@ -149,10 +151,12 @@ def render_scale_table(results: list[Sample]) -> str:
                 _num(r["write_s"], ".2f"),
                 _num(r["seen_s"], ".2f"),
                 kernel,
+                _num(r.get("kernel_after_write_s"), ".2f") if r["expected"] else "-",
                 f"{_num(r['rss_before_mb'], '.0f')}→{_num(r['rss_after_mb'], '.0f')}",
                 _num(r["full_ms"], ".0f"),
                 _num(r["noop_ms"], ".0f"),
                 _num(r["one_more_ms"], ".0f"),
+                f"{_num(r.get('cold_ready_s'), '.2f')}/{_num(r.get('cold_kernel_s'), '.2f')}",
                 _num(r["removed_s"], ".2f"),
             ]
         )
@@ -164,7 +168,10 @@ def render_scale_table(results: list[Sample]) -> str:
         f"  with nothing to change (medians of {NOOP_PASSES}): full pass = wall time of a periodic "
         "reconcile (dumps the kernel), from the agent's metrics; event pass = agent CPU after a "
         "peer event (no dump)",
+        "  after last write: every entry present, s after the last lease was committed",
         "  +1 peer: one more lease in etcd → its route in the kernel",
+        "  cold start: agent restarted on a flushed node with the N + 1 leases in etcd → ready "
+        "(subnet.env, written after its first pass) / every entry in the kernel",
         "  RSS: before the peers → with them; all removed: leases revoked → no peer known and "
         "every entry gone",
     ]
@@ -198,7 +205,7 @@ def chart(
     import matplotlib.pyplot as plt
 
     pinged = [d for d in datapaths if any(s["datapath"] == d and "ping_us" in s for s in samples)]
-    panels = (4 if samples else 0) + (1 if pinged else 0) + (3 if scale else 0)
+    panels = (4 if samples else 0) + (1 if pinged else 0) + (4 if scale else 0)
     rows = (panels + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
     axes = list(axes.flat)
@@ -265,6 +272,7 @@ def chart(
     if scale:
         for ax, metric, unit, what in (
             (axes.pop(0), "kernel_s", "s", "N peers written → all entries in the kernel"),
+            (axes.pop(0), "cold_kernel_s", "s", "cold start with N leases → all in the kernel"),
             (axes.pop(0), "rss_after_mb", "MB", "agent memory (VmRSS) with N peers"),
             (axes.pop(0), "full_ms", "ms", "one full reconcile with nothing to change"),
         ):
@@ -273,7 +281,7 @@ def chart(
                 key, label = metric, backend
                 if metric == "kernel_s" and not rs[0]["expected"]:
                     key, label = "seen_s", f"{backend} (no kernel entries: all peers seen)"
-                ys = [float("nan") if r[key] is None else r[key] for r in rs]
+                ys = [float("nan") if r.get(key) is None else r[key] for r in rs]
                 ax.plot([r["peers"] for r in rs], ys, "o-", label=label)
             ax.set_xlabel("synthetic peers")
             ax.set_ylabel(unit)

@@ -12,6 +12,9 @@ on-link in the node by a route, so host-gw has N distinct gateways). Measured:
   stepped), and the agent's CPU for the event pass after a change to a peer's record that no
   plan looks at;
 - from one more lease committed in etcd to its route in the kernel;
+- a cold start: the agent stopped, the node's entries and device flushed (a rebooted node),
+  the agent started again with the N + 1 leases in etcd: until it is ready (subnet.env
+  written, which it does after its first pass) and until every entry is in the kernel;
 - from the leases revoked until no peer is known and no entry is left.
 """
 
@@ -157,6 +160,26 @@ class ScaleLab:
             return None
         return 1000 * self.metric("flannel_reconcile_last_duration_seconds")
 
+    def cold_start(self, expected: dict[str, int], timeout: float) -> tuple[float, float | None]:
+        """The agent stopped, what it programmed flushed as a reboot would (its devices, its
+        routes), subnet.env removed, the agent started again: seconds from its start until it
+        is ready and until every entry in `expected` is in the kernel (None: not within
+        `timeout`)."""
+        lab, node = self.lab, self.node
+        self.cluster.stop(node)
+        for device in ("flannel.1", "flannel-v6.1"):
+            lab.run(node.ns, "ip", "link", "del", device, check=False)
+        for family in ("-4", "-6"):
+            lab.run(node.ns, "ip", family, "route", "flush", "proto", "155", check=False)
+        self.cluster.subnet_file(node).unlink(missing_ok=True)
+        started = time.monotonic()
+        self.cluster.start(node)
+        self.cluster.wait_ready(node, timeout=timeout)
+        ready = time.monotonic() - started
+        kinds = sorted(expected)
+        done = poll(lambda: kernel_entries(self.lab, node, kinds) == expected, timeout, 0.05)
+        return ready, (done - started if done else None)
+
     def one_more_ms(self, key: str, attrs: LeaseAttrs) -> float | None:
         """ms from one more lease committed in etcd to its route in the kernel."""
         subnet = key.rsplit("/", 1)[1].replace("-", "/")
@@ -199,6 +222,11 @@ def scale_run(backend: str, peers: int, timeout: float, prefix: str) -> Sample:
                 changed = replace(attrs, backend_data={**(attrs.backend_data or {}), "Bench": k})
                 noop.append(cpu_burst_ms(pid, partial(sl.put, key, changed)))
         one_more = sl.one_more_ms(*extra) if done_at and "route" in expected else None
+        cold_ready = cold_kernel = cold_rss = None
+        if done_at:
+            with_extra = {kind: n + 1 for kind, n in expected.items()}
+            cold_ready, cold_kernel = sl.cold_start(with_extra, timeout)
+            cold_rss = rss_mb(sl.cluster.procs[sl.node.name].pid)
         revoke_at = time.monotonic()
         sl.revoke()
         zero = dict.fromkeys(kinds, 0)
@@ -217,12 +245,16 @@ def scale_run(backend: str, peers: int, timeout: float, prefix: str) -> Sample:
         "write_s": last - first,
         "seen_s": seen_at - first if seen_at else None,
         "kernel_s": done_at - first if done_at else None,
+        "kernel_after_write_s": done_at - last if done_at else None,
         "rss_before_mb": rss_before,
         "rss_after_mb": rss_after,
         "noop_cpu_ms": noop,
         "noop_ms": median(noop),
         "full_ms": median(full) if full else None,
         "one_more_ms": one_more,
+        "cold_ready_s": cold_ready,
+        "cold_kernel_s": cold_kernel,
+        "cold_rss_mb": cold_rss,
         "removed_s": gone_at - revoke_at if gone_at else None,
     }
 

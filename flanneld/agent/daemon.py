@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CONFIG_POLL = 1.0
 COALESCE = 0.05  # gather a burst of watch events into one reconcile...
 COALESCE_MAX = 0.5  # ...while they keep coming, up to this long
+PEER_LOG_LIMIT = 50  # peer changes of one batch logged one by one at INFO; the rest at DEBUG
 
 
 def _counts(by_kind: dict[str, int]) -> str:
@@ -222,13 +223,18 @@ class Agent:
     def _on_peers(self, changes: list[Change]) -> None:
         own = self.leases.lease.ident if self.leases and self.leases.lease else None
         now = time.time()
-        for ch in changes:
+        for i, ch in enumerate(changes):
             if ch.kind == "removed":
                 self.peer_changed.pop(ch.subnet, None)
             else:
                 self.peer_changed[ch.subnet] = now
             if ch.subnet != own:
-                log.info("peer %s %s (public IP %s)", ch.subnet, ch.kind, ch.lease.attrs.node_ip)
+                level = logging.INFO if i < PEER_LOG_LIMIT else logging.DEBUG
+                ip = ch.lease.attrs.node_ip
+                log.log(level, "peer %s %s (public IP %s)", ch.subnet, ch.kind, ip)
+        if len(changes) > PEER_LOG_LIMIT:  # a listing of 10,000 leases: not one line each
+            more = len(changes) - PEER_LOG_LIMIT
+            log.info("... and %d more peer changes (logged at debug level)", more)
         self._peer_events += 1
         if self.leases is not None:
             self.leases.notice(changes)
@@ -332,7 +338,9 @@ class Agent:
     def peers(self, own: Network) -> dict[Network, Lease]:
         """The peer table without this node's own lease (`own`: its `Lease.ident`)."""
         assert self.watcher
-        return {s: lease for s, lease in self.watcher.table.leases.items() if s != own}
+        peers = dict(self.watcher.table.leases)  # a copy without rehashing 10,000 subnets
+        peers.pop(own, None)
+        return peers
 
     async def reconcile(self, full: bool = True) -> None:
         """One pass; `full` compares against a fresh kernel dump (periodic passes, lease

@@ -388,8 +388,11 @@ class EtcdRegistry:
                 kv = ev.kv
                 key = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
                 try:
-                    subnet = ident_of(*_subnets_of(key))
-                    lease = None if ev.kind == "DELETE" else _lease_from_kv(self.subnets_prefix, kv)
+                    if ev.kind == "DELETE":
+                        subnet, lease = ident_of(*_subnets_of(key)), None
+                    else:  # the lease's own subnet: one object per peer, not two
+                        lease = _lease_from_kv(self.subnets_prefix, kv)
+                        subnet = lease.ident
                 except RecordError as e:  # a delete of such a key was never in the table
                     error = None if ev.kind == "DELETE" else _rejected(e)
                     yield WatchEvent(key, None, None, error, kv.mod_revision)

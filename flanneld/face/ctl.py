@@ -30,7 +30,7 @@ import backends
 from backends import netlink
 from backends.base import ReconcileResult
 from backends.reconcile import diff
-from backends.rtnl import Rtnl
+from backends.rtnl import Rtnl, delete_nexthop
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
@@ -63,6 +63,8 @@ async def cleanup_kernel(netns: str | None = None) -> list[str]:
     try:
         routes = await rtnl.dump_routes() | await rtnl.dump_routes(version=6)
         applied = await netlink.apply(rtnl, diff(set(), routes), ReconcileResult())
+        stray = await rtnl.dump_nexthops()  # those no route of ours went through
+        await rtnl.run([delete_nexthop(nhid) for nhid in stray])
     finally:
         rtnl.close()
     done = [f"route {r.dst}" for r in applied.removed]  # (a route gone meanwhile: not listed)

@@ -107,6 +107,8 @@ def test_tiny_run_writes_table_json_and_chart(prefix, tmp_path):
     [scale] = doc["scale"]
     assert scale["converged"] and scale["counts"] == scale["expected"] == {"route": 50}
     assert 0 < scale["kernel_s"] < 60 and scale["removed_s"] is not None
+    assert scale["kernel_after_write_s"] <= scale["kernel_s"]
+    assert 0 < scale["cold_ready_s"] <= scale["cold_kernel_s"] < 60  # ready after its first pass
     assert scale["noop_ms"] is not None and 0 < scale["one_more_ms"] < 30_000
     assert scale["full_ms"] is not None and scale["full_ms"] > 0
     assert scale["rss_after_mb"] > 10

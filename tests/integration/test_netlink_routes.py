@@ -19,7 +19,7 @@ from backends import netlink
 from backends.base import BackendContext, ReconcileResult
 from backends.hostgw import HostGwBackend
 from backends.reconcile import Route, diff
-from backends.rtnl import Rtnl
+from backends.rtnl import Rtnl, nexthop_id
 from flanneld.core.config import parse_config
 from flanneld.core.interfaces import ExternalInterface, InterfaceError, select
 from flanneld.core.lease import Lease, LeaseAttrs
@@ -50,6 +50,16 @@ def ifindex(ns: str, name: str) -> int:
 def kernel_routes(ns: str) -> dict[str, dict]:
     """The main table as iproute2 sees it, by destination."""
     return {r["dst"]: r for r in json.loads(ip(ns, "-j", "route", "show", "table", "main"))}
+
+
+def nexthops(ns: str) -> dict[int, dict]:
+    """The nexthop objects as iproute2 sees them, by id."""
+    out = ip(ns, "-j", "nexthop", "show")
+    return {n["id"]: n for n in json.loads(out)} if out.strip() else {}
+
+
+def hop_id(pair: tuple[str, str]) -> int:
+    return nexthop_id(Route(IPv4Network(pair[0]), IPv4Address(pair[1]), 0))
 
 
 def peers(*pairs: tuple[str, str]) -> dict[IPv4Network, Lease]:
@@ -279,6 +289,52 @@ async def test_a_delete_that_finds_nothing_is_recorded_as_gone(ns, backend) -> N
     # the next event pass has nothing left to do for P2
     again = await backend.reconcile(LOCAL, peers(P3), full=False)
     assert not again.removed and not again.failed and not again.added
+
+
+async def test_ipv4_routes_go_through_nexthop_objects_of_ours(ns, backend) -> None:
+    """Each IPv4 route through its own nexthop object (protocol 155, its id from the route's
+    destination), which the route's removal takes along; a route of ours naming its gateway
+    (an older agent's) is still recognised and removed; an id someone else's nexthop object
+    holds is left alone, and that peer's route names its gateway."""
+    ip(ns, "nexthop", "add", "id", str(hop_id(P3)), "via", "192.0.2.99", "dev", "ul0")
+    ip(ns, "route", "add", "10.244.9.0/24", "via", "192.0.2.19", "dev", "ul0", "proto", "155")
+    result = await backend.reconcile(LOCAL, peers(P2, P3))
+    assert result.added == {"route": 2} and result.removed == {"route": 1}
+    routes, hops = kernel_routes(ns), nexthops(ns)
+    assert routes[P2[0]]["nhid"] == hop_id(P2) and routes[P2[0]]["gateway"] == P2[1]
+    assert "nhid" not in routes[P3[0]] and routes[P3[0]]["gateway"] == P3[1]
+    assert "10.244.9.0/24" not in routes
+    assert hops[hop_id(P2)]["gateway"] == P2[1] and hops[hop_id(P2)]["protocol"] == "155"
+    assert hops[hop_id(P3)]["gateway"] == "192.0.2.99"  # not ours: untouched
+    assert not (await backend.reconcile(LOCAL, peers(P2, P3))).changed
+    moved = ("10.244.2.0/24", "192.0.2.21")  # P2's PublicIP changes: its nexthop follows
+    result = await backend.reconcile(LOCAL, peers(moved, P3), full=False)
+    assert result.added == {"route": 1} and kernel_routes(ns)[P2[0]]["gateway"] == moved[1]
+    result = await backend.reconcile(LOCAL, peers(P3), full=False)
+    assert result.removed == {"route": 1} and P2[0] not in kernel_routes(ns)
+    assert hop_id(P2) not in nexthops(ns) and hop_id(P3) in nexthops(ns)
+
+
+async def test_a_route_the_kernel_refused_is_tried_again_by_the_next_event_pass(
+    ns, backend
+) -> None:
+    """An event pass diffs only what the plan changed, and what failed before."""
+    far = ("10.244.4.0/24", "203.0.113.5")  # not on-link: the kernel refuses a route via it
+    result = await backend.reconcile(LOCAL, peers(P2, far))
+    assert result.failed == {"route": 1} and far[0] not in kernel_routes(ns)
+    ip(ns, "route", "add", "203.0.113.0/24", "dev", "ul0", "scope", "link")
+    result = await backend.reconcile(LOCAL, peers(P2, far), full=False)  # no peer changed
+    assert result.added == {"route": 1} and not result.failed
+    assert kernel_routes(ns)[far[0]]["gateway"] == far[1]
+
+
+async def test_cleanup_removes_our_nexthop_objects_and_nothing_else(ns, backend) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    ip(ns, "nexthop", "add", "id", "7", "via", "192.0.2.77", "dev", "ul0", "proto", "155")
+    ip(ns, "nexthop", "add", "id", "8", "via", "192.0.2.88", "dev", "ul0")
+    removed = await cleanup_kernel(ns)
+    assert sorted(removed) == [f"route {P2[0]}", f"route {P3[0]}"]
+    assert set(nexthops(ns)) == {8}
 
 
 async def test_cleanup_removes_our_ipv4_and_ipv6_routes_and_nothing_else(ns) -> None:

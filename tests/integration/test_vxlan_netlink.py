@@ -225,6 +225,26 @@ async def test_hand_deleted_entries_are_restored(ns, backend) -> None:
     assert arp(ns)["10.244.3.0"] == M3 and "10.244.3.0/24" in routes(ns)
 
 
+async def test_entries_changed_by_hand_between_cached_passes_are_restored_by_a_full_pass(
+    ns, backend
+) -> None:
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    await backend.reconcile(LOCAL, peers(P2, P3), full=False)  # the plan now comes from its cache
+    ip(ns, "route", "del", "10.244.3.0/24")
+    run("bridge", "-n", ns, "fdb", "replace", M2, "dev", DEV, "dst", "192.0.2.99")
+    moved = peer("10.244.2.0/24", "192.0.2.12", M2)
+    # An event pass diffs only what the plan changed (P2's FDB entry), not P3's route.
+    result = await backend.reconcile(LOCAL, peers(moved, P3), full=False)
+    assert result.added == {"fdb": 1} and "10.244.3.0/24" not in routes(ns)
+    assert fdb(ns)[M2] == "192.0.2.12"
+    run("bridge", "-n", ns, "fdb", "replace", M2, "dev", DEV, "dst", "192.0.2.99")
+    result = await backend.reconcile(LOCAL, peers(moved, P3))  # full: a fresh dump
+    assert result.added == {"fdb": 1, "route": 1} and not result.removed
+    assert result.repaired == {"route": 1}  # the FDB entry was changed, not deleted
+    assert fdb(ns) == {M2: "192.0.2.12", M3: "198.18.0.13"} and "10.244.3.0/24" in routes(ns)
+    assert not (await backend.reconcile(LOCAL, peers(moved, P3))).changed
+
+
 async def test_removed_peer_and_stale_entries_are_cleaned(ns, backend) -> None:
     await backend.reconcile(LOCAL, peers(P2, P3))
     # Left by an earlier run for a peer that vanished while the agent was down.

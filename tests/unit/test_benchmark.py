@@ -265,3 +265,28 @@ def test_ping_counts_and_idle_window_on_the_command_line(capsys):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)
     assert "one per send interval 0.2, 0.02, 0.002 s" in capsys.readouterr().err
+
+
+def test_scale_table_shows_the_time_after_the_last_write_and_the_cold_start():
+    row = {
+        "backend": "vxlan",
+        "peers": 5000,
+        "expected": {"route": 5000, "arp": 5000, "fdb": 5000},
+        "counts": {},
+        "converged": True,
+        "write_s": 0.5,
+        "seen_s": 0.9,
+        "kernel_s": 1.5,
+        "kernel_after_write_s": 1.0,
+        "rss_before_mb": 55.0,
+        "rss_after_mb": 70.0,
+        "full_ms": 60.0,
+        "noop_ms": 10.0,
+        "one_more_ms": 70.0,
+        "cold_ready_s": 1.25,
+        "cold_kernel_s": 1.75,
+        "removed_s": 0.6,
+    }
+    table = report.render_scale_table([row])
+    line = next(line for line in table.splitlines() if line.strip().startswith("vxlan"))
+    assert "1.50" in line and "1.00" in line and "1.25/1.75" in line

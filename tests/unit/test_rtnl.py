@@ -9,15 +9,20 @@ import pytest
 
 from backends.reconcile import Fdb, Neigh, Route
 from backends.rtnl import (
+    RTM_DELNEXTHOP,
     RTM_DELROUTE,
+    RTM_NEWNEXTHOP,
     RTM_NEWROUTE,
     _message,
     fdb_request,
     messages,
     neigh_request,
+    nexthop_id,
     parse_fdb,
     parse_neigh,
+    parse_nexthop,
     parse_route,
+    requests,
     route_request,
 )
 
@@ -92,3 +97,28 @@ def test_messages_split_a_receive_and_stop_at_a_truncated_tail():
     got = list(messages(one + two + two[:10]))
     assert [(kind, seq) for kind, _, seq, _ in got] == [(RTM_NEWROUTE, 7), (RTM_NEWROUTE, 8)]
     assert [parse_route(body) for *_, body in got] == [ROUTES[0], ROUTES[3]]
+
+
+def test_nexthop_ids_are_one_per_ipv4_destination_and_none_for_the_rest():
+    nets = [IPv4Network((a << 8, 24)) for a in range(0, 1 << 24, 4099)]
+    nets += [IPv4Network("10.0.0.0/16"), IPv4Network("10.0.0.0/8"), IPv4Network("10.0.0.0/30")]
+    ids = [nexthop_id(Route(n, IPv4Address("192.0.2.1"), 3)) for n in nets]
+    assert len(set(ids)) == len(ids) and all(0 < i < 1 << 32 for i in ids)
+    assert nexthop_id(ROUTES[2]) == 0  # no gateway
+    assert nexthop_id(ROUTES[3]) == 0  # IPv6: one route object per route anyway
+    assert nexthop_id(Route(IPv4Network("10.1.2.3/32"), IPv4Address("192.0.2.1"), 3)) == 0
+
+
+def test_a_route_with_a_gateway_is_installed_through_its_nexthop_and_reads_back():
+    route = ROUTES[1]
+    (hop_kind, _, hop), (kind, _, body) = requests(route, delete=False)
+    assert (hop_kind, kind) == (RTM_NEWNEXTHOP, RTM_NEWROUTE)
+    nhid, proto, fields = parse_nexthop(memoryview(hop))
+    assert nhid == nexthop_id(route) and proto == 155
+    # dumped without its gateway (nexthop_compat_mode off): completed from our objects
+    assert parse_route(memoryview(body), hops={nhid: fields}) == route
+    (route_del, _, _), (hop_del, _, _) = requests(route, delete=True)
+    assert (route_del, hop_del) == (RTM_DELROUTE, RTM_DELNEXTHOP)
+    # an id held by someone else's object: the route names its gateway
+    [(kind, _, body)] = requests(route, delete=False, foreign={nhid})
+    assert kind == RTM_NEWROUTE and parse_route(memoryview(body)) == route
