@@ -141,3 +141,18 @@ def skip_reason(local: Lease, subnet: IPv4Network, peer: Lease, types: tuple[str
             "run one backend type per network"
         )
     return f"skipping peer lease {subnet} (PublicIP {ip}): {why}" if why else ""
+
+
+def ipv6_half_problem(local: Lease, peer: Lease, fix: str) -> str:
+    """Why a peer's IPv6 half cannot be planned before its backend data is looked at ("" when
+    it can): no IPv6 subnet or PublicIPv6, or ours. `fix` ends the line about a missing
+    PublicIPv6."""
+    if peer.ipv6_subnet is None:
+        return "its lease has no IPv6 subnet; restart the agent on that node with EnableIPv6"
+    if peer.attrs.public_ipv6 is None:
+        return f"its lease names no PublicIPv6; {fix}"
+    if peer.ipv6_subnet == local.ipv6_subnet:
+        return "it is our IPv6 subnet"
+    if peer.attrs.public_ipv6 == local.attrs.public_ipv6:
+        return "its PublicIPv6 is ours; two nodes must not share a public address"
+    return ""

@@ -14,11 +14,11 @@ from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
+from pyroute2 import AsyncIPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from .base import ReconcileResult
-from .reconcile import Diff, Entry
+from .reconcile import Diff, Entry, is_unicast
 from .rtnl import MAIN_TABLE, ROUTE_PROTOCOL, Rtnl, requests
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,21 @@ async def own_address_up(ipr: AsyncIPRoute, link: Any, subnet: Network, network:
         log.info("device %s is up", name)
 
 
+async def delete_link(ipr: AsyncIPRoute, name: str, kinds: tuple[str, ...]) -> bool:
+    """Delete the device `name` if it exists and is of one of `kinds` (a link kind: "vxlan",
+    "tun", ...); True when it was deleted."""
+    try:
+        [link] = await ipr.link("get", ifname=name)
+    except NetlinkError as err:
+        if err.code != errno.ENODEV:
+            raise
+        return False
+    if link.get(("linkinfo", "kind")) not in kinds:
+        return False
+    await ipr.link("del", index=link["index"])
+    return True
+
+
 def open_ipr(netns: str | None = None) -> AsyncIPRoute:
     """A netlink socket in this process's namespace, or in the named `netns`, which must exist.
 
@@ -79,11 +94,6 @@ def open_ipr(netns: str | None = None) -> AsyncIPRoute:
     namespace then; `flags=0` makes that request raise FileNotFoundError instead.
     """
     return AsyncIPRoute() if netns is None else AsyncIPRoute(netns=netns, flags=0)
-
-
-def is_unicast(mac: str) -> bool:
-    """A MAC `aa:bb:…` names one station: neither all zeros nor a group address."""
-    return mac != "00:00:00:00:00:00" and not int(mac[:2], 16) & 1
 
 
 LOG_LIMIT = 50  # entries changed in one pass logged one by one at INFO; the rest at DEBUG

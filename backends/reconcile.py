@@ -61,6 +61,11 @@ class _Compared:
         return self is other or self.ident == other.ident  # type: ignore[attr-defined]
 
 
+def is_unicast(mac: str) -> bool:
+    """A MAC `aa:bb:…` (lower case) names one station: neither all zeros nor a group address."""
+    return mac != "00:00:00:00:00:00" and not int(mac[:2], 16) & 1
+
+
 def _lower(mac: str) -> str:
     """`mac` in lower case: the very string when it is (the plan's and the dump's are)."""
     return low if (low := mac.lower()) != mac else mac

@@ -180,14 +180,7 @@ class WireguardBackend(Backend):
         IPv6-only network): deleting wireguard-go's TUN ends that wireguard-go too."""
         ipr = self._socket()
         for name in sorted({DEVICE, DEVICE6} - wanted):
-            try:
-                [link] = await ipr.link("get", ifname=name)
-            except NetlinkError as err:
-                if err.code != errno.ENODEV:
-                    raise
-                continue
-            if link.get(("linkinfo", "kind")) in ("wireguard", "tun"):
-                await ipr.link("del", index=link["index"])
+            if await netlink.delete_link(ipr, name, ("wireguard", "tun")):
                 log.warning("device %s deleted: the network no longer has its family", name)
 
     async def _choose(self, name: str) -> Device:

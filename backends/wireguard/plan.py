@@ -19,7 +19,7 @@ from ipaddress import IPv4Network
 from flanneld.core.config import ci_get
 from flanneld.core.lease import Lease
 
-from ..base import skip_reason
+from ..base import ipv6_half_problem, skip_reason
 from .keys import BadKey, decode_key, encode_key, peer_key_problem
 from .uapi import NO_KEY, PeerConfig
 
@@ -39,19 +39,6 @@ def record_key(data: object, field: str = "BackendData") -> tuple[bytes | None, 
     if why := peer_key_problem(key):
         return None, f"its PublicKey {text!r} is unusable: {why}; {FIX}"
     return key, ""
-
-
-def _not6(local: Lease, peer: Lease) -> str:
-    """Why a peer's IPv6 half cannot be planned before its key is looked at ("" if not)."""
-    if peer.ipv6_subnet is None:
-        return "its lease has no IPv6 subnet; restart the agent on that node with EnableIPv6"
-    if peer.attrs.public_ipv6 is None:
-        return f"its lease names no PublicIPv6; {FIX}"
-    if peer.ipv6_subnet == local.ipv6_subnet:
-        return "it is our IPv6 subnet"
-    if peer.attrs.public_ipv6 == local.attrs.public_ipv6:
-        return "its PublicIPv6 is ours; two nodes must not share a public address"
-    return ""
 
 
 def plan(
@@ -86,7 +73,7 @@ def plan(
         else:
             net, ip, data = peer.ipv6_subnet, attrs.public_ipv6, attrs.backend_v6_data
             where = f"the IPv6 subnet of peer lease {subnet} (PublicIPv6 {ip or 'none'})"
-            key, why = None, _not6(local, peer)
+            key, why = None, ipv6_half_problem(local, peer, FIX)
             if not why:
                 key, why = record_key(data, field)
         if key is not None and key in owners:

@@ -22,7 +22,8 @@ from backends import netlink
 from backends.base import BackendContext
 from backends.reconcile import Fdb, Neigh
 from backends.rtnl import Rtnl
-from backends.vxlan import VxlanBackend, vtep_mac
+from backends.vxlan import VxlanBackend
+from backends.vxlanplan import vtep_mac
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.interfaces import ExternalInterface
 from flanneld.core.lease import Lease, LeaseAttrs

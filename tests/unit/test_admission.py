@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from backends.hostgw import plan as hostgw_plan
 from backends.reconcile import Route
 from backends.udp import plan as udp_plan
-from backends.vxlan import plan as vxlan_plan
+from backends.vxlanplan import plan as vxlan_plan
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import parse_config
 from flanneld.core.lease import Lease, LeaseAttrs, RecordError

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends import hostgw, vxlan
+from backends import hostgw, vxlanplan
 from backends.reconcile import Fdb, Neigh, Route
 from flanneld.core.admission import PeerRules
 from flanneld.core.allocation import choose_subnet
@@ -212,7 +212,7 @@ def test_host_gw_plans_ipv6_routes_alone_in_an_ipv6_only_network():
 def test_vxlan_plans_ipv6_entries_alone_in_an_ipv6_only_network():
     local = lease6("fd00:10:244:1::/64", "fd00:192::1", 1, 1)
     peer = lease6("fd00:10:244:2::/64", "fd00:192::2", 2, 2)
-    entries, warnings = vxlan.plan(local, {peer.ident: peer}, 0, None, 2, 9)
+    entries, warnings = vxlanplan.plan(local, {peer.ident: peer}, 0, None, 2, 9)
     assert warnings == []
     gw = IPv6Address("fd00:10:244:2::")
     assert entries == {

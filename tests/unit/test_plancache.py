@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends import hostgw, vxlan
+from backends import hostgw, vxlanplan
 from backends.plancache import PlanCache, Planner
 from flanneld.core.lease import Lease, LeaseAttrs
 
@@ -68,8 +68,8 @@ def vxlan_planner(direct: frozenset[int]) -> Planner:
     on_link |= {IPv6Address(f"2001:db8::{i}") for i in direct}
     return Planner(
         (LOCAL, VX, VX6, EXT, True),
-        lambda some: vxlan.plan(LOCAL, some, VX, on_link or None, EXT, VX6),
-        vxlan.claims,
+        lambda some: vxlanplan.plan(LOCAL, some, VX, on_link or None, EXT, VX6),
+        vxlanplan.claims,
         lambda p: (p.attrs.public_ip in on_link, p.attrs.public_ipv6 in on_link),
     )
 

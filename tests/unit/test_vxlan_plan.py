@@ -14,15 +14,8 @@ import pytest
 from backends import get_backend
 from backends.base import BackendContext, BackendError
 from backends.reconcile import Fdb, Neigh, Route, diff
-from backends.vxlan import (
-    VxlanBackend,
-    VxlanOptions,
-    mismatches,
-    parse_options,
-    peer_mac6,
-    plan,
-    vtep_mac,
-)
+from backends.vxlan import VxlanBackend, mismatches
+from backends.vxlanplan import VxlanOptions, parse_options, peer_mac6, plan, vtep_mac
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.interfaces import ExternalInterface
 from flanneld.core.lease import Lease, LeaseAttrs
