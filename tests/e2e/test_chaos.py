@@ -79,7 +79,13 @@ def test_chaos(backend):
         lab.etcdctl("del", f"{PREFIX}/subnets/10.244.250.0-24")
         for node in lab.nodes:
             # every agent saw the watch break and listed the leases again exactly once, when
-            # etcd came back (not once per retry), and reaches etcd again
+            # etcd came back (not once per retry), and reaches etcd again; an agent between
+            # two retries (back-off up to 4.8 s) lists them at its next one
+            wait_until(
+                lambda node=node: watch(c, node)[0] > resyncs[node.name],
+                10,
+                what=f"{node.name} to list the leases again",
+            )
             again, reconnects = watch(c, node)
             assert again == resyncs[node.name] + 1 and reconnects >= 1, (again, reconnects)
             assert c.status(node)["etcd"]["reachable"]
