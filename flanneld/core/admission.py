@@ -39,6 +39,15 @@ def unicast_problem(ip: IPv4Address | IPv6Address, link_local_ok: bool = False) 
     return ""
 
 
+def _inside(subnet: IPv4Network | IPv6Network, network: IPv4Network | IPv6Network) -> bool:
+    """`subnet.subnet_of(network)` (one family) without the broadcast address that ipaddress
+    computes and then keeps on every subnet checked: 2 MB at 10,000 peers."""
+    shift = network.max_prefixlen - network.prefixlen
+    return subnet.prefixlen >= network.prefixlen and (
+        int(subnet.network_address) >> shift == int(network.network_address) >> shift
+    )
+
+
 class PeerRules:
     """Checks records against one network config. Link-local PublicIPs are accepted only when
     this node's own is link-local too (an underlay that really runs on 169.254.0.0/16)."""
@@ -67,7 +76,7 @@ class PeerRules:
                 )
             self._check6(lease.ipv6_subnet, lease.attrs.public_ipv6)
             return
-        if not subnet.subnet_of(self.network):
+        if not _inside(subnet, self.network):
             raise RecordError(
                 f"subnet {subnet} is outside the Network {self.network}", "outside_network"
             )
@@ -94,7 +103,7 @@ class PeerRules:
                 "key",
             )
         network = self.ipv6.network
-        if not subnet.subnet_of(network):
+        if not _inside(subnet, network):
             raise RecordError(
                 f"subnet {subnet} is outside the IPv6Network {network}", "outside_network"
             )
