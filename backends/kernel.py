@@ -23,7 +23,7 @@ from . import netlink
 from .base import Backend, BackendContext, ReconcileResult
 from .plancache import PlanCache, Planner
 from .reconcile import Entry, KernelView, Route, diff, missing_by_peer
-from .rtnl import Known, Rtnl
+from .rtnl import NEXTHOP_MIN, Known, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ class KernelBackend(Backend):
                     change = diff(want, [e for s in slots if (e := self._view.get(s)) is not None])
                 was = {e.slot: w for e in change.upsert if (w := self._view.get(e.slot))}
                 result = ReconcileResult()
-                done = await netlink.apply(self._lean(), change, result)
+                rtnl = self._lean()
+                rtnl.nexthops = len(peers) >= NEXTHOP_MIN
+                done = await netlink.apply(rtnl, change, result)
                 self._view.applied(done.upserted, [*done.removed, *done.gone])
                 self._retry = {e.slot for e in done.failed}
             except Exception:

@@ -19,7 +19,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from .base import ReconcileResult
 from .reconcile import Diff, Entry, is_unicast
-from .rtnl import MAIN_TABLE, ROUTE_PROTOCOL, Rtnl, requests
+from .rtnl import EVERY_ID, MAIN_TABLE, ROUTE_PROTOCOL, Rtnl, requests
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -180,9 +180,11 @@ async def apply(rtnl: Rtnl, diff: Diff, result: ReconcileResult) -> Applied:
 
     def each() -> Iterator[tuple[int, int, bytes]]:
         """Built as they are sent: 30,000 requests held at once would add ~4 MB to the peak."""
+        # a delete takes a route's nexthop object with it whichever way it was made
+        plain = rtnl.foreign if rtnl.nexthops else EVERY_ID
         for delete, entries in ((True, removes), (False, upserts)):
             for entry in entries:
-                reqs = requests(entry, delete, rtnl.foreign)
+                reqs = requests(entry, delete, rtnl.foreign if delete else plain)
                 sizes.append(len(reqs))
                 yield from reqs
 

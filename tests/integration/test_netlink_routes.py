@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import backends.kernel
 from backends import netlink
 from backends.base import BackendContext, ReconcileResult
 from backends.hostgw import HostGwBackend
@@ -291,7 +292,26 @@ async def test_a_delete_that_finds_nothing_is_recorded_as_gone(ns, backend) -> N
     assert not again.removed and not again.failed and not again.added
 
 
-async def test_ipv4_routes_go_through_nexthop_objects_of_ours(ns, backend) -> None:
+@pytest.fixture
+def many_peers(monkeypatch):
+    """Nexthop objects from the first peer on (the agent uses them from NEXTHOP_MIN peers)."""
+    monkeypatch.setattr(backends.kernel, "NEXTHOP_MIN", 0)
+
+
+async def test_below_nexthop_min_routes_are_plain_and_other_tools_can_flush_them(
+    ns, backend
+) -> None:
+    """A cluster of fewer than NEXTHOP_MIN peers gets routes naming their gateway, as the
+    reference makes them: `ip route flush proto 155` (which replays each dumped route) works."""
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    routes = kernel_routes(ns)
+    assert "nhid" not in routes[P2[0]] and routes[P2[0]]["gateway"] == P2[1]
+    assert nexthops(ns) == {}
+    ip(ns, "route", "flush", "proto", "155")
+    assert P2[0] not in kernel_routes(ns) and P3[0] not in kernel_routes(ns)
+
+
+async def test_ipv4_routes_go_through_nexthop_objects_of_ours(ns, backend, many_peers) -> None:
     """Each IPv4 route through its own nexthop object (protocol 155, its id from the route's
     destination), which the route's removal takes along; a route of ours naming its gateway
     (an older agent's) is still recognised and removed; an id someone else's nexthop object
@@ -328,7 +348,9 @@ async def test_a_route_the_kernel_refused_is_tried_again_by_the_next_event_pass(
     assert kernel_routes(ns)[far[0]]["gateway"] == far[1]
 
 
-async def test_cleanup_removes_our_nexthop_objects_and_nothing_else(ns, backend) -> None:
+async def test_cleanup_removes_our_nexthop_objects_and_nothing_else(
+    ns, backend, many_peers
+) -> None:
     await backend.reconcile(LOCAL, peers(P2, P3))
     ip(ns, "nexthop", "add", "id", "7", "via", "192.0.2.77", "dev", "ul0", "proto", "155")
     ip(ns, "nexthop", "add", "id", "8", "via", "192.0.2.88", "dev", "ul0")
