@@ -131,6 +131,9 @@ def _delete_ns(ns: str) -> None:
 # agents link their own sockets (in their state directories, in the lab's workdir) there
 WIREGUARD_RUN_DIR = Path("/var/run/wireguard")
 
+# where `ip netns add` puts a namespace's name
+NETNS_DIR = Path("/var/run/netns")
+
 
 def _drop_links_into(directory: Path, workdir: Path) -> None:
     """Remove the symlinks in `directory` that point into `workdir`; never raises."""
@@ -224,8 +227,16 @@ class Lab:
     # -- building ---------------------------------------------------------------------------
 
     def _add_ns(self, ns: str, ipv6: bool | None = None) -> None:
-        _sh(["ip", "netns", "add", ns])
-        self._namespaces.append(ns)  # only after success: a name that existed is not ours
+        existed = (NETNS_DIR / ns).exists()
+        try:
+            _sh(["ip", "netns", "add", ns])
+            self._namespaces.append(ns)  # only after success: a name that existed is not ours
+        except BaseException:
+            # Ctrl-C or SIGTERM can land after `ip` made the namespace and before it returned:
+            # a name that was free before and exists now is ours, and close() must delete it
+            if not existed and (NETNS_DIR / ns).exists() and ns not in self._namespaces:
+                self._namespaces.append(ns)
+            raise
         self._ip(ns, "link set lo up")
         v6 = self.ipv6 if ipv6 is None else ipv6
         self.run(ns, "sysctl", "-q", "-w", *SYSCTLS, *(SYSCTLS6 if v6 else ()))

@@ -154,6 +154,26 @@ def test_failed_build_cleans_up_but_spares_namespaces_it_did_not_create() -> Non
         subprocess.run(["ip", "netns", "del", foreign], check=True)
 
 
+def test_interrupt_just_after_a_namespace_is_made_still_deletes_it(monkeypatch) -> None:
+    # what CI hit: Ctrl-C landed after `ip netns add` had made the namespace but before the
+    # lab had noted it, so the namespace outlived the lab
+    import deploy.lab as lab_module
+
+    prefix = f"fl{secrets.token_hex(3)}"
+    real_sh = lab_module._sh
+
+    def interrupted_sh(cmd, **kwargs):
+        res = real_sh(cmd, **kwargs)
+        if cmd[:3] == ["ip", "netns", "add"] and cmd[3] == f"{prefix}-n2":
+            raise KeyboardInterrupt
+        return res
+
+    monkeypatch.setattr(lab_module, "_sh", interrupted_sh)
+    with pytest.raises(KeyboardInterrupt), Lab(nodes=3, prefix=prefix):
+        pass
+    assert _mine(prefix) == set()
+
+
 def test_remote_segment_is_routed_and_reaches_etcd() -> None:
     with Lab(nodes=3, remote_nodes={3}) as lab:
         n1, n2, n3 = lab.nodes
