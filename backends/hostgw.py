@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from ipaddress import IPv4Network
 
-from pyroute2 import AsyncIPRoute
+from pyroute2.iproute.linux import AsyncIPRoute
 
 from flanneld.core.interfaces import NO_ADDRESS
 from flanneld.core.lease import Lease, LeaseAttrs

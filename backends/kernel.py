@@ -15,7 +15,7 @@ from abc import abstractmethod
 from collections.abc import Mapping
 from ipaddress import IPv4Network
 
-from pyroute2 import AsyncIPRoute
+from pyroute2.iproute.linux import AsyncIPRoute
 
 from flanneld.core.lease import Lease
 

@@ -14,7 +14,8 @@ from ipaddress import IPv4Network, IPv6Network, ip_interface
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.iproute.linux import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from .base import ReconcileResult

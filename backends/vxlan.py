@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.iproute.linux import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from flanneld.core.config import ConfigError, NetworkConfig
@@ -52,6 +53,7 @@ from .vxlanplan import (
 )
 
 log = logging.getLogger(__name__)
+
 
 def mismatches(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
     """The attributes of an existing device that differ from the wanted ones, as "key have

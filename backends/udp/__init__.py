@@ -37,7 +37,8 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.iproute.linux import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from flanneld.core.config import ci_get, int_field
 from flanneld.core.lease import Lease, LeaseAttrs

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2.iproute.linux import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from flanneld.core.config import ConfigError, NetworkConfig

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from ipaddress import ip_address, ip_network
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, AsyncWireGuard, NetlinkError
+from pyroute2.iproute.linux import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 
 from .keys import encode_key
 from .uapi import NO_KEY, DeviceState, PeerConfig

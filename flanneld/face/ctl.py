@@ -24,7 +24,7 @@ import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
-from pyroute2 import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkError
 
 import backends
 from backends import netlink
