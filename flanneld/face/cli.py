@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from flanneld import __version__
 from flanneld.agent.daemon import Agent, FatalError
 from flanneld.core.options import SOCKET_NAME, FlagError, Options, parse_options
-from flanneld.edges import sdnotify
+from flanneld.edges import heap, sdnotify
 from flanneld.edges.health import HealthServer, Response
 from flanneld.edges.registry import EtcdConfigError, EtcdRegistry, TLSFiles
 from flanneld.face import metrics
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=opts.log_level.upper(), handlers=[handler])
+    if "MALLOC_ARENA_MAX" not in os.environ:  # one the operator set wins
+        heap.limit_arenas(heap.ARENAS)
     return asyncio.run(run(opts))
 
 
