@@ -39,21 +39,34 @@ class Entry(Protocol):
 
 
 # Entries by the ten thousand are hashed and compared on every pass: each carries its slot and
-# ident as tuples of bytes, ints and strings (computed once; what `rtnl` reads off the wire, so
-# a dump can find an entry it already knows without building one), and compares by them.
+# ident as tuples of ints and strings (computed once; what `rtnl` reads off the wire, so a dump
+# can find an entry it already knows without building one), and compares by them. Addresses
+# are their ints (`addr_key`): the very int objects the address objects hold, so an entry costs
+# no bytes object per address; hashing an ident again is cheaper than keeping its hash.
+V6_MARK = 1 << 128  # added to an IPv6 address's int: it never equals an IPv4 one
+
+
+def addr_key(addr: IPv4Address | IPv6Address) -> int:
+    return int(addr) if addr.version == 4 else int(addr) + V6_MARK
+
+
+def raw_key(raw: bytes) -> int:
+    """`addr_key` of an address as the kernel sends it (4 or 16 bytes, network order)."""
+    n = int.from_bytes(raw, "big")
+    return n if len(raw) == 4 else n + V6_MARK
+
+
 def _set(entry: object, slot: tuple, ident: tuple) -> None:
     object.__setattr__(entry, "slot", slot)
     object.__setattr__(entry, "ident", ident)
-    object.__setattr__(entry, "_hash", hash(ident))
 
 
 class _Compared:
     __slots__ = ()
     ident: tuple
-    _hash: int
 
     def __hash__(self) -> int:
-        return self._hash
+        return hash(self.ident)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -71,15 +84,16 @@ def _lower(mac: str) -> str:
     return low if (low := mac.lower()) != mac else mac
 
 
-def route_slot(dst: bytes, dst_len: int) -> tuple[str, bytes, int]:
+def route_slot(dst: int, dst_len: int) -> tuple[str, int, int]:
     return ("route", dst, dst_len)
 
 
-def route_ident(slot: tuple, gateway: bytes, oif: int, onlink: bool) -> tuple:
+def route_ident(slot: tuple, gateway: int, oif: int, onlink: bool) -> tuple:
+    """A route's ident; `gateway` is -1 for none."""
     return (slot, gateway, oif, onlink)
 
 
-def neigh_slot(ifindex: int, dst: bytes) -> tuple[str, int, bytes]:
+def neigh_slot(ifindex: int, dst: int) -> tuple[str, int, int]:
     return ("arp", ifindex, dst)
 
 
@@ -98,12 +112,11 @@ class Route(_Compared):
     onlink: bool = False
     slot: tuple = field(init=False, repr=False)
     ident: tuple = field(init=False, repr=False)
-    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onlink", bool(self.onlink))
-        slot = route_slot(self.dst.network_address.packed, self.dst.prefixlen)
-        gateway = self.gateway.packed if self.gateway is not None else b""
+        slot = route_slot(addr_key(self.dst.network_address), self.dst.prefixlen)
+        gateway = addr_key(self.gateway) if self.gateway is not None else -1
         _set(self, slot, route_ident(slot, gateway, self.oif, self.onlink))
 
     @property
@@ -126,11 +139,10 @@ class Neigh(_Compared):
     lladdr: str
     slot: tuple = field(init=False, repr=False)
     ident: tuple = field(init=False, repr=False)
-    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lladdr", _lower(self.lladdr))
-        slot = neigh_slot(self.ifindex, self.dst.packed)
+        slot = neigh_slot(self.ifindex, addr_key(self.dst))
         _set(self, slot, (slot, self.lladdr))
 
     @property
@@ -151,12 +163,11 @@ class Fdb(_Compared):
     dst: IPv4Address | IPv6Address
     slot: tuple = field(init=False, repr=False)
     ident: tuple = field(init=False, repr=False)
-    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lladdr", _lower(self.lladdr))
         slot = fdb_slot(self.ifindex, self.lladdr)
-        _set(self, slot, (slot, self.dst.packed))
+        _set(self, slot, (slot, addr_key(self.dst)))
 
     @property
     def key(self) -> tuple[int, str]:
@@ -168,7 +179,7 @@ class Fdb(_Compared):
 
 def _order(entries: Iterable[Entry], descending: bool) -> list[Entry]:
     # Within a rank and an address family all keys have one type, so this always compares.
-    # The slot sorts as the key does (addresses as big-endian bytes, then the prefix length).
+    # The slot sorts as the key does (addresses as ints, then the prefix length).
     sign = -1 if descending else 1
     return sorted(entries, key=lambda e: (sign * RANK[e.kind], _version(e), e.slot))
 

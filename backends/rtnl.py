@@ -25,7 +25,17 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Set
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
-from .reconcile import Entry, Fdb, Neigh, Route, fdb_slot, neigh_slot, route_ident, route_slot
+from .reconcile import (
+    Entry,
+    Fdb,
+    Neigh,
+    Route,
+    fdb_slot,
+    neigh_slot,
+    raw_key,
+    route_ident,
+    route_slot,
+)
 
 # Every route the agent installs carries this private routing protocol number (`ip route`
 # shows "proto 155"). It is how the agent recognises its own routes after a restart, removes
@@ -269,7 +279,8 @@ def parse_route(
     onlink = bool(flags & RTNH_F_ONLINK)
     if gateway is None and RTA_NH_ID in a:
         gw, oif, onlink = hops.get(_U32.unpack(a[RTA_NH_ID])[0], (b"", 0, False))
-    seen = known.get(route_ident(route_slot(raw, dst_len), gw, oif, onlink))
+    ident = route_ident(route_slot(raw_key(raw), dst_len), raw_key(gw) if gw else -1, oif, onlink)
+    seen = known.get(ident)
     if seen is not None:
         return seen  # type: ignore[return-value]
     net_cls = IPv4Network if family == socket.AF_INET else IPv6Network
@@ -304,7 +315,7 @@ def parse_neigh(body: memoryview, ifindex: int, known: Known = _NONE) -> Neigh |
     if NDA_DST not in a or NDA_LLADDR not in a:
         return None
     dst, mac = bytes(a[NDA_DST]), _mac_text(a[NDA_LLADDR])
-    seen = known.get((neigh_slot(ifindex, dst), mac))
+    seen = known.get((neigh_slot(ifindex, raw_key(dst)), mac))
     return seen if seen is not None else Neigh(ifindex, ip_address(dst), mac)  # type: ignore[return-value]
 
 
@@ -319,7 +330,7 @@ def parse_fdb(body: memoryview, ifindex: int, known: Known = _NONE) -> Fdb | Non
     if mac is None or dst is None or len(mac) != 6 or mac[0] & 1 or not any(mac):
         return None
     text, raw = _mac_text(mac), bytes(dst)
-    seen = known.get((fdb_slot(ifindex, text), raw))
+    seen = known.get((fdb_slot(ifindex, text), raw_key(raw)))
     return seen if seen is not None else Fdb(ifindex, text, ip_address(raw))  # type: ignore[return-value]
 
 
