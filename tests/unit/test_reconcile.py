@@ -1,6 +1,6 @@
 """The generic diff of desired against actual kernel entries, and the order it applies them."""
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -127,3 +127,16 @@ def test_missing_by_peer_groups_entries_by_the_peer_they_serve():
     stray = Route(IPv4Network("10.9.0.0/24"), ip2, 5)
     missing = missing_by_peer({r2, n2, f2, r3, f3, stray}, {r3, f3, n2}, peers)
     assert missing == {s2: [f2, r2], s3: []}
+
+
+def test_an_ipv4_and_an_ipv6_entry_with_equal_address_ints_never_share_a_slot() -> None:
+    # slots key addresses by their ints: 0.0.0.0/32 and ::/32 are both 0 there
+    v4 = Route(IPv4Network("0.0.0.0/32"), IPv4Address("0.0.0.1"), 3, onlink=True)
+    v6 = Route(IPv6Network("::/32"), IPv6Address("::1"), 3, onlink=True)
+    assert v4.slot != v6.slot and v4 != v6
+    assert Neigh(3, IPv4Address("0.0.0.1"), "aa:00:00:00:00:01").slot != (
+        Neigh(3, IPv6Address("::1"), "aa:00:00:00:00:01").slot
+    )
+    assert Fdb(3, "aa:00:00:00:00:01", IPv4Address("0.0.0.1")) != Fdb(
+        3, "aa:00:00:00:00:01", IPv6Address("::1")
+    )
