@@ -107,6 +107,10 @@ def drops_summary(now: Counter[Drop], before: Counter[Drop]) -> str:
     return ", ".join(f"{n} {reason.value}" for reason, n in delta.most_common())
 
 
+# the datapath's own counters, in the metrics as they are
+DATAPATH_COUNTS = ("packets_in", "packets_out", "bytes_in", "bytes_out", "trains_in", "trains_out")
+
+
 @register(TYPE)
 class UdpBackend(Backend):
     @classmethod
@@ -130,6 +134,11 @@ class UdpBackend(Backend):
         self._warned: set[str] = set()
         self._desired: set[Route] = set()
         self._drops_logged: Counter[Drop] = Counter()
+        # counts of datapaths that ended with a deleted flannel0: the metrics are counters,
+        # and a re-created datapath starts from zero
+        self._retired: Counter[str] = Counter()
+        self._retired_drops: Counter[Drop] = Counter()
+        self.recreations = 0
 
     @property
     def mtu(self) -> int:
@@ -138,22 +147,17 @@ class UdpBackend(Backend):
     @property
     def drops(self) -> Counter[Drop]:
         """Packets dropped by the datapath so far, by reason."""
-        return Counter(self._datapath.drops) if self._datapath else Counter()
+        now = Counter(self._datapath.drops) if self._datapath else Counter()
+        return now + self._retired_drops
 
     def stats(self) -> dict[str, int]:
         """Datagrams and bytes in/out and drops by reason, for the metrics endpoint."""
         dp = self._datapath
         if dp is None:
             return {}
-        out = {
-            "packets_in": dp.packets_in,
-            "packets_out": dp.packets_out,
-            "bytes_in": dp.bytes_in,
-            "bytes_out": dp.bytes_out,
-            "trains_in": dp.trains_in,
-            "trains_out": dp.trains_out,
-        }
+        out = {key: getattr(dp, key) + self._retired[key] for key in DATAPATH_COUNTS}
         out.update({f"drop:{d.name.lower()}": n for d, n in self.drops.items()})
+        out["device_recreations"] = self.recreations
         return out
 
     # -- devices -----------------------------------------------------------------------------
@@ -223,6 +227,9 @@ class UdpBackend(Backend):
             return False
         log.warning("udp datapath stopped (%s); re-creating %s", dp.error, DEVICE)
         dp.stop()
+        self._retired.update({key: getattr(dp, key) for key in DATAPATH_COUNTS})
+        self._retired_drops.update(dp.drops)
+        self.recreations += 1
         if self._tun is not None:
             os.close(self._tun)
             self._tun = None

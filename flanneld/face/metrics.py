@@ -137,6 +137,11 @@ def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
         elif key in ("trains_in", "trains_out"):
             trains.add_metric([key[7:]], n)
     yield from (packets, data, drops, trains)
+    yield CounterMetricFamily(
+        "flannel_udp_device_recreations",
+        "Times flannel0 was found deleted and re-created (its datapath with it)",
+        stats.get("device_recreations", 0),
+    )
 
 
 def exposition(stats: AgentStats) -> bytes:
