@@ -76,6 +76,7 @@ class Agent:
         self._trigger = asyncio.Event()
         self._peer_events = 0  # watch batches with changes, for _quiet()
         self._lease_changed = False
+        self._status_sent = ""  # the last STATUS= line of notify_status
 
     # -- startup ----------------------------------------------------------------------------
     def validate(self, raw: bytes, ext: ExternalInterface) -> NetworkConfig:
@@ -237,8 +238,7 @@ class Agent:
         self._peer_events += 1
         if self.leases is not None:
             self.leases.notice(changes)
-        self._trigger.set()
-        self.notify_status()
+        self._trigger.set()  # the pass it triggers updates STATUS: once per pass, not per batch
 
     def _on_lease(self, lease: Lease) -> None:
         self._lease_changed = True
@@ -251,8 +251,11 @@ class Agent:
         if lease is None or self.backend is None:
             return
         table = self.watcher.table.leases if self.watcher else {}
-        n = len(table) - (lease.ident in table)  # O(1): this runs on every watch event
-        sdnotify.notify(f"STATUS=lease {lease.ident}, backend {self.backend.type_name}, {n} peers")
+        n = len(table) - (lease.ident in table)  # O(1): this runs after every pass
+        line = f"STATUS=lease {lease.ident}, backend {self.backend.type_name}, {n} peers"
+        if line != self._status_sent:  # only news: not one datagram per pass
+            self._status_sent = line
+            sdnotify.notify(line)
 
     async def start(self) -> None:
         opts = self.opts
@@ -366,6 +369,7 @@ class Agent:
         changed = sum(result.added.values()) + sum(result.removed.values())
         if full or changed >= TRIM_AFTER:  # after a burst: its garbage back to the kernel
             heap.trim()
+        self.notify_status()
         ms = self.last_reconcile_seconds * 1000
         mode = "full" if full else "event"
         self.reconcile_runs[mode] = self.reconcile_runs.get(mode, 0) + 1
@@ -458,3 +462,4 @@ class Agent:
             sdnotify.notify(
                 "READY=1", f"STATUS=subnet {lease.ident}, backend {self.backend.type_name}"
             )
+            self._status_sent = ""  # that replaced it: the next pass says the peers again
