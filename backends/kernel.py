@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 
 from pyroute2.iproute.linux import AsyncIPRoute
@@ -23,7 +23,7 @@ from . import netlink
 from .base import Backend, BackendContext, ReconcileResult
 from .plancache import PlanCache, Planner
 from .reconcile import Entry, KernelView, Route, diff, missing_by_peer
-from .rtnl import NEXTHOP_MIN, Known, Rtnl
+from .rtnl import NEXTHOP_MIN, Known, Rtnl, delete_nexthop, nexthop_id
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class KernelBackend(Backend):
                 done = await netlink.apply(rtnl, change, result)
                 self._view.applied(done.upserted, [*done.removed, *done.gone])
                 self._retry = {e.slot for e in done.failed}
+                if full:
+                    await self._drop_orphan_hops(rtnl, desired.values())
             except Exception:
                 await self.close()  # a broken socket: the next pass opens a fresh one
                 raise
@@ -116,6 +118,17 @@ class KernelBackend(Backend):
 
         done.report_slots(was, planned_before, result, self._describe)
         return result
+
+    async def _drop_orphan_hops(self, rtnl: Rtnl, desired: Iterable[Entry]) -> None:
+        """Delete our nexthop objects that no route goes through and no planned route wants.
+        A route deleted by hand whose peer then left before an event pass saw the route leaves
+        one behind: no delete of that route comes to take it along."""
+        unused = rtnl.our_hops - rtnl.used_hops  # nearly always none: then no more work
+        if unused:
+            unused -= {nexthop_id(e) for e in desired if isinstance(e, Route)}
+        if orphans := sorted(unused):
+            codes = await rtnl.run(delete_nexthop(nhid) for nhid in orphans)
+            log.info("removed %d nexthop objects no route used", codes.count(0))
 
     async def inspect(
         self, lease: Lease, peers: Mapping[IPv4Network, Lease]

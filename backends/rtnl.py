@@ -258,15 +258,23 @@ def attrs(body: memoryview, at: int) -> dict[int, memoryview]:
 
 
 def parse_route(
-    body: memoryview, known: Known = _NONE, hops: Mapping[int, Hop] = _NO_HOPS
+    body: memoryview,
+    known: Known = _NONE,
+    hops: Mapping[int, Hop] = _NO_HOPS,
+    used: set[int] | None = None,
 ) -> Route | None:
     """An RTM_NEWROUTE of the main table with our protocol, as a Route (the one in `known` with
     the same ident, if any); else None. A route through a nexthop object shown without its
-    gateway takes gateway, device and onlink flag from `hops` (our objects, by id)."""
+    gateway takes gateway, device and onlink flag from `hops` (our objects, by id). The id of
+    the nexthop object any route goes through, whoever's, is added to `used`."""
     family, dst_len, _, _, table, proto, _, _, flags = _RTMSG.unpack_from(body)
-    if proto != ROUTE_PROTOCOL:
+    if proto != ROUTE_PROTOCOL and used is None:
         return None
     a = attrs(body, _RTMSG.size)
+    if used is not None and RTA_NH_ID in a:
+        used.add(_U32.unpack(a[RTA_NH_ID])[0])
+    if proto != ROUTE_PROTOCOL:
+        return None
     if RTA_TABLE in a:
         table = _U32.unpack(a[RTA_TABLE])[0]
     if table != MAIN_TABLE:
@@ -377,6 +385,10 @@ class Rtnl:
         self._seq = 0
         self._lock = asyncio.Lock()
         self.foreign: Set[int] = set()  # ids of nexthop objects that are not ours
+        # our nexthop objects at the last IPv4 route dump, and the ids the routes dumped
+        # since then go through (any route's: deleting an object deletes its routes)
+        self.our_hops: set[int] = set()
+        self.used_hops: set[int] = set()
         # whether new IPv4 gateway routes go through nexthop objects (`NEXTHOP_MIN`)
         self.nexthops = False
 
@@ -436,6 +448,7 @@ class Rtnl:
             else:
                 foreign.add(nhid)
         self.foreign = foreign
+        self.our_hops, self.used_hops = set(ours), set()
         return ours
 
     async def dump_routes(
@@ -448,7 +461,7 @@ class Rtnl:
         body = _RTMSG.pack(_family(version), 0, 0, 0, 0, 0, 0, 0, 0)
         routes = set()
         for msg in await self._dump(RTM_GETROUTE, body):
-            route = parse_route(msg, known, hops)
+            route = parse_route(msg, known, hops, self.used_hops)
             if route is not None and (oif is None or route.oif == oif):
                 routes.add(route)
         return routes

@@ -335,6 +335,36 @@ async def test_ipv4_routes_go_through_nexthop_objects_of_ours(ns, backend, many_
     assert hop_id(P2) not in nexthops(ns) and hop_id(P3) in nexthops(ns)
 
 
+async def test_a_full_pass_removes_our_nexthop_objects_no_route_uses(
+    ns, backend, many_peers
+) -> None:
+    """A route deleted by hand, then its peer gone before an event pass saw the route: no
+    route is left to take the nexthop object along, so the full pass removes it. An object
+    someone else made, and one a route still wants, stay."""
+    ip(ns, "nexthop", "add", "id", "8", "via", "192.0.2.88", "dev", "ul0")  # not ours
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    assert {hop_id(P2), hop_id(P3)} <= set(nexthops(ns))
+    ip(ns, "route", "del", P2[0])
+    ip(ns, "route", "del", P3[0])  # its peer stays: the pass puts route and object back
+    result = await backend.reconcile(LOCAL, peers(P3))  # full: the dump knows nothing of P2
+    assert result.added == {"route": 1} and not result.failed
+    hops = nexthops(ns)
+    assert hop_id(P2) not in hops and hop_id(P3) in hops and 8 in hops
+    assert kernel_routes(ns)[P3[0]]["nhid"] == hop_id(P3)
+
+
+async def test_a_nexthop_object_of_ours_that_someone_elses_route_uses_stays(
+    ns, backend, many_peers
+) -> None:
+    """Deleting a nexthop object deletes every route through it: one that a route of another
+    protocol goes through is left, though none of ours does."""
+    await backend.reconcile(LOCAL, peers(P2, P3))
+    ip(ns, "route", "del", P2[0])
+    ip(ns, "route", "add", "10.99.0.0/24", "nhid", str(hop_id(P2)))  # someone else's route
+    await backend.reconcile(LOCAL, peers(P3))
+    assert hop_id(P2) in nexthops(ns) and "10.99.0.0/24" in kernel_routes(ns)
+
+
 async def test_a_route_the_kernel_refused_is_tried_again_by_the_next_event_pass(
     ns, backend
 ) -> None:
