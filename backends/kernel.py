@@ -124,7 +124,7 @@ class KernelBackend(Backend):
         A route deleted by hand whose peer then left before an event pass saw the route leaves
         one behind: no delete of that route comes to take it along."""
         unused = rtnl.our_hops - rtnl.used_hops  # nearly always none: then no more work
-        if unused:
+        if unused and rtnl.nexthops:  # else no route is made through one: none is wanted
             unused -= {nexthop_id(e) for e in desired if isinstance(e, Route)}
         if orphans := sorted(unused):
             codes = await rtnl.run(delete_nexthop(nhid) for nhid in orphans)
