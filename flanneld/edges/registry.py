@@ -364,9 +364,11 @@ class EtcdRegistry:
         """Release an etcd lease at once (its key, if still attached, goes with it)."""
         await self.call(lambda c: c.revoke_lease(etcd_lease))
 
-    async def reserve(self, subnet: IPv4Network, attrs: LeaseAttrs) -> None:
+    async def reserve(
+        self, subnet: IPv4Network, attrs: LeaseAttrs, subnet6: IPv6Network | None = None
+    ) -> None:
         """Write a reservation: the record with no etcd lease, so it never expires."""
-        await self.call(lambda c: c.put(self.key(subnet), attrs.encode()))
+        await self.call(lambda c: c.put(self.key(subnet, subnet6), attrs.encode()))
 
     async def delete_lease(self, lease: Lease | IPv4Network) -> bool:
         """Delete a lease's key (an IPv4 subnet alone names its key without an IPv6 part)."""

@@ -21,7 +21,7 @@ import shutil
 import socket
 import sys
 import time
-from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -34,9 +34,10 @@ from backends.rtnl import Rtnl, delete_nexthop
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
-from flanneld.core.lease import LeaseAttrs
+from flanneld.core.lease import Lease
 from flanneld.core.options import ENV_PREFIX, SOCKET_NAME, Options
 from flanneld.core.peers import PeerTable
+from flanneld.core.reservation import in_the_way, plan_reservation
 from flanneld.core.text import table_lines
 from flanneld.edges.masq import IPTABLES, NFTABLES, Masquerade
 from flanneld.edges.registry import EtcdRegistry, TLSFiles
@@ -351,50 +352,58 @@ async def _leases(args: argparse.Namespace) -> int:
     return 0
 
 
-def _subnet(text: str) -> IPv4Network:
+async def _find_lease(reg: EtcdRegistry, text: str) -> Lease | None:
+    """The lease or reservation of SUBNET: an IPv4 subnet, or an IPv6 one (its IPv6 half)."""
     try:
         net = ip_network(text, strict=True)
     except ValueError:
         net = None
-    if not isinstance(net, IPv4Network):
-        raise CtlError(f"{text!r} is not an IPv4 subnet like 10.244.7.0/24")
-    return net
+    if net is None:
+        raise CtlError(f"{text!r} is not a subnet like 10.244.7.0/24 or fd00:10:244:7::/64")
+    if isinstance(net, IPv4Network):
+        return await reg.get_lease(net)
+    found = [x for x in (await reg.snapshot()).leases.values() if x.ipv6_subnet == net]
+    return found[0] if found else None
 
 
 async def _reserve(args: argparse.Namespace) -> int:
-    subnet = _subnet(args.subnet)
     reg = _registry(args)
     try:
         if args.command == "unreserve":
-            lease = await reg.get_lease(subnet)
+            lease = await _find_lease(reg, args.subnet)
             if lease is None:
-                raise CtlError(f"no lease or reservation for {subnet}")
+                raise CtlError(f"no lease or reservation for {args.subnet}")
             if not lease.is_reservation and not args.force:
                 raise CtlError(
-                    f"{subnet} is a lease held by {lease.attrs.public_ip}, not a "
+                    f"{lease.ident} is a lease held by {lease.attrs.node_ip}, not a "
                     "reservation; add --force to delete it anyway"
                 )
-            await reg.delete_lease(subnet)
-            print(f"removed {'reservation' if lease.is_reservation else 'lease'} {subnet}")
+            await reg.delete_lease(lease)
+            print(f"removed {'reservation' if lease.is_reservation else 'lease'} {lease.key}")
             return 0
-        try:
-            public_ip = ip_address(args.public_ip)
-        except ValueError:
-            public_ip = None
-        if not isinstance(public_ip, IPv4Address):
-            raise CtlError(f"{args.public_ip!r} is not an IPv4 address")
         raw = await reg.get_config()
-        if raw is not None and not parse_config(raw).contains_lease(subnet):
+        config = parse_config(raw) if raw is not None else None
+        plan = plan_reservation(
+            config,
+            args.subnet,
+            args.public_ip,
+            args.backend_type,
+            args.ipv6_subnet,
+            args.public_ipv6,
+        )
+        node = plan.attrs.node_ip
+        taken = in_the_way(plan, (await reg.snapshot()).leases.values())
+        if taken and not args.force:
+            x = taken[0]
             raise CtlError(
-                f"{subnet} is outside SubnetMin..SubnetMax or not /SubnetLen of the "
-                "network config; pick a subnet the config allows"
+                f"{x.key} (held by {x.attrs.node_ip}) overlaps {plan.key}; add --force to "
+                "replace it"
             )
-        held = await reg.get_lease(subnet)
-        if held is not None and held.attrs.public_ip != public_ip and not args.force:
-            raise CtlError(f"{subnet} is held by {held.attrs.public_ip}; add --force to take it")
-        attrs = LeaseAttrs(public_ip, args.backend_type)
-        await reg.reserve(subnet, attrs)
-        print(f"reserved {subnet} for {public_ip}")
+        for x in taken:
+            if x.key != plan.key:
+                await reg.delete_lease(x)
+        await reg.reserve(plan.subnet, plan.attrs, plan.subnet6)
+        print(f"reserved {plan.key} for {node}")
         return 0
     finally:
         await reg.close()
@@ -439,13 +448,15 @@ def _parser() -> argparse.ArgumentParser:
     cf.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin")
     _etcd_flags(cf)
     rs = sub.add_parser("reserve", help="reserve a subnet for a node (a key with no TTL)")
-    rs.add_argument("subnet")
-    rs.add_argument("public_ip")
+    rs.add_argument("subnet", help="IPv4 subnet (IPv6 in an IPv6-only network)")
+    rs.add_argument("public_ip", help="the node's PublicIP (IPv6 in an IPv6-only network)")
     rs.add_argument("--backend-type", default="", help="BackendType to record (e.g. host-gw)")
+    rs.add_argument("--ipv6-subnet", help="dual-stack: the IPv6 half of the reservation")
+    rs.add_argument("--public-ipv6", help="dual-stack: the node's PublicIPv6")
     rs.add_argument("--force", action="store_true", help="take a subnet another node holds")
     _etcd_flags(rs)
     ur = sub.add_parser("unreserve", help="remove a reservation")
-    ur.add_argument("subnet")
+    ur.add_argument("subnet", help="its IPv4 subnet, or its IPv6 one")
     ur.add_argument("--force", action="store_true", help="delete even a live lease")
     _etcd_flags(ur)
     sub.add_parser("cleanup", help="remove the agent's routes, devices and rules from this node")

@@ -6,8 +6,11 @@ import asyncio
 import json
 import logging
 import random
+import subprocess
+import sys
 import time
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 import pytest
 from aetcd.exceptions import RevisionCompactedError
@@ -19,6 +22,7 @@ from flanneld.core.config import parse_config
 from flanneld.core.lease import LeaseAttrs
 from flanneld.edges.registry import EtcdRegistry
 
+ROOT = Path(__file__).resolve().parents[2]
 CFG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
 ME = IPv4Address("192.0.2.11")
 
@@ -262,3 +266,53 @@ async def test_thousands_of_bogus_keys_are_skipped_in_few_lines(reg, caplog):
     # The log volume is the behaviour here: thousands of bad keys cost a few lines
     lines = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert 1 < len(lines) <= 25, len(lines)
+
+
+# -- reservations in dual-stack and IPv6-only networks (`flannelctl reserve`) ----------------
+ME6 = IPv6Address("fd00:192::11")
+SIX = {"EnableIPv6": True, "IPv6Network": "fd00:5::/56", "Backend": {"Type": "host-gw"}}
+DUAL_RAW = json.dumps({"Network": "10.5.0.0/16", **SIX}).encode()
+V6_RAW = json.dumps({"EnableIPv4": False, **SIX}).encode()
+
+
+def _ctl(etcd_server, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "flanneld.face.ctl", *args]
+    cmd += ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", prefix]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+async def test_dual_stack_reservation_is_taken_by_its_node_with_both_halves(
+    reg, etcd_server, etcd_prefix
+):
+    await reg.put_config(DUAL_RAW)
+    cfg = parse_config(DUAL_RAW)
+    half = ("--ipv6-subnet", "fd00:5:0:7::/64", "--public-ipv6", str(ME6))
+    done = _ctl(etcd_server, etcd_prefix, "reserve", "10.5.7.0/24", str(ME), *half)
+    assert done.returncode == 0, done.stderr
+    lease = await LeaseManager(reg, LeaseAttrs(ME, "host-gw", public_ipv6=ME6), cfg).acquire()
+    assert lease.subnet == IPv4Network("10.5.7.0/24") and lease.is_reservation
+    assert lease.ipv6_subnet == IPv6Network("fd00:5:0:7::/64")
+    # without its IPv6 half a reservation would be dropped by its node: refused, not written
+    bare = _ctl(etcd_server, etcd_prefix, "reserve", "10.5.8.0/24", "192.0.2.12")
+    assert bare.returncode == 2 and await reg.get_lease(IPv4Network("10.5.8.0/24")) is None
+    # an IPv6 half another node holds: refused, and nothing changed
+    before = (await reg.snapshot()).leases
+    clash = ("--ipv6-subnet", "fd00:5:0:7::/64", "--public-ipv6", "fd00:192::12")
+    taken = _ctl(etcd_server, etcd_prefix, "reserve", "10.5.9.0/24", "192.0.2.12", *clash)
+    assert taken.returncode == 2 and (await reg.snapshot()).leases == before
+
+
+async def test_ipv6_only_reservation_is_taken_and_removed_by_its_ipv6_subnet(
+    reg, etcd_server, etcd_prefix
+):
+    await reg.put_config(V6_RAW)
+    cfg = parse_config(V6_RAW)
+    done = _ctl(etcd_server, etcd_prefix, "reserve", "fd00:5:0:7::/64", str(ME6))
+    assert done.returncode == 0, done.stderr
+    assert list((await reg.snapshot()).leases) == ["0.0.0.0-0&fd00:5:0:7::-64"]
+    attrs6 = LeaseAttrs(IPv4Address(0), "host-gw", public_ipv6=ME6)
+    lease = await LeaseManager(reg, attrs6, cfg).acquire()
+    assert lease.ipv6_subnet == IPv6Network("fd00:5:0:7::/64") and lease.is_reservation
+    gone = _ctl(etcd_server, etcd_prefix, "unreserve", "fd00:5:0:7::/64")
+    assert gone.returncode == 0, gone.stderr
+    assert (await reg.snapshot()).leases == {}
