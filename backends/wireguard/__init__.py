@@ -1,6 +1,7 @@
 """The wireguard backend: container traffic between nodes encrypted by WireGuard, on the
 device `flannel-wg` (MTU = underlay − 80), as the reference's backend of that name; in a
-dual-stack network (the reference's "separate" mode) also `flannel-wg-v6` for IPv6.
+dual-stack network (the reference's "separate" mode) also `flannel-wg-v6` for IPv6, or in its
+single-device modes ("auto", "ipv4", "ipv6") both families on `flannel-wg`.
 
 A device holds `<subnet network address>/32` (`/128`) and the route for the whole cluster
 network of its family (proto 155, as the reference routes the Network onto it); each peer
@@ -45,7 +46,7 @@ from .kerneldev import KernelDevice
 from .keyfile import key_path, load_or_create, load_psk
 from .keys import encode_key, public_key
 from .options import WireguardOptions, parse_options
-from .plan import TYPE, plan
+from .plan import TYPE, plan, plan_single
 from .uapi import NO_KEY, PeerConfig, UapiError
 from .userspace import UserspaceDevice
 
@@ -60,9 +61,10 @@ Device = KernelDevice | UserspaceDevice
 
 @dataclass
 class _Family:
-    """One device and what the backend knows of it: `flannel-wg` (IPv4), `flannel-wg-v6`."""
+    """One device and what the backend knows of it: `flannel-wg` (IPv4; in the single-device
+    modes every family of the network), `flannel-wg-v6` (IPv6 in "separate" mode)."""
 
-    version: int
+    versions: tuple[int, ...]
     name: str
     port: int
     device: Device
@@ -80,11 +82,11 @@ class WireguardBackend(Backend):
     @classmethod
     def check_network(cls, config: NetworkConfig) -> None:
         mode = parse_options(config.backend).mode
-        if config.ipv6 is not None and mode != "separate":
+        if (mode == "ipv4" and not config.ipv4) or (mode == "ipv6" and config.ipv6 is None):
+            family = "IPv4" if mode == "ipv4" else "IPv6"
             raise ConfigError(
-                f'network config: Backend.Mode "{mode}" with EnableIPv6: this agent runs only '
-                'the reference\'s "separate" mode (flannel-wg for IPv4, flannel-wg-v6 for '
-                'IPv6); set "Mode": "separate" or remove it'
+                f'network config: Backend.Mode "{mode}" sends to peers over {family}, which this '
+                f'network does not have; use "auto" or "separate"'
             )
 
     @classmethod
@@ -149,16 +151,21 @@ class WireguardBackend(Backend):
         pub = encode_key(self.public_key)
         log.info("wireguard: public key %s (%s %s)", pub, "new key in" if created else "key", path)
         config = self.ctx.config
-        wanted = [(4, DEVICE, self.opts.listen_port)] if config.ipv4 else []
-        if config.ipv6 is not None:
-            wanted.append((6, DEVICE6, self.opts.listen_port6))
+        wanted: list[tuple[tuple[int, ...], str, int]] = []
+        if self.single:  # every family on flannel-wg
+            versions = (4,) * config.ipv4 + (6,) * (config.ipv6 is not None)
+            wanted.append((versions, DEVICE, self.opts.listen_port))
+        else:
+            wanted += [((4,), DEVICE, self.opts.listen_port)] if config.ipv4 else []
+            if config.ipv6 is not None:
+                wanted.append(((6,), DEVICE6, self.opts.listen_port6))
         async with self._lock:
             busy = DEVICE
             try:
                 await self._drop_unwanted({name for _, name, _ in wanted})
-                for version, name, port in wanted:
+                for versions, name, port in wanted:
                     busy = name
-                    family = _Family(version, name, port, await self._choose(name))
+                    family = _Family(versions, name, port, await self._choose(name))
                     self.families.append(family)
                     await family.device.ensure()
                     await self._settings(family, True)
@@ -218,7 +225,7 @@ class WireguardBackend(Backend):
         except (UapiError, NetlinkError) as e:
             code = getattr(e, "errno", None) or getattr(e, "code", 0)
             if abs(code or 0) == errno.EADDRINUSE:
-                option = "ListenPort" if family.version == 4 else "ListenPortV6"
+                option = "ListenPort" if family.name == DEVICE else "ListenPortV6"
                 raise BackendError(
                     f"UDP port {family.port} is taken on this node; stop what uses it or set "
                     f"Backend.{option}"
@@ -227,14 +234,22 @@ class WireguardBackend(Backend):
         if state is not None and key is not None and state.private_key != NO_KEY:
             log.warning("wireguard: device %s had another private key; set to ours", family.name)
 
-    def _subnet(self, family: _Family, lease: Lease) -> IPv4Network | IPv6Network | None:
-        return lease.subnet if family.version == 4 else lease.ipv6_subnet
+    @property
+    def single(self) -> bool:
+        """One device for both families (Mode "auto", "ipv4", "ipv6" with EnableIPv6); in an
+        IPv4-only network every mode is one device, as "separate" is."""
+        return self.opts.mode != "separate" and self.ctx.config.ipv6 is not None
 
-    def _network(self, family: _Family) -> IPv4Network | IPv6Network:
-        config = self.ctx.config
-        network = config.network if family.version == 4 else config.ipv6 and config.ipv6.network
-        assert network is not None  # a family exists only for a family the network has
-        return network
+    def _halves(
+        self, family: _Family, lease: Lease
+    ) -> list[tuple[IPv4Network | IPv6Network | None, IPv4Network | IPv6Network]]:
+        """(the lease's subnet, the cluster network) of each IP version the device carries."""
+        config, out = self.ctx.config, []
+        for version in family.versions:
+            network = config.network if version == 4 else config.ipv6 and config.ipv6.network
+            assert network is not None  # a device carries only a family the network has
+            out.append((lease.subnet if version == 4 else lease.ipv6_subnet, network))
+        return out
 
     async def _configure_link(self, family: _Family, lease: Lease) -> int:
         """MTU, `<subnet network address>/32` (/128) as its only flannel address, up; its
@@ -245,17 +260,23 @@ class WireguardBackend(Backend):
         if link.get("mtu") != self.mtu:
             await ipr.link("set", index=index, mtu=self.mtu)
             log.info("device %s: MTU %d", family.name, self.mtu)
-        if (subnet := self._subnet(family, lease)) is not None:
-            await netlink.own_address_up(ipr, link, subnet, self._network(family))
+        for subnet, network in self._halves(family, lease):
+            if subnet is not None:
+                await netlink.own_address_up(ipr, link, subnet, network)
         return index
 
-    async def _sync_route(self, family: _Family, index: int, result: ReconcileResult) -> None:
-        """The one route of the family's cluster network via its device; any other proto-155
-        route of that family is stale."""
+    async def _sync_route(
+        self, family: _Family, lease: Lease, index: int, result: ReconcileResult
+    ) -> None:
+        """The route of each cluster network the device carries, via it; any other proto-155
+        route of those families is stale."""
         if self._rtnl is None:
             self._rtnl = Rtnl()
-        desired = {Route(dst=self._network(family), gateway=None, oif=index)}
-        actual = await self._rtnl.dump_routes(version=family.version)
+        halves = self._halves(family, lease)
+        desired = {Route(dst=network, gateway=None, oif=index) for _, network in halves}
+        actual = set()
+        for version in family.versions:
+            actual |= await self._rtnl.dump_routes(version=version)
         done = await netlink.apply(self._rtnl, diff(desired, actual), result)
         done.report(actual, family.routes, result, lambda r: f"{r.dst} dev {family.name}")
         family.routes = desired
@@ -265,7 +286,7 @@ class WireguardBackend(Backend):
             try:
                 for family in self.families:
                     index = await self._configure_link(family, lease)
-                    await self._sync_route(family, index, ReconcileResult())
+                    await self._sync_route(family, lease, index, ReconcileResult())
             except Exception:
                 await self.close()
                 raise
@@ -294,8 +315,20 @@ class WireguardBackend(Backend):
     def _plan(
         self, family: _Family, lease: Lease, peers: Mapping[IPv4Network, Lease]
     ) -> tuple[set[PeerConfig], list[str]]:
-        o = self.opts
-        return plan(lease, peers, family.port, o.keepalive, self._psk, family.version)
+        o, ext = self.opts, self.ctx.ext
+        if self.single:
+            return plan_single(
+                lease,
+                peers,
+                family.port,
+                o.mode,
+                family.versions,
+                o.keepalive,
+                self._psk,
+                have4=ext.ext_addr != NO_ADDRESS,
+                own6=ext.ext_addr6,
+            )
+        return plan(lease, peers, family.port, o.keepalive, self._psk, family.versions[0])
 
     async def reconcile(
         self, lease: Lease, peers: Mapping[IPv4Network, Lease], full: bool = True
@@ -333,7 +366,8 @@ class WireguardBackend(Backend):
         desired, warnings = self._plan(family, lease, peers)
         if full:
             await self._settings(family, True)
-            await self._sync_route(family, await self._configure_link(family, lease), result)
+            index = await self._configure_link(family, lease)
+            await self._sync_route(family, lease, index, result)
         if full or not family.view.known:
             family.view.refresh((await device.get()).peers.values())
         actual = {p.public_key: p for p in family.view.entries()}

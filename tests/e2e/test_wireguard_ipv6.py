@@ -5,6 +5,7 @@ as in test_wireguard.py: this machine's kernel has no WireGuard."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import secrets
 import sys
@@ -30,25 +31,34 @@ from .wireguard_kit import (
 )
 
 
-@pytest.mark.parametrize("ipv4", [True, False], ids=["dual-stack", "IPv6-only"])
-def test_a_device_per_family(ipv4):
-    """The reference's "separate" mode: flannel-wg-v6 (beside flannel-wg in dual-stack), the
-    same key in BackendV6Data, peers at [PublicIPv6]:51821 with their IPv6 subnets; the ping
-    matrices, and a payload sent over IPv6 never visible on the switch. IPv6-only: no IPv4
-    device, route or BackendData (PublicIP 0.0.0.0, as the reference writes it)."""
+@contextlib.contextmanager
+def _reachable_lab(ipv4: bool, mode: str = "separate"):
+    """A 3-node IPv6 lab (dual-stack, or IPv6-only) on wireguard in `mode`, its ping matrices
+    (IPv4 too in dual-stack) all answered."""
     config = {**CONFIG, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
+    config["Backend"] = {"Type": "wireguard", "Mode": mode}
     if not ipv4:
         config["EnableIPv4"] = False
     need_wireguard_go()
     with contextlib.ExitStack() as stack:
         stack.callback(drop_dangling_links)
         c = stack.enter_context(running(config, ("--reconcile-interval=2",), ipv6=True))
-        lab = c.lab
-        n1, n2, n3 = lab.nodes
         if ipv4:
             c.assert_all_reachable()
         matrix6 = c.wait_reachable(10, family=6)
         assert matrix6 and all(matrix6.values()), matrix6
+        yield c
+
+
+@pytest.mark.parametrize("ipv4", [True, False], ids=["dual-stack", "IPv6-only"])
+def test_a_device_per_family(ipv4):
+    """The reference's "separate" mode: flannel-wg-v6 (beside flannel-wg in dual-stack), the
+    same key in BackendV6Data, peers at [PublicIPv6]:51821 with their IPv6 subnets; the ping
+    matrices, and a payload sent over IPv6 never visible on the switch. IPv6-only: no IPv4
+    device, route or BackendData (PublicIP 0.0.0.0, as the reference writes it)."""
+    with _reachable_lab(ipv4) as c:
+        lab = c.lab
+        n1, n2, n3 = lab.nodes
         assert c.env(n1)["FLANNEL_MTU"] == "1420"
         link = json.loads(lab.run(n1.ns, "ip", "-j", "link", "show", "flannel-wg-v6").stdout)
         assert link[0]["mtu"] == 1420 and "UP" in link[0]["flags"]
@@ -93,3 +103,33 @@ def test_a_device_per_family(ipv4):
         seen = json.loads(finish(capture)[-1])
         assert sum(bytes.fromhex(d) == pattern for d in got) >= 45
         assert seen["wireguard"] >= 45 and seen["pattern"] == 0, seen
+
+
+@pytest.mark.parametrize(
+    ("mode", "ipv4"), [("auto", True), ("ipv6", True), ("auto", False)],
+    ids=["auto", "ipv6", "auto-IPv6-only"],
+)  # fmt: skip
+def test_one_device_for_both_families(mode, ipv4):
+    """The reference's single-device modes: flannel-wg alone carries IPv4 and IPv6, one peer
+    per node with both its subnets, at PublicIP:51820 ("auto": the lab's addresses are not
+    RFC 1918) or [PublicIPv6]:51820 ("ipv6", and "auto" in an IPv6-only network); the ping
+    matrices."""
+    with _reachable_lab(ipv4, mode) as c:
+        lab = c.lab
+        n1, n2, n3 = lab.nodes
+        names = {x["ifname"] for x in json.loads(lab.run(n1.ns, "ip", "-j", "link").stdout)}
+        assert "flannel-wg" in names and "flannel-wg-v6" not in names
+        networks = [("-4", "10.244.0.0/16")] * ipv4 + [("-6", "fd00:10:244::/56")]
+        for family, network in networks:
+            routes = json.loads(lab.run(n1.ns, "ip", family, "-j", "route", "show").stdout)
+            [route] = [r for r in routes if r["dst"] == network]
+            assert route["dev"] == "flannel-wg" and ours(route)
+        state = parse_get(ask(c.state_dir(n1) / "wireguard" / "flannel-wg.sock", b"get=1\n\n"))
+        assert state.listen_port == 51820 and len(state.peers) == 2
+        for node in (n2, n3):
+            env = c.env(node)
+            subnets = [env["FLANNEL_IPV6_SUBNET"], *([env["FLANNEL_SUBNET"]] if ipv4 else [])]
+            want = {ipaddress.ip_network(x, strict=False) for x in subnets}
+            [peer] = [p for p in state.peers.values() if p.allowed_ips == want]
+            address = node.ip6 if mode == "ipv6" or not ipv4 else node.ip
+            assert peer.endpoint == (ipaddress.ip_address(address), 51820)

