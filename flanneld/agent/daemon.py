@@ -10,6 +10,7 @@ import asyncio
 import logging
 import shutil
 import time
+from collections.abc import Awaitable
 from dataclasses import astuple
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def _counts(by_kind: dict[str, int]) -> str:
 
 class FatalError(StateError):
     """Startup cannot go on (bad interface, backend refuses the host)."""
+
+
+async def essential(what: str, loop: Awaitable[None]) -> None:
+    """Run one of the agent's loops, which end only when the agent stops. Ending any other
+    way (a bug; a cancellation that was not the agent's) raises FatalError, so the agent exits
+    and its supervisor restarts it, rather than running on without, say, its peer watch: a
+    task of a TaskGroup that ends cancelled does so silently."""
+    try:
+        await loop
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise FatalError(f"the {what} stopped: cancelled from inside (a bug); exiting") from None
+    raise FatalError(f"the {what} stopped (a bug); exiting")
 
 
 class Agent:
@@ -326,15 +342,17 @@ class Agent:
         await self.start()
         assert self.watcher and self.leases and self.backend
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.watcher.run())
+            tg.create_task(essential("peer watch", self.watcher.run()))
             await self.watcher.synced.wait()  # never reconcile against an empty, unsynced table
             await self.reconcile()
             self.write_subnet_env()
-            tg.create_task(self.leases.maintain())
-            tg.create_task(self.reconcile_loop())
-            tg.create_task(self.watch_config())
+            tg.create_task(essential("lease renewal", self.leases.maintain()))
+            tg.create_task(essential("reconcile loop", self.reconcile_loop()))
+            tg.create_task(essential("config watch", self.watch_config()))
             if self.masq is not None:
-                tg.create_task(self.masq.run(self.opts.iptables_resync))
+                tg.create_task(
+                    essential("firewall resync", self.masq.run(self.opts.iptables_resync))
+                )
 
     # -- steady state -----------------------------------------------------------------------
     def peers(self, own: Network) -> dict[Network, Lease]:

@@ -114,8 +114,8 @@ class PeerWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - any stream failure: back off and resume
+                # (the registry has dropped the stream's connection already)
                 outage.failed(e)
                 self.reconnects += 1
                 self.revision = None  # re-list on recovery: it reports whatever was missed
-                await self.registry.fail_over()
             await backoff.sleep()

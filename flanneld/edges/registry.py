@@ -167,6 +167,13 @@ def _rejected(e: RecordError) -> Rejected:
     return Rejected(e.rule, str(e))
 
 
+def _cancelled_here() -> bool:
+    """Whether a CancelledError is this task's own cancellation, rather than a gRPC call
+    cancelled under it (its channel closed), which is a connection failure like any other."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 class EtcdRegistry:
     def __init__(
         self,
@@ -198,6 +205,7 @@ class EtcdRegistry:
         self.config_key = f"{self.prefix}/config".encode()
         self._current = 0
         self._client: _Client | None = None
+        self._closing: dict[asyncio.Task[None], _Client] = {}  # dropped, closed after a while
         self.errors = 0  # failed requests, for metrics
         self.last_error = ""  # of the last request; "" when it succeeded
 
@@ -218,13 +226,30 @@ class EtcdRegistry:
     def endpoint(self) -> Endpoint:
         return self.endpoints[self._current]
 
-    async def fail_over(self) -> None:
-        """Drop the current connection and move to the next endpoint (the same one if alone)."""
-        old, self._client = self._client, None
-        if old is not None:
-            with contextlib.suppress(Exception):  # a dead channel may fail to close: gone anyway
-                await old.close()
+    async def fail_over(self, client: _Client | None = None) -> None:
+        """Drop a failed connection (`client`; by default the current one) and move to the next
+        endpoint (the same one if alone).
+
+        Several tasks share the connection, so a failure one of them saw on a connection
+        another has already replaced changes nothing: it must not throw away the connection
+        just made. The dropped connection is closed only after RPC_TIMEOUT, when the calls
+        still in flight on it have ended with their own answer or error; closing a gRPC channel
+        under them would raise CancelledError into those tasks, which then look cancelled and
+        end quietly (a peer watch or a lease renewal stopped for good).
+        """
+        client = client or self._client
+        if client is None or client is not self._client:
+            return
+        self._client = None
         self._current = (self._current + 1) % len(self.endpoints)
+        task = asyncio.get_running_loop().create_task(self._close_later(client))
+        self._closing[task] = client
+        task.add_done_callback(self._closing.pop)
+
+    async def _close_later(self, client: _Client) -> None:
+        await asyncio.sleep(RPC_TIMEOUT + 1)
+        with contextlib.suppress(Exception):  # a dead channel may fail to close: gone anyway
+            await asyncio.wait_for(client.close(), 1)
 
     async def call(self, op: Callable[[aetcd.Client], Any]) -> Any:
         """Run `op(client)`, moving to the next endpoint on a connection error.
@@ -235,8 +260,14 @@ class EtcdRegistry:
         for _ in range(len(self.endpoints)):
             if self._client is None:
                 self._client = self._new_client()
+            client = self._client
             try:
-                result = await op(self._client)
+                try:
+                    result = await op(client)
+                except asyncio.CancelledError:
+                    if _cancelled_here():
+                        raise
+                    raise etcd_exc.ConnectionFailedError("the call was cancelled") from None
                 self.last_error = ""
                 return result
             except (TimeoutError, etcd_exc.ClientError) as e:
@@ -250,7 +281,7 @@ class EtcdRegistry:
                     log.warning(
                         "etcd endpoint %s failed (%s); trying the next one", self.endpoint, e
                     )
-                await self.fail_over()
+                await self.fail_over(client)
         raise EtcdUnavailable(
             f"no etcd endpoint answered ({', '.join(map(str, self.endpoints))}): {last}"
         )
@@ -270,8 +301,11 @@ class EtcdRegistry:
             ) from None
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        clients = [*self._closing.values(), *([self._client] if self._client else [])]
+        for task in list(self._closing):
+            task.cancel()
+        self._client = None
+        for client in clients:
             with contextlib.suppress(Exception):  # closing on shutdown: nothing to recover
                 await asyncio.wait_for(client.close(), 1)
 
@@ -380,13 +414,19 @@ class EtcdRegistry:
         """Events under `<prefix>/subnets/` from `start_revision` on.
 
         Raises `aetcd.exceptions.RevisionCompactedError` when that revision is compacted, and
-        a connection error (or EtcdUnavailable) when the stream breaks: the caller re-lists.
+        a connection error (or EtcdUnavailable) when the stream breaks, after dropping the
+        stream's connection: the caller re-lists. Ends without error when the connection is
+        closed under it (another caller dropped it): the caller watches again.
         """
-        w = await self.call(
-            lambda c: c.watch_prefix(self.subnets_prefix, start_revision=start_revision)
-        )
+        used: list[_Client] = []
+
+        def start(c: _Client) -> Any:
+            used.append(c)
+            return c.watch_prefix(self.subnets_prefix, start_revision=start_revision)
+
+        w = await self.call(start)
         try:
-            async for ev in w:
+            async for ev in self._events(w, used[-1]):
                 kv = ev.kv
                 key = kv.key[len(self.subnets_prefix) :].decode(errors="replace")
                 try:
@@ -403,3 +443,20 @@ class EtcdRegistry:
         finally:
             with contextlib.suppress(Exception):  # the stream may already be gone
                 await asyncio.wait_for(w.cancel(), 1)
+
+    async def _events(self, w: Any, client: _Client) -> AsyncIterator[Any]:
+        """The watch's events; a broken stream drops its connection (`fail_over`) and raises
+        a connection error, also when it shows as a stray CancelledError."""
+        try:
+            async for ev in w:
+                yield ev
+        except etcd_exc.RevisionCompactedError:
+            raise
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            await self.fail_over(client)
+            raise etcd_exc.ConnectionFailedError("the watch stream was cancelled") from None
+        except Exception:
+            await self.fail_over(client)
+            raise
