@@ -31,6 +31,7 @@ from backends import netlink
 from backends.base import ReconcileResult
 from backends.reconcile import diff
 from backends.rtnl import Rtnl, delete_nexthop
+from backends.udp.kernel import cleanup_ingress_filters
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
@@ -80,6 +81,7 @@ async def cleanup_kernel(netns: str | None = None) -> list[str]:
                     done.append(f"device {name} ({kind})")
                 except NetlinkError:
                     pass
+    done += await cleanup_ingress_filters(netns)
     return done
 
 
