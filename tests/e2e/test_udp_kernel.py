@@ -17,6 +17,7 @@ import pytest
 from deploy.lab import SEG1_GATEWAY, Lab, Node
 
 from .cluster import PREFIX, Cluster, need_lab, sample, wait_until
+from .test_udp import ECHO_SERVER, tcp_echo
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 PORT = 8473
@@ -75,6 +76,8 @@ def cluster():
             c.start(node)
         for node in lab.nodes:
             c.wait_ready(node)
+        for node in lab.nodes:
+            lab.spawn(node.containers[0].ns, sys.executable, "-c", ECHO_SERVER)
         yield c
 
 
@@ -137,6 +140,21 @@ def test_ping_matrix_and_tcp_go_through_the_kernel_not_userspace(cluster):
         assert kernel(cluster, n, "encapsulated") >= enc + 40, n.name  # 2 peers x 10 x 2
         assert kernel(cluster, n, "decapsulated") >= dec + 40, n.name
         assert userspace_packets(cluster, n) - user <= 2, n.name
+
+
+def test_bulk_tcp_between_all_containers_goes_through_the_kernel(cluster):
+    """TCP super-packets (GSO) are encapsulated whole and decapsulated whole."""
+    nodes = cluster.lab.nodes
+    before = {n.name: (kernel(cluster, n, "encapsulated"), userspace_packets(cluster, n))
+              for n in nodes}  # fmt: skip
+    for src in nodes:
+        for dst in nodes:
+            if src is not dst:
+                assert tcp_echo(cluster, src, dst, 4_000_000) == "ok", f"{src.name}->{dst.name}"
+    for n in nodes:
+        enc, user = before[n.name]
+        assert kernel(cluster, n, "encapsulated") > enc + 100, n.name
+        assert userspace_packets(cluster, n) - user <= 10, n.name
 
 
 def test_spoofed_and_stranger_datagrams_fall_to_userspace_and_are_counted(cluster):

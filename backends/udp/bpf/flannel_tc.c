@@ -192,7 +192,9 @@ int flannel_ingress(struct __sk_buff *skb)
 	__u32 udp_len = bpf_ntohs(udp->len);
 	struct route_val *r;
 	struct lpm_key key = { .prefixlen = 32, .addr = iip->saddr };
-	if (udp->source != bpf_htons((__u16)c->port) || skb->gso_size ||
+	/* a GSO super-packet (our egress's, kept whole across a veth) is judged by its headers,
+	 * which every segment will carry; its length fields hold the whole length, as checked */
+	if (udp->source != bpf_htons((__u16)c->port) ||
 	    bpf_ntohs(oip->tot_len) != udp_len + 20 || skb->len != 14 + 20 + udp_len ||
 	    bpf_ntohs(iip->tot_len) + 8 != udp_len || iip->version != 4 || iip->ihl != 5 ||
 	    fold10((const __u16 *)iip) != 0xffff || iip->ttl <= 1 ||
