@@ -271,12 +271,22 @@ def test_stop_removes_the_ingress_filter_and_a_killed_agents_is_replaced(cluster
     cluster.start(n2)
     cluster.wait_ready(n2)
     assert "flannel_udp_in" in ingress_filters(cluster, n2)
+    for _ in range(2):
+        cluster.stop(n2, signal.SIGKILL)
+        assert "flannel_udp_in" in ingress_filters(cluster, n2)  # stale: nobody removed it
+        cluster.subnet_file(n2).unlink()
+        cluster.start(n2)
+        cluster.wait_ready(n2)
+        assert ingress_filters(cluster, n2).count("flannel_udp_in") == 1  # replaced
+    cluster.assert_all_reachable()
+    # a killed agent's filter is removed by `flannelctl cleanup` too
     cluster.stop(n2, signal.SIGKILL)
-    assert "flannel_udp_in" in ingress_filters(cluster, n2)  # stale: nobody removed it
+    out = lab.run(n2.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup").stdout
+    assert "removed tc ingress filter flannel_udp_in on eth0" in out
+    assert "flannel_udp_in" not in ingress_filters(cluster, n2)
     cluster.subnet_file(n2).unlink()
     cluster.start(n2)
     cluster.wait_ready(n2)
-    assert ingress_filters(cluster, n2).count("flannel_udp_in") == 1
     cluster.assert_all_reachable()
     enc = kernel(cluster, n2, "encapsulated")
     assert lab.ping(n2.containers[0].ns, n1.containers[0].ip, count=3)
