@@ -61,7 +61,17 @@ from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_
 from ..reconcile import Route, diff
 from ..registry import register
 from ..rtnl import Rtnl
-from .core import CAP_PARTIAL_CSUM, CAP_TRAIN, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
+from .core import (
+    CAP_PARTIAL_CSUM,
+    CAP_TRAIN,
+    DATAPATH_KERNEL,
+    DATAPATH_KEY,
+    DEFAULT_PORT,
+    ENCAP_OVERHEAD,
+    Drop,
+    Peer,
+    Routes,
+)
 from .datapath import Datapath, open_socket, open_tun
 from .kernel import KernelPath, KernelUnavailable
 from .kplan import KERNEL_ENV, KernelSetting, kernel_wanted
@@ -91,14 +101,24 @@ def advertised(backend_data: Any, cap: str) -> bool:
     return isinstance(caps, list) and cap in caps
 
 
+def runs_kernel(backend_data: Any) -> bool:
+    """BackendData `{"Datapath": "kernel"}` (key in any case): the peer runs the fast path."""
+    value = ci_get(backend_data, DATAPATH_KEY) if isinstance(backend_data, dict) else None
+    return value == DATAPATH_KERNEL
+
+
 def plan(
     local: Lease,
     peers: Mapping[IPv4Network, Lease],
     network: IPv4Network,
     subnet_len: int,
     port: int,
+    caps: bool = True,
 ) -> tuple[Routes, list[str]]:
-    """The datapath's snapshot for these peers, and one warning per peer skipped.
+    """The datapath's snapshot for these peers, and one warning per peer skipped. `caps`:
+    this node advertises its own; without them it must send as the reference does (whole
+    packets, finished checksums) whatever peers advertise, because a peer treats a sender
+    without `csum` as the reference and writes what it sends as it came.
 
     Skipped: our own subnet, a lease claiming our PublicIP, a lease of another backend type
     (the reference's udp writes none; "udp" is accepted too)."""
@@ -109,9 +129,10 @@ def plan(
             warnings.append(why)
         else:
             data = peer.attrs.backend_data
-            partial = advertised(data, CAP_PARTIAL_CSUM)
+            partial = caps and advertised(data, CAP_PARTIAL_CSUM)
             train = partial and advertised(data, CAP_TRAIN)
-            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial, train))
+            kernel = runs_kernel(data)
+            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial, train, kernel))
     return Routes(network, subnet_len, local.subnet, chosen, port), warnings
 
 
@@ -155,6 +176,7 @@ class UdpBackend(Backend):
         self.recreations = 0
         self._kernel: KernelPath | None = None
         self._kernel_failed = False
+        self._caps = False  # the lease advertises Cap (prepare)
         self._kernel_retired: dict[str, int] = {}  # counts of a fast path given up on
 
     @property
@@ -222,8 +244,12 @@ class UdpBackend(Backend):
         else:
             log.info("udp datapath: userspace (%s=false)", KERNEL_ENV)
         # the fast path delivers whole reference-format packets only: no capability then
-        caps = self.vnet and self._kernel is None
-        data = {"Cap": [CAP_PARTIAL_CSUM, CAP_TRAIN]} if caps else None
+        data: dict[str, Any] | None = None
+        if self._kernel is not None:
+            data = {DATAPATH_KEY: DATAPATH_KERNEL}
+        elif self.vnet:
+            data = {"Cap": [CAP_PARTIAL_CSUM, CAP_TRAIN]}
+        self._caps = data is not None and "Cap" in data
         return LeaseAttrs(public_ip=self.ctx.ext.ext_addr, backend_data=data)
 
     async def _open_kernel(self) -> None:
@@ -260,7 +286,9 @@ class UdpBackend(Backend):
 
     def _routes(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> Routes:
         config = self.ctx.config
-        routes, warnings = plan(lease, peers, config.network, config.subnet_len, self.port)
+        routes, warnings = plan(
+            lease, peers, config.network, config.subnet_len, self.port, self._caps
+        )
         for warning in warnings:
             if warning not in self._warned:
                 log.warning("%s", warning)

@@ -36,6 +36,7 @@ from .kplan import (
     STATS_SLOTS,
     changes,
     config_value,
+    kernel_too_old,
     patch_map_fds,
     route_entries,
     stats_values,
@@ -235,6 +236,8 @@ class KernelPath:
 
     @classmethod
     async def open(cls, tun: str, eth_index: int) -> KernelPath:
+        if why := kernel_too_old(os.uname().release):
+            raise KernelUnavailable(why)
         k = cls()
         try:
             k._load()

@@ -4,15 +4,20 @@ instruction patching. No I/O (`kernel` does the bpf(2) calls and the tc attachme
 Maps (the layouts are flannel_tc.c's structs, little-endian host, addresses in network order):
 - config: ARRAY[1] of {local IP (the UDP socket's address), own subnet, its mask, the underlay
   ifindex, flannel0's ifindex, Port}; Port 0 means "not configured": all falls through.
-- routes: LPM_TRIE {prefixlen, subnet} -> {peer PublicIP, peer Port}, one entry per peer of
-  `core.Routes` (longest prefix, as `Routes.lookup`). Egress encapsulates to the entry of the
-  destination; ingress admits a datagram only when the entry of the inner SOURCE names the
+- routes: LPM_TRIE {prefixlen, subnet} -> {peer PublicIP, peer Port, flags}, one entry per
+  peer of `core.Routes` (longest prefix, as `Routes.lookup`). Egress encapsulates to the entry
+  of the destination when its flag `ROUTE_KERNEL` says the peer runs the fast path too (a
+  packet the kernel encapsulates may carry an unfinished TCP/UDP checksum, which a NIC
+  finishes but a veth underlay does not, and a userspace receiver would then write a packet
+  its kernel drops; so packets to other peers go through userspace, which finishes them);
+  ingress admits a datagram only when the entry of the inner SOURCE names the
   datagram's sender, which is `Routes.check`'s spoofing rule and implies a known sender.
 - stats: ARRAY of u64 counters, named by `STATS`.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
@@ -32,12 +37,14 @@ STATS = (
     "decapsulated",
     "ingress_fallbacks",
     "ingress_errors",
+    "egress_userspace_peers",
 )
 STATS_SLOTS = 8
 
 CONFIG_SIZE = 24
 ROUTE_KEY_SIZE = 8
-ROUTE_VALUE_SIZE = 8
+ROUTE_VALUE_SIZE = 12
+ROUTE_KERNEL = 1  # route flag: the peer runs the fast path
 MAX_ROUTES = 16384
 
 BPF_LD_IMM64 = 0x18
@@ -53,6 +60,21 @@ def kernel_wanted(environ: Mapping[str, str]) -> bool:
         return parse_bool(environ.get(KERNEL_ENV, "true"))
     except FlagError as e:
         raise KernelSetting(f"{KERNEL_ENV}: {e}") from None
+
+
+MIN_KERNEL = (6, 3)  # bpf_skb_adjust_room's BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+
+
+def kernel_too_old(release: str) -> str | None:
+    """Why a kernel of this `uname -r` cannot run the fast path, or None. Older kernels load
+    the programs but refuse the decap flag at run time, which would hand every datagram,
+    TCP super-packets too, to the socket."""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if m is None:
+        return f"cannot read the kernel version from {release!r}"
+    if (int(m[1]), int(m[2])) < MIN_KERNEL:
+        return f"kernel {m[1]}.{m[2]} is older than 6.3 (no decapsulation in bpf_skb_adjust_room)"
+    return None
 
 
 def config_value(
@@ -74,7 +96,9 @@ def route_entries(routes: Routes) -> dict[bytes, bytes]:
     """The routes map's content for this snapshot (`plan` takes peers from a mapping keyed by
     subnet, so no subnet comes twice; if one did, the last peer would hold it)."""
     return {
-        route_key(p.subnet): p.public_ip.packed + struct.pack("<I", p.port) for p in routes.peers
+        route_key(p.subnet): p.public_ip.packed
+        + struct.pack("<II", p.port, ROUTE_KERNEL if p.kernel else 0)
+        for p in routes.peers
     }
 
 

@@ -108,21 +108,30 @@ def subnet_key(c: Cluster, node: Node) -> str:
     return f"{PREFIX}/subnets/{subnet.replace('/', '-')}"
 
 
-def restart(c: Cluster, node: Node, env: dict[str, str] | None = None) -> None:
-    c.stop(node)
-    c.subnet_file(node).unlink()
+def start_ready(c: Cluster, node: Node, env: dict[str, str] | None = None) -> None:
+    """Start the node's agent and wait for it; its container is made anew then (the lab
+    re-attaches containers), so it gets its echo server again."""
+    c.subnet_file(node).unlink(missing_ok=True)
     c.start(node, env=env)
     c.wait_ready(node)
+    c.lab.spawn(node.containers[0].ns, sys.executable, "-c", ECHO_SERVER)
+
+
+def restart(c: Cluster, node: Node, env: dict[str, str] | None = None) -> None:
+    c.stop(node)
+    start_ready(c, node, env)
 
 
 def test_fast_path_is_chosen_with_one_log_line_and_no_capability_advertised(cluster):
+    """No `Cap` (peers send plain datagrams), and `Datapath: kernel` (peers' fast paths may
+    send to it from their kernel)."""
     lab = cluster.lab
     for node in lab.nodes:
         assert cluster.log(node).count("udp datapath:") == 1
         assert KERNEL_LINE in cluster.log(node)
         assert "flannel_udp_in" in ingress_filters(cluster, node)
         record = json.loads(lab.etcdctl("get", "--print-value-only", subnet_key(cluster, node)))
-        assert "Cap" not in json.dumps(record.get("BackendData"))
+        assert record["BackendData"] == {"Datapath": "kernel"}
 
 
 def test_ping_matrix_and_tcp_go_through_the_kernel_not_userspace(cluster):
@@ -229,15 +238,15 @@ def test_peer_removed_from_etcd_leaves_the_fast_path(cluster):
         )
         assert drops(cluster, n1, "no_peer") > no_peer  # userspace answered: net unreachable
     finally:
-        cluster.subnet_file(n3).unlink(missing_ok=True)
-        cluster.start(n3)
-        cluster.wait_ready(n3)
+        start_ready(cluster, n3)
     cluster.assert_all_reachable()
 
 
 def test_kernel_off_and_a_mixed_pair(cluster):
     """n3 with FLANNELD_UDP_KERNEL=false runs the userspace path (no kernel counters, its
-    capabilities advertised); n1 (fast path) and n3 ping both ways."""
+    capabilities advertised); n1 (fast path) and n3 ping and move TCP both ways: n1's kernel
+    takes what n3 sends, and leaves what goes to n3 to n1's userspace, which finishes the
+    checksums a veth underlay leaves unfinished (see kplan)."""
     lab = cluster.lab
     n1, _, n3 = lab.nodes
     restart(cluster, n3, USERSPACE)
@@ -248,15 +257,18 @@ def test_kernel_off_and_a_mixed_pair(cluster):
         assert "flannel_udp_in" not in ingress_filters(cluster, n3)
         record = json.loads(lab.etcdctl("get", "--print-value-only", subnet_key(cluster, n3)))
         assert record["BackendData"] == {"Cap": ["csum", "train"]}
-        enc, dec = kernel(cluster, n1, "encapsulated"), kernel(cluster, n1, "decapsulated")
+        to_user = kernel(cluster, n1, "egress_userspace_peers")
+        dec = kernel(cluster, n1, "decapsulated")
         user = userspace_packets(cluster, n3)
         c1, c3 = n1.containers[0], n3.containers[0]
         wait_until(lambda: lab.ping(c1.ns, c3.ip, timeout=0.5), 10, what="n1 -> n3")
         assert lab.ping(c1.ns, c3.ip, count=5)
         assert lab.ping(c3.ns, c1.ip, count=5)
-        assert kernel(cluster, n1, "encapsulated") >= enc + 10
+        assert kernel(cluster, n1, "egress_userspace_peers") >= to_user + 10
         assert kernel(cluster, n1, "decapsulated") >= dec + 10
         assert userspace_packets(cluster, n3) >= user + 20
+        assert tcp_echo(cluster, n1, n3, 4_000_000) == "ok"
+        assert tcp_echo(cluster, n3, n1, 4_000_000) == "ok"
     finally:
         restart(cluster, n3)
     assert KERNEL_LINE in cluster.log(n3)
@@ -267,16 +279,12 @@ def test_stop_removes_the_ingress_filter_and_a_killed_agents_is_replaced(cluster
     n1, n2, _ = lab.nodes
     cluster.stop(n2)
     assert "flannel_udp_in" not in ingress_filters(cluster, n2)
-    cluster.subnet_file(n2).unlink()
-    cluster.start(n2)
-    cluster.wait_ready(n2)
+    start_ready(cluster, n2)
     assert "flannel_udp_in" in ingress_filters(cluster, n2)
     for _ in range(2):
         cluster.stop(n2, signal.SIGKILL)
         assert "flannel_udp_in" in ingress_filters(cluster, n2)  # stale: nobody removed it
-        cluster.subnet_file(n2).unlink()
-        cluster.start(n2)
-        cluster.wait_ready(n2)
+        start_ready(cluster, n2)
         assert ingress_filters(cluster, n2).count("flannel_udp_in") == 1  # replaced
     cluster.assert_all_reachable()
     # a killed agent's filter is removed by `flannelctl cleanup` too
@@ -284,10 +292,37 @@ def test_stop_removes_the_ingress_filter_and_a_killed_agents_is_replaced(cluster
     out = lab.run(n2.ns, sys.executable, "-m", "flanneld.face.ctl", "cleanup").stdout
     assert "removed tc ingress filter flannel_udp_in on eth0" in out
     assert "flannel_udp_in" not in ingress_filters(cluster, n2)
-    cluster.subnet_file(n2).unlink()
-    cluster.start(n2)
-    cluster.wait_ready(n2)
+    start_ready(cluster, n2)
     cluster.assert_all_reachable()
     enc = kernel(cluster, n2, "encapsulated")
     assert lab.ping(n2.containers[0].ns, n1.containers[0].ip, count=3)
     assert kernel(cluster, n2, "encapsulated") >= enc + 3
+
+
+def test_another_port_is_used_on_the_wire_both_ways():
+    """Backend Port 9285: the fast path encapsulates to it and from it, and admits it."""
+    need_lab()
+    config = {"Network": "10.245.0.0/16", "Backend": {"Type": "udp", "Port": 9285}}
+    with Lab(nodes=2, containers=1) as lab:
+        lab.start_etcd()
+        c = Cluster(lab, config, ("--reconcile-interval=1", "--healthz-ip=127.0.0.1",
+                                  f"--healthz-port={PORT}"))  # fmt: skip
+        c.start_all()
+        n1, n2 = lab.nodes
+        dump = lab.spawn(
+            lab.switch_ns, "tcpdump", "-n", "-l", "-c", "4", "-i", "br0", "udp port 9285",
+            log=lab.workdir / "tcpdump.log",
+        )  # fmt: skip
+        try:
+            c.assert_all_reachable()
+            assert lab.ping(n1.containers[0].ns, n2.containers[0].ip, count=5)
+            dump.wait(10)
+        finally:
+            if dump.poll() is None:
+                dump.kill()
+        for node in (n1, n2):
+            assert kernel(c, node, "encapsulated") >= 5
+            assert kernel(c, node, "decapsulated") >= 5
+            assert userspace_packets(c, node) <= 2
+        wire = (lab.workdir / "tcpdump.log").read_text()
+        assert f"{n1.ip}.9285 > {n2.ip}.9285" in wire or f"{n2.ip}.9285 > {n1.ip}.9285" in wire

@@ -21,6 +21,7 @@ from backends.udp.kplan import (
     KernelSetting,
     changes,
     config_value,
+    kernel_too_old,
     kernel_wanted,
     patch_map_fds,
     route_entries,
@@ -36,15 +37,15 @@ def snapshot(*peers: Peer, port: int = 8285) -> Routes:
     return Routes(N("10.244.0.0/16"), 24, N("10.244.1.0/24"), peers, port)
 
 
-def test_route_entries_are_prefix_and_subnet_to_peer_ip_and_port():
+def test_route_entries_are_prefix_and_subnet_to_peer_ip_port_and_kernel_flag():
     routes = snapshot(
-        Peer(N("10.244.2.0/24"), A("192.0.2.12"), 9000),
+        Peer(N("10.244.2.0/24"), A("192.0.2.12"), 9000, kernel=True),
         Peer(N("10.244.8.0/21"), A("192.0.2.13"), 9000),
     )
     entries = route_entries(routes)
     assert entries == {
-        bytes([24, 0, 0, 0, 10, 244, 2, 0]): bytes([192, 0, 2, 12]) + struct.pack("<I", 9000),
-        bytes([21, 0, 0, 0, 10, 244, 8, 0]): bytes([192, 0, 2, 13]) + struct.pack("<I", 9000),
+        bytes([24, 0, 0, 0, 10, 244, 2, 0]): bytes([192, 0, 2, 12]) + struct.pack("<II", 9000, 1),
+        bytes([21, 0, 0, 0, 10, 244, 8, 0]): bytes([192, 0, 2, 13]) + struct.pack("<II", 9000, 0),
     }
     assert all(len(k) == ROUTE_KEY_SIZE and len(v) == ROUTE_VALUE_SIZE for k, v in entries.items())
 
@@ -146,3 +147,49 @@ def test_embedded_bytecode_is_what_the_build_script_makes_of_the_c_source():
     from deploy.build_bpf import OUTPUT, build
 
     assert OUTPUT.read_text() == build(), "run: python deploy/build_bpf.py"
+
+
+@pytest.mark.parametrize(
+    ("release", "ok"),
+    [("6.18.44-fc-v857", True), ("6.3.0", True), ("7.0.1", True), ("6.2.16-arch", False),
+     ("5.15.0-91-generic", False), ("weird", False)],
+)  # fmt: skip
+def test_kernel_version_gate(release, ok):
+    assert (kernel_too_old(release) is None) is ok
+
+
+# -- the plan when the fast path runs ---------------------------------------------------------
+
+
+def _lease(subnet: str, ip: str, data: object = None):
+    from flanneld.core.lease import Lease, LeaseAttrs
+
+    return Lease(N(subnet), LeaseAttrs(A(ip), "", data))
+
+
+def test_plan_marks_fast_path_peers_and_without_own_caps_uses_none_of_theirs():
+    from backends.udp import plan
+
+    local = _lease("10.244.1.0/24", "192.0.2.11")
+    peers = {
+        N("10.244.2.0/24"): _lease("10.244.2.0/24", "192.0.2.12", {"Cap": ["csum", "train"]}),
+        N("10.244.3.0/24"): _lease("10.244.3.0/24", "192.0.2.13", {"datapath": "kernel"}),
+        N("10.244.4.0/24"): _lease("10.244.4.0/24", "192.0.2.14"),  # the reference's
+        N("10.244.5.0/24"): _lease("10.244.5.0/24", "192.0.2.15", {"Datapath": "Kernel"}),
+    }
+    network = N("10.244.0.0/16")
+    with_caps, _ = plan(local, peers, network, 24, 8285)
+    without, _ = plan(local, peers, network, 24, 8285, caps=False)
+    assert [(p.partial_csum, p.train, p.kernel) for p in with_caps.peers] == [
+        (True, True, False),
+        (False, False, True),
+        (False, False, False),
+        (False, False, False),  # the value is matched exactly
+    ]
+    # a node advertising no Cap is a reference node to its peers: it sends as one
+    assert [(p.partial_csum, p.train, p.kernel) for p in without.peers] == [
+        (False, False, False),
+        (False, False, True),
+        (False, False, False),
+        (False, False, False),
+    ]

@@ -33,7 +33,8 @@ struct cfg {
 	__u32 port;        /* the backend Port; 0 = not configured yet: everything falls through */
 };
 struct lpm_key { __u32 prefixlen; __u32 addr; };
-struct route_val { __u32 peer_ip; __u32 port; };
+struct route_val { __u32 peer_ip; __u32 port; __u32 flags; };
+#define ROUTE_KERNEL 1 /* the peer runs this fast path: see kplan.py */
 
 /* placeholders: the loader patches the ld_imm64 that references them with map fds */
 struct mapref { int unused; };
@@ -42,7 +43,7 @@ struct mapref route_map SEC("maps"); /* LPM_TRIE lpm_key -> route_val: peer subn
 struct mapref stats_map SEC("maps"); /* ARRAY[8] of u64 counters, names in kplan.STATS */
 
 enum { ST_ENCAPSULATED, ST_EGRESS_MISSES, ST_EGRESS_FALLBACKS, ST_EGRESS_ERRORS,
-       ST_DECAPSULATED, ST_INGRESS_FALLBACKS, ST_INGRESS_ERRORS };
+       ST_DECAPSULATED, ST_INGRESS_FALLBACKS, ST_INGRESS_ERRORS, ST_EGRESS_USERSPACE_PEERS };
 
 static __always_inline void stat(__u32 idx)
 {
@@ -88,6 +89,12 @@ int flannel_egress(struct __sk_buff *skb)
 	if (!r) {
 		stat(ST_EGRESS_MISSES);
 		return TC_ACT_OK; /* the TUN: userspace answers with ICMP unreachable */
+	}
+	if (!(r->flags & ROUTE_KERNEL)) {
+		/* a userspace (or reference) peer: our kernel may leave the inner checksum
+		 * unfinished, which only a NIC would finish; userspace finishes it */
+		stat(ST_EGRESS_USERSPACE_PEERS);
+		return TC_ACT_OK;
 	}
 	if (ip->ttl <= 1) {
 		stat(ST_EGRESS_FALLBACKS);
