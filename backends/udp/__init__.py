@@ -30,9 +30,14 @@ the inner packet to flannel0. Whatever they do not take (no peer: ICMP unreachab
 options; non-TCP GSO; any datagram failing a rule, which userspace then drops and counts) goes
 the userspace way. One log line at start says which datapath runs. FLANNELD_UDP_KERNEL=false
 turns the fast path off; a kernel that cannot load or attach it (no BPF, old kernel) gets the
-userspace path with the reason logged. While it runs the lease advertises no `Cap`: the fast
-path delivers reference-format datagrams only, so peers (ours in userspace too) send it whole
-packets with finished checksums, one per datagram; it sends plain packets to every peer.
+userspace path with the reason logged (kernels before 6.3 are not tried). While it runs the
+lease advertises no `Cap` but `{"Datapath": "kernel"}`: the fast path delivers
+reference-format datagrams only, so peers (ours in userspace too) send it whole packets with
+finished checksums, one per datagram, and the node's own userspace path sends as the
+reference does too (`plan(caps=False)`: a peer treats a sender without `csum` as the
+reference and writes what it sends as it came). The kernel encapsulates only to peers that
+advertise `Datapath: kernel`; to the others packets go through userspace (see `kplan`).
+The ingress filter is removed on close and by `flannelctl cleanup` (`cleanup`).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from .core import (
     Routes,
 )
 from .datapath import Datapath, open_socket, open_tun
-from .kernel import KernelPath, KernelUnavailable
+from .kernel import KernelPath, KernelUnavailable, cleanup_ingress_filters
 from .kplan import KERNEL_ENV, KernelSetting, kernel_wanted
 
 log = logging.getLogger(__name__)
@@ -155,6 +160,11 @@ class UdpBackend(Backend):
     @classmethod
     def owned_devices(cls) -> tuple[tuple[str, str], ...]:
         return (("tun", r"flannel\d+"),)
+
+    @classmethod
+    async def cleanup(cls, netns: str | None = None) -> list[str]:
+        """The fast path's ingress filter, left on the underlay NIC by a killed agent."""
+        return await cleanup_ingress_filters(netns)
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)

@@ -31,7 +31,6 @@ from backends import netlink
 from backends.base import ReconcileResult
 from backends.reconcile import diff
 from backends.rtnl import Rtnl, delete_nexthop
-from backends.udp.kernel import cleanup_ingress_filters
 from flanneld.core.admission import PeerRules
 from flanneld.core.config import ConfigError, parse_config
 from flanneld.core.errors import FlannelError, StateError
@@ -81,8 +80,7 @@ async def cleanup_kernel(netns: str | None = None) -> list[str]:
                     done.append(f"device {name} ({kind})")
                 except NetlinkError:
                     pass
-    done += await cleanup_ingress_filters(netns)
-    return done
+    return done + await backends.cleanup_all(netns)  # what else backends leave: udp's tc filter
 
 
 async def _cleanup(args: argparse.Namespace) -> int:
