@@ -86,6 +86,13 @@ class Backend(ABC):
         `flannelctl cleanup` removes exactly those. Default: none."""
         return ()
 
+    @classmethod
+    async def cleanup(cls, netns: str | None = None) -> list[str]:
+        """`flannelctl cleanup`: remove what the backend leaves besides its routes and
+        `owned_devices` (in this namespace or the named one); what was removed, as text.
+        Default: nothing."""
+        return []
+
     @property
     @abstractmethod
     def mtu(self) -> int:

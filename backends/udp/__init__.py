@@ -21,6 +21,23 @@ reference ignores BackendData and gets every packet whole with its checksums fin
 Options (`Backend` object, keys in any case): `Port`, the UDP port on every node (default 8285).
 The environment variable FLANNELD_UDP_OFFLOAD=false makes one node run as the reference does:
 plain TUN, one packet per system call, no capability advertised.
+
+Kernel fast path (`kplan`, `kernel`, the programs in bpf/flannel_tc.c): where the kernel allows
+it, two tc eBPF programs carry the traffic instead of the thread: egress on flannel0
+encapsulates a packet whose destination a peer holds and sends it out of the underlay NIC,
+ingress on the underlay NIC checks a datagram against every admission rule above and delivers
+the inner packet to flannel0. Whatever they do not take (no peer: ICMP unreachable; TTL; IP
+options; non-TCP GSO; any datagram failing a rule, which userspace then drops and counts) goes
+the userspace way. One log line at start says which datapath runs. FLANNELD_UDP_KERNEL=false
+turns the fast path off; a kernel that cannot load or attach it (no BPF, old kernel) gets the
+userspace path with the reason logged (kernels before 6.3 are not tried). While it runs the
+lease advertises no `Cap` but `{"Datapath": "kernel"}`: the fast path delivers
+reference-format datagrams only, so peers (ours in userspace too) send it whole packets with
+finished checksums, one per datagram, and the node's own userspace path sends as the
+reference does too (`plan(caps=False)`: a peer treats a sender without `csum` as the
+reference and writes what it sends as it came). The kernel encapsulates only to peers that
+advertise `Datapath: kernel`; to the others packets go through userspace (see `kplan`).
+The ingress filter is removed on close and by `flannelctl cleanup` (`cleanup`).
 """
 
 from __future__ import annotations
@@ -49,8 +66,20 @@ from ..base import Backend, BackendContext, BackendError, ReconcileResult, skip_
 from ..reconcile import Route, diff
 from ..registry import register
 from ..rtnl import Rtnl
-from .core import CAP_PARTIAL_CSUM, CAP_TRAIN, DEFAULT_PORT, ENCAP_OVERHEAD, Drop, Peer, Routes
+from .core import (
+    CAP_PARTIAL_CSUM,
+    CAP_TRAIN,
+    DATAPATH_KERNEL,
+    DATAPATH_KEY,
+    DEFAULT_PORT,
+    ENCAP_OVERHEAD,
+    Drop,
+    Peer,
+    Routes,
+)
 from .datapath import Datapath, open_socket, open_tun
+from .kernel import KernelPath, KernelUnavailable, cleanup_ingress_filters
+from .kplan import KERNEL_ENV, KernelSetting, kernel_wanted
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +106,24 @@ def advertised(backend_data: Any, cap: str) -> bool:
     return isinstance(caps, list) and cap in caps
 
 
+def runs_kernel(backend_data: Any) -> bool:
+    """BackendData `{"Datapath": "kernel"}` (key in any case): the peer runs the fast path."""
+    value = ci_get(backend_data, DATAPATH_KEY) if isinstance(backend_data, dict) else None
+    return value == DATAPATH_KERNEL
+
+
 def plan(
     local: Lease,
     peers: Mapping[IPv4Network, Lease],
     network: IPv4Network,
     subnet_len: int,
     port: int,
+    caps: bool = True,
 ) -> tuple[Routes, list[str]]:
-    """The datapath's snapshot for these peers, and one warning per peer skipped.
+    """The datapath's snapshot for these peers, and one warning per peer skipped. `caps`:
+    this node advertises its own; without them it must send as the reference does (whole
+    packets, finished checksums) whatever peers advertise, because a peer treats a sender
+    without `csum` as the reference and writes what it sends as it came.
 
     Skipped: our own subnet, a lease claiming our PublicIP, a lease of another backend type
     (the reference's udp writes none; "udp" is accepted too)."""
@@ -95,9 +134,10 @@ def plan(
             warnings.append(why)
         else:
             data = peer.attrs.backend_data
-            partial = advertised(data, CAP_PARTIAL_CSUM)
+            partial = caps and advertised(data, CAP_PARTIAL_CSUM)
             train = partial and advertised(data, CAP_TRAIN)
-            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial, train))
+            kernel = runs_kernel(data)
+            chosen.append(Peer(subnet, peer.attrs.public_ip, port, partial, train, kernel))
     return Routes(network, subnet_len, local.subnet, chosen, port), warnings
 
 
@@ -121,6 +161,11 @@ class UdpBackend(Backend):
     def owned_devices(cls) -> tuple[tuple[str, str], ...]:
         return (("tun", r"flannel\d+"),)
 
+    @classmethod
+    async def cleanup(cls, netns: str | None = None) -> list[str]:
+        """The fast path's ingress filter, left on the underlay NIC by a killed agent."""
+        return await cleanup_ingress_filters(netns)
+
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.port = DEFAULT_PORT
@@ -139,6 +184,10 @@ class UdpBackend(Backend):
         self._retired: Counter[str] = Counter()
         self._retired_drops: Counter[Drop] = Counter()
         self.recreations = 0
+        self._kernel: KernelPath | None = None
+        self._kernel_failed = False
+        self._caps = False  # the lease advertises Cap (prepare)
+        self._kernel_retired: dict[str, int] = {}  # counts of a fast path given up on
 
     @property
     def mtu(self) -> int:
@@ -158,6 +207,7 @@ class UdpBackend(Backend):
         out = {key: getattr(dp, key) + self._retired[key] for key in DATAPATH_COUNTS}
         out.update({f"drop:{d.name.lower()}": n for d, n in self.drops.items()})
         out["device_recreations"] = self.recreations
+        out.update(self._kernel.stats() if self._kernel is not None else self._kernel_retired)
         return out
 
     # -- devices -----------------------------------------------------------------------------
@@ -193,14 +243,62 @@ class UdpBackend(Backend):
 
     async def prepare(self) -> LeaseAttrs:
         self.port = parse_port(self.ctx.options)
+        try:
+            kernel = kernel_wanted(os.environ)
+        except KernelSetting as e:
+            raise BackendError(str(e)) from None
         self._open_tun(offload_wanted(os.environ))
         self._open_socket()
-        data = {"Cap": [CAP_PARTIAL_CSUM, CAP_TRAIN]} if self.vnet else None
+        if kernel:
+            await self._open_kernel()
+        else:
+            log.info("udp datapath: userspace (%s=false)", KERNEL_ENV)
+        # the fast path delivers whole reference-format packets only: no capability then
+        data: dict[str, Any] | None = None
+        if self._kernel is not None:
+            data = {DATAPATH_KEY: DATAPATH_KERNEL}
+        elif self.vnet:
+            data = {"Cap": [CAP_PARTIAL_CSUM, CAP_TRAIN]}
+        self._caps = data is not None and "Cap" in data
         return LeaseAttrs(public_ip=self.ctx.ext.ext_addr, backend_data=data)
+
+    async def _open_kernel(self) -> None:
+        ext = self.ctx.ext
+        try:
+            self._kernel = await KernelPath.open(DEVICE, ext.index)
+        except KernelUnavailable as e:
+            log.warning("udp datapath: userspace (the tc eBPF fast path cannot run here: %s)", e)
+            return
+        log.info(
+            "udp datapath: kernel (tc eBPF) on %s/%s, userspace fallback for the rest",
+            DEVICE,
+            ext.name,
+        )
+
+    def _set_routes(self, routes: Routes) -> None:
+        """Hand a new snapshot to the datapath thread and to the fast path's maps."""
+        assert self._datapath is not None
+        self._datapath.routes = routes
+        if self._kernel is not None and not self._kernel_failed:
+            try:
+                self._kernel.sync(routes, self.ctx.ext.iface_addr, self.port)
+            except OSError as e:
+                log.error(
+                    "udp datapath: cannot update the fast path's maps (%s); userspace only", e
+                )
+                self._kernel_failed = True
+
+    async def _drop_failed_kernel(self) -> None:
+        if self._kernel is not None and self._kernel_failed:
+            self._kernel_retired = self._kernel.stats()
+            await self._kernel.close()
+            self._kernel = None
 
     def _routes(self, lease: Lease, peers: Mapping[IPv4Network, Lease]) -> Routes:
         config = self.ctx.config
-        routes, warnings = plan(lease, peers, config.network, config.subnet_len, self.port)
+        routes, warnings = plan(
+            lease, peers, config.network, config.subnet_len, self.port, self._caps
+        )
         for warning in warnings:
             if warning not in self._warned:
                 log.warning("%s", warning)
@@ -214,6 +312,7 @@ class UdpBackend(Backend):
         if old is not None:
             self._datapath.drops.update(old.drops)
         self._datapath.start()
+        self._set_routes(routes)
 
     async def intact(self) -> bool:
         """The datapath thread still runs (it ends when flannel0 is deleted)."""
@@ -234,6 +333,15 @@ class UdpBackend(Backend):
             os.close(self._tun)
             self._tun = None
         self._open_tun(self.vnet)
+        if self._kernel is not None:
+            try:
+                await self._kernel.attach_egress(DEVICE)
+                log.info("udp datapath: kernel (tc eBPF) fast path re-attached to %s", DEVICE)
+            except (OSError, NetlinkError) as e:
+                log.warning("udp datapath: cannot re-attach to %s (%s); userspace only", DEVICE, e)
+                self._kernel_retired = self._kernel.stats()
+                await self._kernel.close()
+                self._kernel = None
         self._start_datapath(dp.routes)
         return True
 
@@ -276,7 +384,8 @@ class UdpBackend(Backend):
             if self._datapath is None:
                 self._start_datapath(routes)
             else:
-                self._datapath.routes = routes
+                self._set_routes(routes)
+            await self._drop_failed_kernel()
             await self._sync_kernel(lease)
 
     async def reconcile(
@@ -287,8 +396,8 @@ class UdpBackend(Backend):
         async with self._lock:
             routes = self._routes(lease, peers)
             healed = await self._heal()
-            assert self._datapath is not None
-            self._datapath.routes = routes
+            self._set_routes(routes)
+            await self._drop_failed_kernel()
             result = await self._sync_kernel(lease) if full or healed else ReconcileResult()
         drops = self.drops
         if drops != self._drops_logged:
@@ -305,7 +414,11 @@ class UdpBackend(Backend):
             self._rtnl = None
 
     async def close(self) -> None:
-        """Stop the datapath and close the TUN fd, which deletes flannel0 and its route."""
+        """Stop the datapath and close the TUN fd, which deletes flannel0 and its route; the
+        fast path's ingress filter comes off the underlay NIC."""
+        if self._kernel is not None:
+            await self._kernel.close()
+            self._kernel = None
         if self._datapath is not None:
             self._datapath.stop(0.3)
         if self._tun is not None:

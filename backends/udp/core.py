@@ -34,6 +34,9 @@ DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8) headers
 CAP_PARTIAL_CSUM = "csum"  # in BackendData "Cap": this node accepts unfinished L4 checksums
 CAP_TRAIN = "train"  # ... and TCP super-packets as trains of tagged chunks (`trains.train`)
+# BackendData {"Datapath": "kernel"}: the node's tc eBPF fast path takes what arrives, so the
+# sender's fast path may send to it straight from the kernel (`kplan`)
+DATAPATH_KEY, DATAPATH_KERNEL = "Datapath", "kernel"
 
 ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreachable, quench, redirect, time, parameter
 _IP_HDR = struct.Struct("!BBHHHBBH4s4s")
@@ -67,13 +70,15 @@ class Drop(enum.Enum):
 class Peer:
     """A node we tunnel to: its subnet, where its datagrams come from and go to, and whether
     it advertised `CAP_PARTIAL_CSUM` (then TCP/UDP checksums are left for its kernel) and
-    `CAP_TRAIN` too (then TCP super-packets go to it as trains)."""
+    `CAP_TRAIN` too (then TCP super-packets go to it as trains), and whether it runs the
+    kernel fast path (then ours encapsulates to it in the kernel)."""
 
     subnet: IPv4Network
     public_ip: IPv4Address
     port: int = DEFAULT_PORT
     partial_csum: bool = False
     train: bool = False
+    kernel: bool = False
     addr: tuple[str, int] = field(init=False, compare=False)  # the sendto() address
 
     def __post_init__(self) -> None:

@@ -80,7 +80,7 @@ async def cleanup_kernel(netns: str | None = None) -> list[str]:
                     done.append(f"device {name} ({kind})")
                 except NetlinkError:
                     pass
-    return done
+    return done + await backends.cleanup_all(netns)  # what else backends leave: udp's tc filter
 
 
 async def _cleanup(args: argparse.Namespace) -> int:

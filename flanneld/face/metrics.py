@@ -137,6 +137,13 @@ def _udp_families(stats: dict[str, int]) -> Iterator[Metric]:
         elif key in ("trains_in", "trains_out"):
             trains.add_metric([key[7:]], n)
     yield from (packets, data, drops, trains)
+    for key, n in sorted(stats.items()):
+        if key.startswith("kernel:"):  # the tc eBPF fast path's counters
+            yield CounterMetricFamily(
+                f"flannel_udp_kernel_{key[7:]}",
+                f"udp kernel fast path: {key[7:].replace('_', ' ')} (packets)",
+                n,
+            )
     yield CounterMetricFamily(
         "flannel_udp_device_recreations",
         "Times flannel0 was found deleted and re-created (its datapath with it)",

@@ -1,5 +1,10 @@
 """udp end to end: three lab nodes, real agents, real etcd, real packets through flannel0.
 
+These tests are about the userspace datapath (trains, checksum offload, capabilities, its
+counters, its thread's survival), which is what runs on kernels without BPF: every agent here
+runs with FLANNELD_UDP_KERNEL=false, or the kernel fast path would carry the traffic instead.
+The fast path has its own tests in test_udp_kernel.py.
+
 n3 runs as the reference flanneld does (FLANNELD_UDP_OFFLOAD=false: plain TUN, one packet per
 datagram, a lease record with PublicIP only), so n1 and n2 must talk to it without their
 offloads while using them between themselves.
@@ -19,7 +24,8 @@ from deploy.lab import Lab, Node, signal_group
 from .cluster import PREFIX, Cluster, need_lab, wait_until
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
-REFERENCE_STYLE = {"FLANNELD_UDP_OFFLOAD": "false"}
+USERSPACE = {"FLANNELD_UDP_KERNEL": "false"}  # the userspace datapath under test (module doc)
+REFERENCE_STYLE = {**USERSPACE, "FLANNELD_UDP_OFFLOAD": "false"}
 
 ECHO_SERVER = r"""
 import socket, sys, threading
@@ -94,8 +100,8 @@ def cluster():
             lab, CONFIG, ("--reconcile-interval=1", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
         )
         n1, n2, n3 = lab.nodes
-        c.start(n1)
-        c.start(n2)
+        c.start(n1, env=USERSPACE)
+        c.start(n2, env=USERSPACE)
         c.start(n3, env=REFERENCE_STYLE)
         for node in lab.nodes:
             c.wait_ready(node)
@@ -328,7 +334,7 @@ def test_stop_removes_flannel0_and_restart_restores_traffic_within_1s(cluster):
     assert not lab.ping(n1.containers[0].ns, n2.containers[0].ip, timeout=0.3)
     probe = lab.reach_probe(n1.containers[0].ns, n2.containers[0].ip, 20, 0.03)
     cluster.subnet_file(n2).unlink()  # ready = subnet.env written again
-    cluster.start(n2)
+    cluster.start(n2, env=USERSPACE)
     env = cluster.wait_ready(n2)
     # subnet.env's mtime is wall-clock time; the probe reports monotonic time
     ready = cluster.subnet_file(n2).stat().st_mtime - (time.time() - time.monotonic())
