@@ -27,7 +27,7 @@ from pathlib import Path
 
 import backends
 
-from .bench.datapath import DUAL_STACK_BACKENDS, NETWORK, NETWORK6, RR_WARMUP, run_rounds
+from .bench.datapath import DUAL_STACK_BACKENDS, NETWORK, NETWORK6, RR_WARMUP, VARIANTS, run_rounds
 from .bench.measure import Journal
 from .bench.pings import IDLE_SECONDS, PING_COUNTS
 from .bench.report import write_report
@@ -97,7 +97,9 @@ def run(s: Settings) -> int:
                 s.idle,
             )
             journal("tearing the data-path labs down")
-    scale = run_scale(journal, prefixes, s.backends, s.scale, s.scale_timeout)
+    # (the control plane is the same for a variant as for its backend)
+    plain = [b for b in s.backends if b not in VARIANTS]
+    scale = run_scale(journal, prefixes, plain, s.scale, s.scale_timeout)
     wall = journal.progress.elapsed()
     return write_report(s.out, s.document(), wall, samples, datapaths, scale, journal.errors)
 
@@ -131,7 +133,7 @@ def _ping_counts(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
-    known = backends.known_backends()
+    known = [*backends.known_backends(), *VARIANTS]
     parser = argparse.ArgumentParser(
         prog="deploy/benchmark.sh",
         description="Measure every backend against the bare underlay in the namespace lab "

@@ -17,6 +17,10 @@ need_debian_packages python3:python3 ip:iproute2 sysctl:procps ping:iputils-ping
 if [ -e /dev/kvm ]; then
   need_debian_packages qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mmdebstrap:mmdebstrap
 fi
+# the udp fast path's bytecode check rebuilds it from its C source: clang-14 and libbpf's
+# headers (bpf/bpf_helpers.h; the package has no command, hence the test)
+need_debian_packages clang-14:clang-14
+[ -e /usr/include/bpf/bpf_helpers.h ] || need_debian_packages libbpf-headers:libbpf-dev
 setup_venv -e '.[test,bench]'
 
 .venv/bin/ruff check flanneld backends deploy tests

@@ -173,6 +173,12 @@ def request_response(pair: Pair, count: int) -> list[int]:
     return json.loads(res.stdout)
 
 
+# datapaths measured beside a backend's default: the name, the backend, the agents' environment
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "udp-userspace": ("udp", {"FLANNELD_UDP_KERNEL": "false"}),  # the fast path off
+}
+
+
 class BackendLab:
     """A lab running one backend: agents on nodes 1 and 2, node 3 ready to join. With `ipv6`
     (a dual-stack Lab) the network is dual-stack and the pairs run over IPv6; node 3 stays
@@ -184,7 +190,8 @@ class BackendLab:
         self.name = ipv6_name(backend) if ipv6 else backend  # the datapath's
         self.lab = lab
         self.n1, self.n2, self.n3 = lab.nodes
-        config: dict = {"Network": NETWORK, "Backend": {"Type": backend}}
+        kind, self.env = VARIANTS.get(backend, (backend, {}))
+        config: dict = {"Network": NETWORK, "Backend": {"Type": kind}}
         if ipv6:
             config.update(EnableIPv6=True, IPv6Network=NETWORK6)
         self.cluster = Cluster(lab, config)
@@ -195,7 +202,7 @@ class BackendLab:
         dual-stack lab); in an IPv4 lab, node 3's containers on a cni0 with a subnet its agent
         will take (it is written into its subnet.env)."""
         for node in (self.n1, self.n2):
-            self.cluster.start(node)
+            self.cluster.start(node, env=self.env)
         envs = [self.cluster.wait_ready(node, timeout=30) for node in (self.n1, self.n2)]
         for family in (4, 6) if self.ipv6 else (4,):
             matrix = self.cluster.wait_reachable(15, family=family)
@@ -268,7 +275,7 @@ class BackendLab:
         try:
             with KeyWatch(self.lab, self.joiner_key) as watch:
                 started = time.monotonic()
-                self.cluster.start(self.n3)
+                self.cluster.start(self.n3, env=self.env)
                 appeared = watch.wait(JOIN_TIMEOUT)
                 answered = self.lab.reach_result(prober, JOIN_TIMEOUT + 5)
         finally:
