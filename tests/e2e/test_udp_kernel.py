@@ -17,26 +17,12 @@ import pytest
 from deploy.lab import SEG1_GATEWAY, Lab, Node
 
 from .cluster import PREFIX, Cluster, need_lab, sample, wait_until
-from .test_udp import ECHO_SERVER, tcp_echo
+from .test_udp import ECHO_SERVER, UDP_LISTENER, tcp_echo
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 PORT = 8473
 USERSPACE = {"FLANNELD_UDP_KERNEL": "false"}
 KERNEL_LINE = "udp datapath: kernel (tc eBPF) on flannel0/eth0, userspace fallback for the rest"
-
-UDP_LISTENER = r"""
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 9999))
-print("listening", flush=True)
-end = time.monotonic() + float(sys.argv[1])
-while (left := end - time.monotonic()) > 0:
-    s.settimeout(left)
-    try:
-        print(s.recv(2048).decode(errors="replace"), flush=True)
-    except TimeoutError:
-        break
-"""
 
 # a whole flannel datagram with a raw socket: outer <sender>:<sport> -> <node>:8285, holding an
 # inner UDP packet <src> -> <dst>:9999 saying `word`

@@ -60,6 +60,18 @@ static __always_inline __u16 ttl_check(__u16 check_be)
 	return bpf_htons((__u16)c);
 }
 
+/* the ones' complement sum of a 20-byte IPv4 header, folded: 0xffff when its checksum is right */
+static __always_inline __u32 fold10(const __u16 *w)
+{
+	__u32 sum = 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum;
+}
+
 struct ttl_proto_check { __u8 ttl, protocol; __u16 check; };
 struct outer { struct iphdr ip; struct udphdr udp; };
 
@@ -127,14 +139,7 @@ int flannel_egress(struct __sk_buff *skb)
 	h.ip.protocol = IPPROTO_UDP;
 	h.ip.saddr = local;
 	h.ip.daddr = peer;
-	__u16 *w = (__u16 *)&h.ip;
-	__u32 sum = 0;
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		sum += w[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	h.ip.check = (__u16)~sum;
+	h.ip.check = (__u16)~fold10((const __u16 *)&h.ip);
 	h.udp.source = bpf_htons((__u16)sport);
 	h.udp.dest = bpf_htons((__u16)peer_port);
 	h.udp.len = bpf_htons((__u16)(inner_len + 8));
@@ -152,17 +157,6 @@ int flannel_egress(struct __sk_buff *skb)
 }
 
 #define IN_HDRS (14 + 20 + 8 + 20)
-
-static __always_inline __u32 fold10(const __u16 *w)
-{
-	__u32 sum = 0;
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		sum += w[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return sum;
-}
 
 SEC("tc_ingress")
 int flannel_ingress(struct __sk_buff *skb)
