@@ -72,6 +72,16 @@ while (left := end - time.monotonic()) > 0:
         break
 """
 
+
+def udp_listener(lab, ns: str, name: str, seconds: float = 3):
+    """UDP_LISTENER started in `ns` for `seconds` and listening: its process and its log
+    (each datagram it gets, a line)."""
+    log = lab.workdir / f"{name}.log"
+    proc = lab.spawn(ns, sys.executable, "-c", UDP_LISTENER, str(seconds), log=log)
+    wait_until(lambda: "listening" in log.read_text(), 5, what="the UDP listener")
+    return proc, log
+
+
 SPOOFER = r"""
 import socket, struct, sys
 node, src, dst, sport = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -203,9 +213,7 @@ def test_spoofed_datagrams_reach_no_container(cluster):
     lab = cluster.lab
     n1, n2, _ = lab.nodes
     c1, c2 = n1.containers[0], n2.containers[0]
-    log = lab.workdir / "udp-listener.log"
-    listener = lab.spawn(c1.ns, sys.executable, "-c", UDP_LISTENER, "3", log=log)
-    wait_until(lambda: "listening" in log.read_text(), 5, what="the UDP listener")
+    listener, log = udp_listener(lab, c1.ns, "udp-listener")
     send_real = "import socket, sys; socket.socket(2, 2).sendto(b'real', (sys.argv[1], 9999))"
     lab.run(c2.ns, sys.executable, "-c", send_real, c1.ip)
     # not a peer: the switch's own address (etcd's host)

@@ -17,7 +17,7 @@ import pytest
 from deploy.lab import SEG1_GATEWAY, Lab, Node
 
 from .cluster import PREFIX, Cluster, need_lab, sample, wait_until
-from .test_udp import ECHO_SERVER, UDP_LISTENER, tcp_echo
+from .test_udp import ECHO_SERVER, tcp_echo, udp_listener
 
 CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 PORT = 8473
@@ -156,9 +156,7 @@ def test_spoofed_and_stranger_datagrams_fall_to_userspace_and_are_counted(cluste
     lab = cluster.lab
     n1, n2, _ = lab.nodes
     c1, c2 = n1.containers[0], n2.containers[0]
-    log = lab.workdir / "kernel-udp-listener.log"
-    listener = lab.spawn(c1.ns, sys.executable, "-c", UDP_LISTENER, "3", log=log)
-    wait_until(lambda: "listening" in log.read_text(), 5, what="the UDP listener")
+    listener, log = udp_listener(lab, c1.ns, "kernel-udp-listener")
     spoofed, stranger = drops(cluster, n1, "spoofed_source"), drops(cluster, n1, "unknown_sender")
     fallbacks = kernel(cluster, n1, "ingress_fallbacks")
     decapped = kernel(cluster, n1, "decapsulated")
